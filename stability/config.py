@@ -1,0 +1,345 @@
+"""Typed settings for a training run, read from TOML, presets and ``--set`` overrides.
+
+A run is named by a hash of the settings that change its result. Fields left at
+their defaults stay out of the hash (as in open_lth), so adding a setting later
+keeps old results addressable; settings that do not change results (paths,
+device, threads, checkpoint cadence) are never hashed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .steps import Step
+
+INIT_SCHEMES = ("default", "kaiming_normal", "glorot_normal")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which data, how it is split and normalized; ``data_root``/``download`` do not change results."""
+
+    name: str = "mnist5k"
+    val_size: int = 500  # examples held out of the training split for early stopping
+    split_seed: int = 0  # seeds the stratified split of packaged datasets and the validation slice
+    augment: bool = True  # only datasets with augmentation (CIFAR) use it
+    data_root: str = ""
+    download: bool = False
+
+    UNHASHED = ("data_root", "download")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture, width multiplier and initialization scheme."""
+
+    name: str = "lenet_300_100"
+    width: float = 1.0
+    depth: int = 20  # resnet only: 8, 14, 20, 32, 56
+    hidden: tuple[int, ...] = ()  # mlp only: hidden widths (empty = (100, 100))
+    init: str = "default"  # default | kaiming_normal | glorot_normal
+
+    UNHASHED = ()
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """SGD (momentum, Nesterov, weight decay) or Adam."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    UNHASHED = ()
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule: constant, step decay at milestones, or cosine; optional linear warmup."""
+
+    kind: str = "constant"
+    milestones: tuple[str, ...] = ()  # steps at which lr is multiplied by gamma (kind = step)
+    gamma: float = 0.1
+    warmup: str = "0it"  # linear warmup from 0 to lr over this many steps
+
+    UNHASHED = ()
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Length of training, batch size, seeds, rewind points and evaluation cadence."""
+
+    steps: str = "1000it"  # final step T
+    batch_size: int = 60
+    init_seed: int = 0
+    noise_seed: int = 0  # data order and augmentation
+    rewind_points: tuple[str, ...] = ()  # checkpoints kept besides step 0 and T
+    eval_every: str = "100it"
+    checkpoint_every: str = "200it"  # resumable state cadence; does not change results
+
+    # rewind points are produced on demand by exact resume, so they do not name the run
+    UNHASHED = ("rewind_points", "checkpoint_every")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how to run; nothing here changes results."""
+
+    device: str = "auto"
+    threads: int = 0  # 0 = as many as there are cores (at most 8)
+    results_root: str = "results/runs"
+    quiet: bool = False
+    eval_batch_size: int = 1000
+
+    UNHASHED = ("device", "threads", "results_root", "quiet", "eval_batch_size")
+
+
+SECTIONS: dict[str, type] = {
+    "dataset": DatasetConfig,
+    "model": ModelConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "training": TrainingConfig,
+    "runtime": RuntimeConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a training run, one dataclass per TOML section."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    # ---- derived -------------------------------------------------------
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """All settings as plain JSON-able values."""
+        return {name: _section_dict(getattr(self, name)) for name in SECTIONS}
+
+    def hashed_dict(self) -> dict[str, dict[str, Any]]:
+        """The settings that change results and differ from their defaults."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, cls in SECTIONS.items():
+            section = getattr(self, name)
+            default = cls()
+            kept = {
+                f.name: _plain(getattr(section, f.name))
+                for f in fields(cls)
+                if f.name not in cls.UNHASHED and getattr(section, f.name) != getattr(default, f.name)
+            }
+            if kept:
+                out[name] = kept
+        return out
+
+    def run_hash(self) -> str:
+        """A stable 12-hex-digit name for the run these settings describe."""
+        return settings_hash(self.hashed_dict())
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
+        """A copy with ``{"section.key": value}`` applied (values may be strings from the CLI)."""
+        cfg = self
+        for dotted, value in overrides.items():
+            section_name, key = _split_key(dotted)
+            section = getattr(cfg, section_name)
+            section = replace(section, **{key: coerce(section_name, key, value)})
+            cfg = replace(cfg, **{section_name: section})
+        return cfg
+
+
+def settings_hash(settings: Mapping[str, Any]) -> str:
+    """sha256 of canonical JSON, first 12 hex digits."""
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _section_dict(section: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
+
+
+def _split_key(dotted: str) -> tuple[str, str]:
+    if "." not in dotted:
+        raise ConfigError(
+            f"setting {dotted!r}: write it as section.key; sections are {', '.join(SECTIONS)}"
+        )
+    section_name, key = dotted.split(".", 1)
+    if section_name not in SECTIONS:
+        raise ConfigError(
+            f"setting {dotted!r}: unknown section {section_name!r}; sections are {', '.join(SECTIONS)}"
+        )
+    names = [f.name for f in fields(SECTIONS[section_name])]
+    if key not in names:
+        raise ConfigError(
+            f"setting {dotted!r}: unknown key {key!r} in [{section_name}]; keys are {', '.join(names)}"
+        )
+    return section_name, key
+
+
+def _parse_cli_value(text: str) -> Any:
+    """A ``--set`` value: a TOML literal if it parses as one, else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def coerce(section_name: str, key: str, value: Any) -> Any:
+    """Convert ``value`` to the type of ``[section_name].key`` or raise ConfigError naming it."""
+    default = getattr(SECTIONS[section_name](), key)
+    name = f"{section_name}.{key}"
+    if isinstance(value, str) and not isinstance(default, str):
+        value = _parse_cli_value(value)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        if key == "hidden":
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+                raise ConfigError(f"{name}: expected a list of positive integers, got {value!r}")
+            return tuple(value)
+        return tuple(str(v) for v in value)
+    if isinstance(default, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("steps", "warmup", "eval_every", "checkpoint_every"):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: cannot set a value of type {type(default).__name__}")
+
+
+def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
+    """Build a Config from nested ``{section: {key: value}}`` (as TOML gives), over ``base``."""
+    overrides: dict[str, Any] = {}
+    for section_name, values in data.items():
+        if section_name not in SECTIONS:
+            raise ConfigError(
+                f"unknown section [{section_name}]; sections are {', '.join(SECTIONS)}"
+            )
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{section_name}] must be a table of settings")
+        for key, value in values.items():
+            overrides[f"{section_name}.{key}"] = value
+    return (base or Config()).with_overrides(overrides)
+
+
+def load_toml(path: str | Path) -> tuple[Config, dict[str, Any]]:
+    """Read a TOML config: sections of the training run, plus any other tables (returned raw).
+
+    A top-level ``preset = "name"`` starts from that preset.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r}: TOML syntax error: {exc}") from None
+    base = None
+    preset = data.pop("preset", None)
+    if preset is not None:
+        from .presets import get_preset
+
+        base = get_preset(preset)
+    run_sections = {k: v for k, v in data.items() if k in SECTIONS}
+    extra = {k: v for k, v in data.items() if k not in SECTIONS}
+    return from_dict(run_sections, base), extra
+
+
+def validate(cfg: Config) -> Config:
+    """Check every setting a run needs, raising ConfigError with the allowed values."""
+    from .data import DATASETS
+    from .models import MODELS
+
+    if cfg.dataset.name not in DATASETS:
+        raise ConfigError(
+            f"dataset.name: unknown dataset {cfg.dataset.name!r}; choose one of {', '.join(sorted(DATASETS))}"
+        )
+    if cfg.model.name not in MODELS:
+        raise ConfigError(
+            f"model.name: unknown model {cfg.model.name!r}; choose one of {', '.join(sorted(MODELS))}"
+        )
+    if cfg.model.init not in INIT_SCHEMES:
+        raise ConfigError(f"model.init: unknown scheme {cfg.model.init!r}; choose one of {', '.join(INIT_SCHEMES)}")
+    if cfg.model.width <= 0:
+        raise ConfigError(f"model.width: must be positive, got {cfg.model.width}")
+    if cfg.optimizer.name not in OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer.name: unknown optimizer {cfg.optimizer.name!r}; choose one of {', '.join(OPTIMIZERS)}"
+        )
+    if not cfg.optimizer.lr > 0:
+        raise ConfigError(f"optimizer.lr: must be a positive number, got {cfg.optimizer.lr}")
+    if not 0 <= cfg.optimizer.momentum < 1:
+        raise ConfigError(f"optimizer.momentum: must be in [0, 1), got {cfg.optimizer.momentum}")
+    if cfg.optimizer.nesterov and cfg.optimizer.momentum == 0:
+        raise ConfigError("optimizer.nesterov: needs optimizer.momentum > 0")
+    if cfg.optimizer.weight_decay < 0:
+        raise ConfigError(f"optimizer.weight_decay: must be >= 0, got {cfg.optimizer.weight_decay}")
+    if cfg.schedule.kind not in SCHEDULES:
+        raise ConfigError(f"schedule.kind: unknown schedule {cfg.schedule.kind!r}; choose one of {', '.join(SCHEDULES)}")
+    if cfg.training.batch_size < 1:
+        raise ConfigError(f"training.batch_size: must be >= 1, got {cfg.training.batch_size}")
+    if cfg.dataset.val_size < 0:
+        raise ConfigError(f"dataset.val_size: must be >= 0, got {cfg.dataset.val_size}")
+    if cfg.runtime.device not in DEVICES:
+        raise ConfigError(f"runtime.device: unknown device {cfg.runtime.device!r}; choose one of {', '.join(DEVICES)}")
+    if cfg.runtime.threads < 0:
+        raise ConfigError(f"runtime.threads: must be >= 0, got {cfg.runtime.threads}")
+    for key in ("steps", "eval_every", "checkpoint_every"):
+        Step.parse(getattr(cfg.training, key), f"training.{key}")
+    for point in cfg.training.rewind_points:
+        Step.parse(point, "training.rewind_points")
+    for point in cfg.schedule.milestones:
+        Step.parse(point, "schedule.milestones")
+    Step.parse(cfg.schedule.warmup, "schedule.warmup")
+    return cfg
+
+
+def settings_help() -> str:
+    """Every setting with its default, one per line, for ``--help``."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        for f in fields(cls):
+            default = getattr(cls(), f.name)
+            lines.append(f"  {name}.{f.name} = {json.dumps(_plain(default))}")
+    return "\n".join(lines)
+
+
+def section_replace(cfg: Config, section: str, **changes: Any) -> Config:
+    """A copy of ``cfg`` with fields of one section replaced (already typed)."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
