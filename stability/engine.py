@@ -1,0 +1,335 @@
+"""The training engine: N copies of one architecture trained in lockstep.
+
+A *member* is one copy (the trunk is a single member; siblings are several).
+Members share the architecture and are held as stacked tensors ``[N, ...]``;
+one step runs ``vmap(functional_call)`` over the member axis, so N small
+networks cost about one large batched one. Each member has its own data-order
+and augmentation generators, so the only thing that differs between members
+with equal weights is their SGD noise.
+
+Batches are indices into the dataset tensors already on the device. One epoch
+is ``n_train // batch_size`` iterations (the last partial batch is dropped).
+The optimizer is a stock ``torch.optim`` optimizer over the stacked tensors:
+SGD and Adam act elementwise, so each member's update equals what a separate
+optimizer would do.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from .config import Config
+from .data import DataSplits, augment_batch
+from .errors import CheckpointError, ConfigError
+from .steps import to_iterations
+
+
+# ---------------------------------------------------------------- runtime
+def resolve_device(name: str) -> torch.device:
+    """``auto`` takes a GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device: 'cuda' was asked for but no GPU is available; use auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"runtime.device: unknown device {name!r}; choose one of auto, cpu, cuda")
+    return torch.device(name)
+
+
+def configure_threads(threads: int) -> int:
+    """Set torch's intra-op threads (0 = one per core, at most 8) and return the number."""
+    n = threads or min(os.cpu_count() or 1, 8)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` (stable across processes and platforms)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def iterations_per_epoch(n_train: int, batch_size: int) -> int:
+    """Iterations in one epoch: the last partial batch is dropped."""
+    if batch_size > n_train:
+        raise ConfigError(f"training.batch_size: {batch_size} exceeds the {n_train} training examples")
+    return n_train // batch_size
+
+
+# ---------------------------------------------------------------- schedule
+class Schedule:
+    """Learning rate at iteration t: warmup x (constant | step decay | cosine)."""
+
+    def __init__(self, cfg: Config, ipe: int):
+        self.base = cfg.optimizer.lr
+        self.kind = cfg.schedule.kind
+        self.gamma = cfg.schedule.gamma
+        self.total = to_iterations(cfg.training.steps, ipe, "training.steps")
+        self.milestones = sorted(to_iterations(m, ipe, "schedule.milestones") for m in cfg.schedule.milestones)
+        self.warmup = to_iterations(cfg.schedule.warmup, ipe, "schedule.warmup")
+
+    def lr(self, t: int) -> float:
+        """Learning rate used for the update from iteration t to t+1."""
+        factor = 1.0
+        if self.warmup and t < self.warmup:
+            factor = (t + 1) / self.warmup
+        if self.kind == "step":
+            factor *= self.gamma ** sum(1 for m in self.milestones if t >= m)
+        elif self.kind == "cosine":
+            factor *= 0.5 * (1.0 + math.cos(math.pi * min(t, self.total) / max(self.total, 1)))
+        return self.base * factor
+
+
+def make_optimizer(params: Sequence[Tensor], cfg: Config) -> torch.optim.Optimizer:
+    """SGD or Adam over (stacked) parameters."""
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    raise ConfigError(f"optimizer.name: unknown optimizer {o.name!r}; choose one of sgd, adam")
+
+
+# ---------------------------------------------------------------- functional model
+class StackedModel:
+    """Runs a template module over stacked member parameters with ``vmap``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.param_names = [n for n, _ in model.named_parameters()]
+        self.buffer_names = [n for n, _ in model.named_buffers()]
+
+    def logits(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *, train: bool, shared_input: bool) -> Tensor:
+        """Logits ``[N, B, classes]``; x is ``[B, ...]`` when shared_input else ``[N, B, ...]``."""
+        self.model.train(train)
+
+        def f(p: dict, b: dict, xx: Tensor) -> Tensor:
+            return functional_call(self.model, (p, b), (xx,))
+
+        return vmap(f, in_dims=(0, 0, None if shared_input else 0))(dict(params), dict(buffers), x)
+
+    @torch.no_grad()
+    def evaluate(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy loss and error (fraction) per member, eval mode, on (x, y)."""
+        n_members = next(iter(params.values())).shape[0]
+        loss = torch.zeros(n_members, dtype=torch.float64, device=x.device)
+        wrong = torch.zeros(n_members, dtype=torch.float64, device=x.device)
+        if len(x) == 0:
+            return torch.full((n_members,), float("nan")), torch.full((n_members,), float("nan"))
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            out = self.logits(params, buffers, xb, train=False, shared_input=True)
+            ce = F.cross_entropy(out.flatten(0, 1), yb.repeat(n_members), reduction="none").view(n_members, -1)
+            loss += ce.sum(1).double()
+            wrong += (out.argmax(-1) != yb).sum(1).double()
+        return (loss / len(x)).cpu(), (wrong / len(x)).cpu()
+
+
+def stack_states(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack per-member state dicts into ``{name: [N, ...]}``."""
+    return {k: torch.stack([s[k] for s in states]).clone() for k in states[0]}
+
+
+def unstack(stacked: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
+    """Member i's tensors from a stacked dict."""
+    return {k: v[i].clone() for k, v in stacked.items()}
+
+
+# ---------------------------------------------------------------- members
+@dataclass
+class Members:
+    """N members' weights, optimizer state and data streams at iteration ``step``."""
+
+    step: int
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    order_seeds: list[int]
+    aug_seeds: list[int]
+    order_gens: list[torch.Generator] = field(default_factory=list)
+    aug_gens: list[torch.Generator] = field(default_factory=list)
+    perms: Tensor | None = None  # [N, n_train]: this epoch's data order per member
+    optimizer_state: dict | None = None  # restored state, used to build the optimizer
+    optimizer: torch.optim.Optimizer | None = None  # the live optimizer while training
+
+    def __post_init__(self) -> None:
+        if not self.order_gens:
+            self.order_gens = [torch.Generator().manual_seed(s) for s in self.order_seeds]
+        if not self.aug_gens:
+            self.aug_gens = [torch.Generator().manual_seed(s) for s in self.aug_seeds]
+
+    @property
+    def n(self) -> int:
+        return len(self.order_seeds)
+
+    @classmethod
+    def from_model_states(cls, states: Sequence[Mapping[str, Tensor]], param_names: Sequence[str], step: int,
+                          order_seeds: Sequence[int], aug_seeds: Sequence[int], device: torch.device) -> "Members":
+        """Members starting from per-member ``state_dict``s with fresh optimizer state."""
+        stacked = stack_states(states)
+        params = {k: stacked[k].to(device) for k in param_names}
+        buffers = {k: v.to(device) for k, v in stacked.items() if k not in params}
+        return cls(step, params, buffers, list(order_seeds), list(aug_seeds))
+
+    # -- serialization: everything needed to resume bit-exactly
+    def to_tensors(self) -> tuple[dict[str, Tensor], dict]:
+        """Tensors and metadata for a safetensors checkpoint."""
+        t: dict[str, Tensor] = {}
+        for k, v in self.params.items():
+            t[f"param/{k}"] = v
+        for k, v in self.buffers.items():
+            t[f"buffer/{k}"] = v
+        for i, g in enumerate(self.order_gens):
+            t[f"rng/order/{i}"] = g.get_state()
+        for i, g in enumerate(self.aug_gens):
+            t[f"rng/aug/{i}"] = g.get_state()
+        if self.perms is not None:
+            t["perms"] = self.perms
+        opt_keys: dict[str, list[str]] = {}
+        state = self.optimizer.state_dict()["state"] if self.optimizer is not None else (self.optimizer_state or {}).get("state", {})
+        if state:
+            for idx, st in state.items():
+                for key, val in st.items():
+                    if isinstance(val, Tensor):
+                        t[f"opt/{idx}/{key}"] = val
+                        opt_keys.setdefault(str(idx), []).append(key)
+        meta = {"step": self.step, "members": self.n, "order_seeds": self.order_seeds,
+                "aug_seeds": self.aug_seeds, "optimizer_keys": opt_keys}
+        return t, meta
+
+    @classmethod
+    def from_tensors(cls, t: Mapping[str, Tensor], meta: Mapping, device: torch.device) -> "Members":
+        """Inverse of ``to_tensors``."""
+        params = {k[6:]: v.to(device) for k, v in t.items() if k.startswith("param/")}
+        buffers = {k[7:]: v.to(device) for k, v in t.items() if k.startswith("buffer/")}
+        n = int(meta["members"])
+        order_gens = [torch.Generator() for _ in range(n)]
+        aug_gens = [torch.Generator() for _ in range(n)]
+        for i in range(n):
+            order_gens[i].set_state(t[f"rng/order/{i}"])
+            aug_gens[i].set_state(t[f"rng/aug/{i}"])
+        opt_state = None
+        if meta.get("optimizer_keys"):
+            opt_state = {"state": {int(idx): {key: t[f"opt/{idx}/{key}"].to(device) for key in keys}
+                                   for idx, keys in meta["optimizer_keys"].items()}}
+        perms = t["perms"].to(device) if "perms" in t else None
+        return cls(int(meta["step"]), params, buffers, list(meta["order_seeds"]), list(meta["aug_seeds"]),
+                   order_gens, aug_gens, perms, opt_state)
+
+    def member_state_dict(self, i: int) -> dict[str, Tensor]:
+        """Member i as a plain model ``state_dict``."""
+        return {**unstack(self.params, i), **unstack(self.buffers, i)}
+
+
+def check_matches_model(names_params: Sequence[str], names_buffers: Sequence[str], members: Members, where: str) -> None:
+    """Raise CheckpointError when a checkpoint's tensors do not fit the model."""
+    if set(members.params) != set(names_params) or set(members.buffers) != set(names_buffers):
+        missing = sorted(set(names_params) - set(members.params))
+        extra = sorted(set(members.params) - set(names_params))
+        raise CheckpointError(f"checkpoint {where} does not match the model (missing {missing[:5]}, unexpected {extra[:5]})")
+
+
+# ---------------------------------------------------------------- the loop
+@dataclass
+class TrainSpec:
+    """What the loop needs besides the members: data, settings and hooks."""
+
+    data: DataSplits
+    cfg: Config
+    ipe: int
+    masks: Mapping[str, Tensor] | None = None  # {name: [N, ...] or [...]} 0/1
+    after_step: Callable[["Members", float], None] | None = None  # called with the batch loss after each step
+    augmentation: str | None = None
+
+
+def draw_batch(members: Members, spec: TrainSpec) -> tuple[Tensor, Tensor]:
+    """Member batches ``[N, B, ...]`` for iteration ``members.step``, advancing their data streams."""
+    data, B = spec.data, spec.cfg.training.batch_size
+    pos = members.step % spec.ipe
+    if pos == 0 or members.perms is None:
+        # A fresh epoch (or a member starting mid-epoch with no order yet): new permutation per member.
+        members.perms = torch.stack([torch.randperm(data.n_train, generator=g) for g in members.order_gens]).to(data.x_train.device)
+    idx = members.perms[:, pos * B : (pos + 1) * B]
+    x, y = data.x_train[idx], data.y_train[idx]
+    if spec.augmentation:
+        x = torch.stack([augment_batch(x[i], spec.augmentation, g) for i, g in enumerate(members.aug_gens)])
+    return x, y
+
+
+def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_step: int) -> Members:
+    """Train all members from ``members.step`` to ``end_step`` in lockstep; returns the same object."""
+    schedule = Schedule(spec.cfg, spec.ipe)
+    plist = [members.params[n] for n in model.param_names]
+    for p in plist:
+        p.requires_grad_(True)
+    opt = make_optimizer(plist, spec.cfg)
+    if members.optimizer_state:
+        opt.load_state_dict({"state": members.optimizer_state["state"], "param_groups": opt.state_dict()["param_groups"]})
+    masks = [spec.masks.get(n) if spec.masks else None for n in model.param_names]
+    n = members.n
+    members.optimizer = opt
+    while members.step < end_step:
+        x, y = draw_batch(members, spec)
+        lr = schedule.lr(members.step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        out = model.logits(members.params, members.buffers, x, train=True, shared_input=False)
+        loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
+        opt.zero_grad(set_to_none=False)
+        loss.sum().backward()
+        if spec.masks:
+            # Pruned coordinates get no gradient, so momentum/Adam moments stay exactly zero there.
+            for p, m in zip(plist, masks):
+                if m is not None:
+                    p.grad.mul_(m)
+        opt.step()
+        if spec.masks:
+            with torch.no_grad():
+                for p, m in zip(plist, masks):
+                    if m is not None:
+                        p.mul_(m)
+        members.step += 1
+        if spec.after_step is not None:
+            spec.after_step(members, float(loss.detach().mean()))
+    members.optimizer_state = {"state": opt.state_dict()["state"]}
+    members.optimizer = None
+    for p in plist:
+        p.requires_grad_(False)
+    return members
+
+
+# ---------------------------------------------------------------- reference path
+def train_reference(module: nn.Module, state: Mapping[str, Tensor], spec: TrainSpec, start_step: int, end_step: int,
+                    order_seed: int, aug_seed: int, mask: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """One model at a time with ``module(x)`` and a stock optimizer: the plain path the batched one must match."""
+    module.load_state_dict(state)
+    module.train()
+    opt = make_optimizer(list(module.parameters()), spec.cfg)
+    schedule = Schedule(spec.cfg, spec.ipe)
+    single = Members(start_step, {}, {}, [order_seed], [aug_seed])
+    named = dict(module.named_parameters())
+    for t in range(start_step, end_step):
+        single.step = t
+        x, y = draw_batch(single, spec)
+        for group in opt.param_groups:
+            group["lr"] = schedule.lr(t)
+        loss = F.cross_entropy(module(x[0]), y[0])
+        opt.zero_grad()
+        loss.backward()
+        if mask:
+            for name, m in mask.items():
+                named[name].grad.mul_(m)
+        opt.step()
+        if mask:
+            with torch.no_grad():
+                for name, m in mask.items():
+                    named[name].mul_(m)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

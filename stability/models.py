@@ -1,0 +1,381 @@
+"""The networks of the lottery-ticket and mode-connectivity papers, built from a ModelConfig.
+
+Every model takes a batch ``[B, *input_shape]`` and returns logits ``[B, classes]``.
+Fully connected models (``lenet_300_100``, ``mlp``) flatten any input; image models
+(``lenet5``, ``conv2``/``conv4``/``conv6``, ``resnet``, ``vgg11``/``vgg16``) take
+``(C, H, W)`` images of any channel count that are large enough for them.
+
+Parameter names are stable and readable because masks and checkpoints address
+tensors by name: convolutional stacks live in ``features.<i>``, fully connected
+stacks in ``fc.<i>`` (a single output ``fc`` for ResNet and VGG), ResNet blocks in
+``blocks.<i>.conv1`` etc. Every model carries ``output_layer``, the module name of
+its final classification ``nn.Linear``.
+
+Forward passes are written for ``torch.func.functional_call`` + ``vmap`` over
+stacked parameters and buffers (siblings train batched): no in-place ReLU, no
+in-place ops on inputs or activations, no ``.item()`` and no data-dependent
+Python branches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import INIT_SCHEMES, ModelConfig
+from .errors import ConfigError
+
+RESNET_DEPTHS = (8, 14, 20, 32, 56)
+
+# Frankle & Carbin (2019), Figure 2: pairs of 3x3 convolutions, max-pool after each pair.
+_CONVN_PLANS: dict[str, tuple[int, ...]] = {
+    "conv2": (64, 64),
+    "conv4": (64, 64, 128, 128),
+    "conv6": (64, 64, 128, 128, 256, 256),
+}
+
+# CIFAR VGG plans ("M" = 2x2 max-pool), as in open_lth's cifar_vgg.
+# fmt: off
+_VGG_PLANS: dict[str, tuple[int | str, ...]] = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+              512, 512, 512, "M", 512, 512, 512, "M"),
+}
+# fmt: on
+
+
+def _scaled(channels: int, width: float) -> int:
+    """A hidden width times the width multiplier, rounded, at least 1."""
+    return max(1, round(channels * width))
+
+
+def _fc_forward(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Linear layers with ReLU between them and none after the last."""
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        x = layer(x)
+        if i < last:
+            x = F.relu(x)
+    return x
+
+
+def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(C, H, W)`` of an image input, or ConfigError for inputs an image model cannot take."""
+    if len(input_shape) != 3:
+        raise ConfigError(
+            f"model.name: {name!r} needs image input (channels, height, width); got input shape "
+            f"{tuple(input_shape)}; for 1-D or flat inputs use 'lenet_300_100' or 'mlp'"
+        )
+    return input_shape[0], input_shape[1], input_shape[2]
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _spatial_after(layers: Sequence[nn.Module], h: int, w: int) -> tuple[int, int] | None:
+    """Spatial size after ``layers`` from their hyperparameters (a dry shape run); None if empty."""
+    for layer in layers:
+        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d)):
+            k, s, p, d = (
+                _pair(v) for v in (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+            )
+            h = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+            w = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+            if h < 1 or w < 1:
+                return None
+    return h, w
+
+
+def _checked_spatial_after(
+    layers: Sequence[nn.Module], name: str, input_shape: tuple[int, ...]
+) -> tuple[int, int]:
+    """Spatial size after ``layers`` for ``(C, H, W)`` input, or ConfigError giving the minimum."""
+    out = _spatial_after(layers, input_shape[1], input_shape[2])
+    if out is None:
+        side = next(s for s in itertools.count(1) if _spatial_after(layers, s, s) is not None)
+        raise ConfigError(
+            f"model.name: {name!r} cannot take input shape {tuple(input_shape)}: "
+            f"images must be at least {side}x{side}"
+        )
+    return out
+
+
+class _Network(nn.Module):
+    """Shared attributes: ``name``, ``input_shape``, ``num_classes`` and ``output_layer``."""
+
+    output_layer: str
+
+    def __init__(self, name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.name = name
+        self.input_shape = tuple(input_shape)
+        self.num_classes = num_classes
+
+
+class FullyConnected(_Network):
+    """ReLU MLP on flattened input: LeNet-300-100 and the configurable ``mlp``."""
+
+    def __init__(
+        self, name: str, input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int]
+    ) -> None:
+        super().__init__(name, input_shape, num_classes)
+        sizes = [math.prod(input_shape), *hidden, num_classes]
+        self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.output_layer = f"fc.{len(self.fc) - 1}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fc_forward(self.fc, torch.flatten(x, 1))
+
+
+class ConvThenFC(_Network):
+    """A conv/pool ``features`` stack, flattened, then a ReLU ``fc`` stack: LeNet-5 and Conv-2/4/6."""
+
+    def __init__(
+        self,
+        name: str,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        features: list[nn.Module],
+        fc_hidden: Sequence[int],
+    ) -> None:
+        super().__init__(name, input_shape, num_classes)
+        _image_shape(name, input_shape)
+        self.features = nn.Sequential(*features)
+        h, w = _checked_spatial_after(features, name, input_shape)
+        out_channels = [m.out_channels for m in features if isinstance(m, nn.Conv2d)][-1]
+        sizes = [out_channels * h * w, *fc_hidden, num_classes]
+        self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.output_layer = f"fc.{len(self.fc) - 1}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fc_forward(self.fc, torch.flatten(self.features(x), 1))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv+BN layers with an identity or 1x1-conv+BN projection shortcut (open_lth style)."""
+
+    def __init__(self, f_in: int, f_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(f_in, f_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(f_out)
+        self.conv2 = nn.Conv2d(f_out, f_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(f_out)
+        if stride != 1 or f_in != f_out:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv2d(f_in, f_out, 1, stride=stride, bias=False), nn.BatchNorm2d(f_out)
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        # out-of-place add: in-place on activations breaks autograd and vmap
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(_Network):
+    """CIFAR ResNet of depth 6n+2: stages of 16/32/64 channels (times width), n blocks each."""
+
+    def __init__(
+        self, name: str, input_shape: tuple[int, ...], num_classes: int, depth: int, width: float
+    ) -> None:
+        super().__init__(name, input_shape, num_classes)
+        channels, _, _ = _image_shape(name, input_shape)
+        n = (depth - 2) // 6
+        stages = [_scaled(c, width) for c in (16, 32, 64)]
+        self.conv = nn.Conv2d(channels, stages[0], 3, stride=1, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(stages[0])
+        blocks = []
+        f_in = stages[0]
+        for s, f_out in enumerate(stages):
+            for b in range(n):
+                blocks.append(ResidualBlock(f_in, f_out, stride=2 if s > 0 and b == 0 else 1))
+                f_in = f_out
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(stages[-1], num_classes)
+        self.output_layer = "fc"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn(self.conv(x)))
+        out = self.blocks(out)
+        return self.fc(out.mean(dim=(-2, -1)))  # global average pool
+
+
+class CifarVGG(_Network):
+    """CIFAR VGG: 3x3 conv+BN+ReLU stack with max-pools, global average pool, one Linear."""
+
+    def __init__(
+        self,
+        name: str,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        plan: Sequence[int | str],
+        width: float,
+    ) -> None:
+        super().__init__(name, input_shape, num_classes)
+        channels, h, w = _image_shape(name, input_shape)
+        layers: list[nn.Module] = []
+        for item in plan:
+            if item == "M":
+                # A 1-pixel map cannot be pooled; skipping the pool lets 28x28 (and 8x8) inputs
+                # through a plan designed for 32x32, and the global average pool absorbs the rest.
+                if h >= 2 and w >= 2:
+                    layers.append(nn.MaxPool2d(2))
+                    h, w = h // 2, w // 2
+            else:
+                out = _scaled(int(item), width)
+                # convs keep their bias, as in open_lth's cifar_vgg (parameter counts match it)
+                layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+                channels = out
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(channels, num_classes)
+        self.output_layer = "fc"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(-2, -1)))  # global average pool
+
+
+# ---- builders: (cfg, input_shape, num_classes) -> module, constructed on CPU -------------
+
+
+def _lenet_300_100(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return FullyConnected(
+        cfg.name, input_shape, num_classes, [_scaled(c, cfg.width) for c in (300, 100)]
+    )
+
+
+def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    hidden = tuple(cfg.hidden) or (100, 100)
+    if not all(isinstance(c, int) and c > 0 for c in hidden):
+        raise ConfigError(f"model.hidden: expected positive integers, got {list(hidden)}")
+    return FullyConnected(
+        cfg.name, input_shape, num_classes, [_scaled(c, cfg.width) for c in hidden]
+    )
+
+
+def _lenet5(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    channels, _, _ = _image_shape(cfg.name, input_shape)
+    c1, c2 = _scaled(6, cfg.width), _scaled(16, cfg.width)
+    features: list[nn.Module] = [
+        nn.Conv2d(channels, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),
+    ]  # fmt: skip
+    fc_hidden = [_scaled(c, cfg.width) for c in (120, 84)]
+    return ConvThenFC(cfg.name, input_shape, num_classes, features, fc_hidden)
+
+
+def _convn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    channels, _, _ = _image_shape(cfg.name, input_shape)
+    features: list[nn.Module] = []
+    plan = _CONVN_PLANS[cfg.name]
+    for i, c in enumerate(plan):
+        out = _scaled(c, cfg.width)
+        features += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU()]
+        if i % 2 == 1:
+            features.append(nn.MaxPool2d(2))
+        channels = out
+    fc_hidden = [_scaled(c, cfg.width) for c in (256, 256)]
+    return ConvThenFC(cfg.name, input_shape, num_classes, features, fc_hidden)
+
+
+def _resnet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if cfg.depth not in RESNET_DEPTHS:
+        raise ConfigError(
+            f"model.depth: resnet depth {cfg.depth} is not supported; choose one of "
+            f"{', '.join(map(str, RESNET_DEPTHS))}"
+        )
+    return CifarResNet(cfg.name, input_shape, num_classes, cfg.depth, cfg.width)
+
+
+def _vgg(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return CifarVGG(cfg.name, input_shape, num_classes, _VGG_PLANS[cfg.name], cfg.width)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lenet_300_100": _lenet_300_100,
+    "lenet5": _lenet5,
+    "conv2": _convn,
+    "conv4": _convn,
+    "conv6": _convn,
+    "resnet": _resnet,
+    "vgg11": _vgg,
+    "vgg16": _vgg,
+    "mlp": _mlp,
+}
+
+
+def _initialize(model: nn.Module, scheme: str) -> None:
+    """Apply ``scheme`` to conv and linear layers; BatchNorm always starts at weight 1, bias 0."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if scheme == "kaiming_normal":
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            elif scheme == "glorot_normal":
+                nn.init.xavier_normal_(module.weight)
+            if scheme != "default" and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def build_model(
+    cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int
+) -> nn.Module:
+    """Build and initialize ``cfg.name`` for ``[B, *input_shape]`` inputs, seeded, on CPU."""
+    if cfg.name not in MODELS:
+        raise ConfigError(
+            f"model.name: unknown model {cfg.name!r}; choose one of {', '.join(sorted(MODELS))}"
+        )
+    if cfg.init not in INIT_SCHEMES:
+        raise ConfigError(
+            f"model.init: unknown scheme {cfg.init!r}; choose one of {', '.join(INIT_SCHEMES)}"
+        )
+    if not cfg.width > 0:
+        raise ConfigError(f"model.width: must be positive, got {cfg.width}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"number of classes must be a positive integer, got {num_classes!r}")
+    shape = tuple(input_shape)
+    if not shape or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise ConfigError(
+            f"model.name: {cfg.name!r} got input shape {shape}; expected positive sizes"
+        )
+    # Fork only the CPU generator and seed only it (torch.manual_seed would also reseed
+    # every CUDA generator): the caller's random streams stay untouched. Building on
+    # CPU regardless of the default device makes a seed mean the same weights everywhere.
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.default_generator.manual_seed(seed)
+        model = MODELS[cfg.name](cfg, shape, num_classes)
+        _initialize(model, cfg.init)
+    return model
+
+
+def output_layer_name(model: nn.Module) -> str:
+    """Module name of the final classification ``nn.Linear`` (``model.output_layer``)."""
+    name = getattr(model, "output_layer", None)
+    if isinstance(name, str):
+        return name
+    # models from elsewhere: the last Linear registered is the classifier in every usual layout
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"model {type(model).__name__} has no nn.Linear output layer")
+    return linears[-1]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether the model keeps BatchNorm running statistics (which interpolation must handle)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameter elements (trainable or not; buffers excluded)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,134 @@
+"""Named settings: the papers' reference setups and small ones that run in seconds on a CPU.
+
+A preset is a nested dict in the shape of a TOML config. Sections other than the
+training run's (``[instability]``, ``[imp]``, ``[hessian]``) hold the defaults of
+the later stages for that preset.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .config import Config, from_dict
+from .errors import ConfigError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ---- paper settings (DESIGN section 5); need torchvision data under dataset.data_root
+    "lenet300_mnist": {
+        "description": "LeNet-300-100 on MNIST (Frankle & Carbin 2019): Adam 1.2e-3, batch 60, 50K iterations",
+        "dataset": {"name": "mnist", "val_size": 5000},
+        "model": {"name": "lenet_300_100", "init": "glorot_normal"},
+        "optimizer": {"name": "adam", "lr": 1.2e-3},
+        "training": {"steps": "50000it", "batch_size": 60, "eval_every": "1000it", "checkpoint_every": "2000it",
+                     "rewind_points": ["0it", "100it", "250it", "500it", "1000it", "2000it"]},
+        "imp": {"strategy": "layerwise", "prune_fraction": 0.2, "rate_overrides": {"output": 0.1}},
+    },
+    "conv2_cifar10": {
+        "description": "Conv-2 on CIFAR-10 (Frankle & Carbin 2019): Adam 2e-4, batch 60, 20K iterations",
+        "dataset": {"name": "cifar10", "val_size": 5000},
+        "model": {"name": "conv2", "init": "glorot_normal"},
+        "optimizer": {"name": "adam", "lr": 2e-4},
+        "training": {"steps": "20000it", "batch_size": 60, "eval_every": "1000it", "checkpoint_every": "2000it"},
+        "imp": {"strategy": "layerwise", "prune_fraction": 0.2, "conv_fraction": 0.1, "rate_overrides": {"output": 0.1}},
+    },
+    "conv4_cifar10": {
+        "description": "Conv-4 on CIFAR-10 (Frankle & Carbin 2019): Adam 3e-4, batch 60, 25K iterations",
+        "dataset": {"name": "cifar10", "val_size": 5000},
+        "model": {"name": "conv4", "init": "glorot_normal"},
+        "optimizer": {"name": "adam", "lr": 3e-4},
+        "training": {"steps": "25000it", "batch_size": 60, "eval_every": "1000it", "checkpoint_every": "2000it"},
+        "imp": {"strategy": "layerwise", "prune_fraction": 0.2, "conv_fraction": 0.1, "rate_overrides": {"output": 0.1}},
+    },
+    "conv6_cifar10": {
+        "description": "Conv-6 on CIFAR-10 (Frankle & Carbin 2019): Adam 3e-4, batch 60, 30K iterations",
+        "dataset": {"name": "cifar10", "val_size": 5000},
+        "model": {"name": "conv6", "init": "glorot_normal"},
+        "optimizer": {"name": "adam", "lr": 3e-4},
+        "training": {"steps": "30000it", "batch_size": 60, "eval_every": "1000it", "checkpoint_every": "2000it"},
+        "imp": {"strategy": "layerwise", "prune_fraction": 0.2, "conv_fraction": 0.15, "rate_overrides": {"output": 0.1}},
+    },
+    "resnet20_cifar10": {
+        "description": "ResNet-20 on CIFAR-10 (Frankle et al. 2020, open_lth): SGD 0.1 m0.9 wd1e-4, batch 128, 160 epochs",
+        "dataset": {"name": "cifar10", "val_size": 0},
+        "model": {"name": "resnet", "depth": 20, "init": "kaiming_normal"},
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+        "schedule": {"kind": "step", "milestones": ["80ep", "120ep"], "gamma": 0.1},
+        "training": {"steps": "160ep", "batch_size": 128, "eval_every": "1ep", "checkpoint_every": "1ep",
+                     "rewind_points": ["0it", "100it", "250it", "500it", "1000it", "2000it", "4000it"]},
+        "imp": {"strategy": "global", "prune_fraction": 0.2},
+    },
+    "vgg16_cifar10": {
+        "description": "VGG-16 on CIFAR-10 (Frankle et al. 2020, open_lth): SGD 0.1 m0.9 wd1e-4, batch 128, 160 epochs",
+        "dataset": {"name": "cifar10", "val_size": 0},
+        "model": {"name": "vgg16", "init": "kaiming_normal"},
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+        "schedule": {"kind": "step", "milestones": ["80ep", "120ep"], "gamma": 0.1},
+        "training": {"steps": "160ep", "batch_size": 128, "eval_every": "1ep", "checkpoint_every": "1ep",
+                     "rewind_points": ["0it", "100it", "250it", "500it", "1000it", "2000it"]},
+        "imp": {"strategy": "global", "prune_fraction": 0.2, "exclude": ["output"]},
+    },
+    # ---- small settings on packaged data: seconds on 2 CPU cores
+    "lenet300_mnist5k": {
+        "description": "LeNet-300-100 on 5,000 packaged MNIST digits: Adam 1.2e-3, batch 60, 600 iterations",
+        "dataset": {"name": "mnist5k"},
+        "model": {"name": "lenet_300_100", "init": "glorot_normal"},
+        "optimizer": {"name": "adam", "lr": 1.2e-3},
+        "training": {"steps": "600it", "batch_size": 60, "eval_every": "50it", "checkpoint_every": "100it",
+                     "rewind_points": ["0it", "10it", "25it", "50it", "100it", "200it"]},
+        "imp": {"strategy": "layerwise", "prune_fraction": 0.2, "rate_overrides": {"output": 0.1}},
+    },
+    "conv4_mnist5k": {
+        "description": "Conv-4 at width 1/4 on 5,000 packaged MNIST digits: SGD 0.05 m0.9, batch 60, 400 iterations",
+        "dataset": {"name": "mnist5k"},
+        "model": {"name": "conv4", "width": 0.25, "init": "kaiming_normal"},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "training": {"steps": "400it", "batch_size": 60, "eval_every": "50it", "checkpoint_every": "100it",
+                     "rewind_points": ["0it", "10it", "25it", "50it", "100it", "200it"]},
+        "imp": {"strategy": "global", "prune_fraction": 0.2},
+    },
+    "resnet8_mnist5k": {
+        "description": "ResNet-8 at width 1/2 (BatchNorm) on 5,000 packaged MNIST digits: SGD 0.05 m0.9, 300 iterations",
+        "dataset": {"name": "mnist5k"},
+        "model": {"name": "resnet", "depth": 8, "width": 0.5, "init": "kaiming_normal"},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+        "training": {"steps": "300it", "batch_size": 60, "eval_every": "50it", "checkpoint_every": "100it",
+                     "rewind_points": ["0it", "25it", "50it", "100it"]},
+        "imp": {"strategy": "global", "prune_fraction": 0.2},
+    },
+    "mlp_mnist1d": {
+        "description": "MLP 100-100 on MNIST-1D (generated locally): Adam 1e-3, batch 100, 3000 iterations",
+        "dataset": {"name": "mnist1d"},
+        "model": {"name": "mlp", "hidden": [100, 100]},
+        "optimizer": {"name": "adam", "lr": 1e-3},
+        "training": {"steps": "3000it", "batch_size": 100, "eval_every": "250it", "checkpoint_every": "500it",
+                     "rewind_points": ["0it", "25it", "100it", "250it", "500it"]},
+        "imp": {"strategy": "global", "prune_fraction": 0.2},
+    },
+}
+
+
+def preset_names() -> list[str]:
+    """Names of all presets."""
+    return list(PRESETS)
+
+
+def preset_tables(name: str) -> dict[str, Any]:
+    """The raw nested settings of a preset (a copy)."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def get_preset(name: str) -> Config:
+    """The training-run Config of a preset."""
+    tables = preset_tables(name)
+    from .config import SECTIONS
+
+    return from_dict({k: v for k, v in tables.items() if k in SECTIONS})
+
+
+def stage_defaults(name: str | None, stage: str) -> dict[str, Any]:
+    """A preset's defaults for a later stage (``imp``, ``instability``, ``hessian``), or {}."""
+    if not name:
+        return {}
+    return dict(preset_tables(name).get(stage, {}))
