@@ -108,10 +108,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
+def cmd_instability(args: argparse.Namespace) -> int:
+    from .instability import instability_settings, instability_sweep
+
+    cfg, extra, _ = load_config(args)
+    if args.rewind:
+        # The swept points are the trunk's rewind points; they do not name the trunk run.
+        cfg = cfg.with_overrides({"training.rewind_points": args.rewind})
+    settings = instability_settings(
+        extra.get("instability"), rewind_points=args.rewind, siblings=args.siblings, bn=args.bn, alphas=args.alphas,
+        splits=args.splits, threshold=args.threshold, noise=args.noise, optimizer_state=args.optimizer_state,
+        sibling_seed=args.sibling_seed)
+    result = instability_sweep(cfg, settings)
+    if args.json:
+        print(json.dumps(result.summary, indent=2))
+        return 0
+    print(f"instability sweep: {settings.siblings} siblings, noise={settings.noise}, bn={settings.bn}, "
+          f"{len(settings.curve_settings().grid())} alphas, threshold {settings.threshold}")
+    print(f"{'rewind':>8} {'split':>6} {'instability':>14} {'loss barrier':>14} {'stable':>7}")
+    for row in result.table:
+        print(f"{row['rewind_step']:>6}it {row['split']:>6} {row['instability_mean']:>7.4f}±{row['instability_std']:<6.4f}"
+              f" {row['loss_barrier_mean']:>7.4f}±{row['loss_barrier_std']:<6.4f} {str(row['stable']):>7}")
+    for split, step in result.first_stable_by_split.items():
+        shown = f"{step}it" if step is not None else "none (not stable at any swept step)"
+        print(f"first stable step ({split}): {shown}")
+    print(f"results: {result.run_dir}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand."""
     parser = argparse.ArgumentParser(prog="stability", description="Stability to SGD noise, linear mode connectivity, "
                                      "Hessian spectra and lottery tickets.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,31 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_train)
 
-    for extend in _EXTENSIONS:
-        extend(sub)
+    p = sub.add_parser("instability", help="siblings at each rewind point, interpolation curves, first stable step",
+                       epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p)
+    p.add_argument("--rewind", type=_csv_list, help="rewind points, e.g. 0it,50it,100it (default: training.rewind_points)")
+    p.add_argument("--siblings", type=int, help="siblings per rewind point (default 2)")
+    p.add_argument("--noise", help="both | data_order | augmentation (default both)")
+    p.add_argument("--optimizer-state", dest="optimizer_state", help="fresh | restore (default fresh)")
+    p.add_argument("--sibling-seed", dest="sibling_seed", type=int, help="seed of the sibling set (default 0)")
+    p.add_argument("--bn", help="BatchNorm statistics along the path: interpolate | reset (default interpolate)")
+    p.add_argument("--alphas", type=int, help="number of evenly spaced alphas in [0, 1] (default 30)")
+    p.add_argument("--splits", type=_csv_list, help="splits to measure: test,train,val (default test)")
+    p.add_argument("--threshold", type=float, help="stable when mean instability is below this fraction (default 0.02)")
+    p.set_defaults(func=cmd_instability)
     return parser
 
 
-# Later stages register their subcommands here (kept in their own modules).
-_EXTENSIONS: list[Callable[[Any], None]] = []
-
-
-def _register_extensions() -> None:
-    import importlib
-
-    for name in ("stability.cli_stages",):
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        _EXTENSIONS.extend(mod.EXTENSIONS)
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stability`` console script."""
-    _register_extensions()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,232 @@
+"""Instability sweeps: siblings at each rewind point, their interpolation curves, the first stable step.
+
+instability = max_α E(θ(α)) − ½·(E(θ_a) + E(θ_b)) per pair of siblings (the error
+barrier; the loss barrier is the same formula on the loss). A rewind point is
+stable when the mean over pairs is below ``threshold``. The first stable step is
+the first swept k that is stable and stays stable at every later swept k.
+
+Results (in ``results_root/instability_<hash>/``): ``curves.csv``, ``sweep.csv``
+and ``instability.json``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from torch import Tensor
+
+from .config import Config, settings_hash
+from .engine import StackedModel
+from .errors import ConfigError
+from .interpolation import BN_MODES, CurveSettings, curve_rows, error_barrier
+from .siblings import NOISE_KINDS, OPTIMIZER_STATES, SiblingSettings, siblings_info, train_siblings
+from .steps import format_step
+from .store import RunDir, read_json, write_csv, write_json
+from .trunk import Context, prepare, train_trunk
+
+SPLITS = ("test", "train", "val")
+SWEEP_COLUMNS = ["rewind_step", "split", "instability_mean", "instability_std", "loss_barrier_mean",
+                 "loss_barrier_std", "pairs", "stable"]
+
+
+@dataclass(frozen=True)
+class InstabilitySettings:
+    """Everything an instability sweep adds to the trunk's settings (the ``[instability]`` table)."""
+
+    rewind_points: tuple[str, ...] = ()  # empty = the trunk's training.rewind_points
+    siblings: int = 2
+    noise: str = "both"
+    optimizer_state: str = "fresh"
+    sibling_seed: int = 0
+    alphas: int = 30
+    alpha_grid: tuple[float, ...] = ()
+    bn: str = "interpolate"
+    bn_batches: int = 20
+    splits: tuple[str, ...] = ("test",)
+    threshold: float = 0.02
+
+    def sibling_settings(self) -> SiblingSettings:
+        return SiblingSettings(self.siblings, self.noise, self.optimizer_state, self.sibling_seed)
+
+    def curve_settings(self, eval_batch_size: int = 1000) -> CurveSettings:
+        return CurveSettings(self.alphas, tuple(self.alpha_grid), self.bn, self.bn_batches,
+                             eval_batch_size=eval_batch_size)
+
+    def validate(self) -> "InstabilitySettings":
+        self.sibling_settings().validate()
+        self.curve_settings().validate()
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"instability.threshold: must be in (0, 1) (a fraction of examples), got {self.threshold}")
+        if not self.splits or any(s not in SPLITS for s in self.splits):
+            raise ConfigError(f"instability.splits: unknown split in {list(self.splits)}; choose from {', '.join(SPLITS)}")
+        return self
+
+
+def instability_settings(table: Mapping[str, Any] | None = None, **overrides: Any) -> InstabilitySettings:
+    """Build settings from a TOML ``[instability]`` table and keyword overrides, with clear errors."""
+    values = {**(table or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    names = {f.name: f for f in fields(InstabilitySettings)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"instability.{key}: unknown setting; settings are {', '.join(names)}")
+        default = getattr(InstabilitySettings(), key)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            value = tuple(float(v) for v in value) if key == "alpha_grid" else tuple(str(v) for v in value)
+        elif isinstance(default, bool) or not isinstance(default, (int, float)):
+            pass
+        else:
+            try:
+                value = type(default)(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"instability.{key}: expected a number, got {value!r}") from None
+        kwargs[key] = value
+    return InstabilitySettings(**kwargs).validate()
+
+
+@dataclass
+class SweepResult:
+    """An instability sweep: per-rewind-point figures, the curves and the first stable step."""
+
+    run_dir: Path
+    rewind_steps: list[int]
+    table: list[dict[str, Any]]  # sweep.csv rows
+    curves: list[dict[str, Any]] = field(repr=False)
+    first_stable_step: int | None = None
+    first_stable_by_split: dict[str, int | None] = field(default_factory=dict)
+    threshold: float = 0.02
+    summary: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def dataframe(self):
+        """The sweep table as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.table)
+
+
+def first_stable_step(steps: Sequence[int], instabilities: Sequence[float], threshold: float) -> int | None:
+    """First k below threshold that stays below it at every later k (steps ascending)."""
+    first = None
+    for k, value in zip(steps, instabilities):
+        if value < threshold:
+            if first is None:
+                first = k
+        else:
+            first = None
+    return first
+
+
+def pair_barriers(curves: Sequence[Mapping[str, Any]]) -> dict[tuple[int, str, str], tuple[float, float]]:
+    """(rewind_step, split, pair) -> (error barrier, loss barrier) from curve rows sorted by α."""
+    grouped: dict[tuple[int, str, str], list[Mapping[str, Any]]] = {}
+    for row in curves:
+        grouped.setdefault((row["rewind_step"], row["split"], row["pair"]), []).append(row)
+    out = {}
+    for key, rows in grouped.items():
+        rows = sorted(rows, key=lambda r: r["alpha"])
+        out[key] = (error_barrier([r["error"] for r in rows]), error_barrier([r["loss"] for r in rows]))
+    return out
+
+
+def sweep_table(curves: Sequence[Mapping[str, Any]], threshold: float) -> list[dict[str, Any]]:
+    """sweep.csv rows: mean/std over pairs of the error and loss barriers per (rewind step, split)."""
+    by_point: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for (k, split, _), barriers in pair_barriers(curves).items():
+        by_point.setdefault((k, split), []).append(barriers)
+    rows = []
+    for (k, split), values in sorted(by_point.items()):
+        errs = [v[0] for v in values]
+        losses = [v[1] for v in values]
+        mean = statistics.fmean(errs)
+        rows.append({
+            "rewind_step": k, "split": split, "instability_mean": mean,
+            "instability_std": statistics.stdev(errs) if len(errs) > 1 else 0.0,
+            "loss_barrier_mean": statistics.fmean(losses),
+            "loss_barrier_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "pairs": len(values), "stable": bool(mean < threshold),
+        })
+    return rows
+
+
+def sweep_dir(cfg: Config, settings: InstabilitySettings, steps: Sequence[int]) -> RunDir:
+    """Where the sweep of these settings lives."""
+    key = {"trunk": cfg.run_hash(), "steps": list(steps),
+           **{k: v for k, v in asdict(settings).items() if k not in ("rewind_points", "threshold")}}
+    return RunDir(cfg.runtime.results_root, "instability", settings_hash(key))
+
+
+def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySettings(), *,
+                      ctx: Context | None = None, masks: Mapping[str, Tensor] | None = None,
+                      start_states: Mapping[int, Any] | None = None, label: str | None = None) -> SweepResult:
+    """Train siblings at every rewind point from one trunk and measure their instability.
+
+    ``masks`` and ``start_states`` (rewind step -> single-member Members) serve sparse networks:
+    the siblings then start from those weights instead of the dense trunk's checkpoints.
+    """
+    settings.validate()
+    ctx = ctx or prepare(cfg)
+    points = settings.rewind_points or cfg.training.rewind_points
+    if not points:
+        raise ConfigError("instability.rewind_points: no rewind points to sweep; give --rewind or "
+                          "training.rewind_points")
+    steps = ctx.steps(points, "instability.rewind_points")
+    t0 = time.perf_counter()
+    if start_states is None:
+        train_trunk(cfg, extra_checkpoints=steps, ctx=ctx)
+    run = sweep_dir(cfg, settings, steps) if masks is None and label is None else RunDir(
+        cfg.runtime.results_root, "instability",
+        settings_hash({"base": sweep_dir(cfg, settings, steps).hash, "label": label}))
+    run.start({"training": cfg.to_dict(), "instability": asdict(settings)},
+              {"trunk": cfg.run_hash(), "steps": steps}, {"label": label})
+    sm = StackedModel(ctx.model)
+    curve_settings = settings.curve_settings(cfg.runtime.eval_batch_size)
+    curves: list[dict[str, Any]] = []
+    siblings_runs = []
+    for k in steps:
+        start = start_states.get(k) if start_states else None
+        sib = train_siblings(ctx, k, settings.sibling_settings(), masks=masks, start=start,
+                             label=None if start is None else f"{label}@{k}")
+        siblings_runs.append(siblings_info(sib))
+        curves.extend(curve_rows(sm, sib.members, settings.splits, ctx.data, curve_settings, k))
+    table = sweep_table(curves, settings.threshold)
+    by_split = {}
+    for split in settings.splits:
+        rows = [r for r in table if r["split"] == split]
+        by_split[split] = first_stable_step([r["rewind_step"] for r in rows], [r["instability_mean"] for r in rows],
+                                            settings.threshold)
+    primary = settings.splits[0]
+    summary = {
+        "settings": {**asdict(settings), "rewind_points": [format_step(s) for s in steps]},
+        "bn_mode": settings.bn,
+        "trunk": {"hash": cfg.run_hash(), "run_dir": str(RunDir(cfg.runtime.results_root, "train", cfg.run_hash()).path)},
+        "config": cfg.to_dict(),
+        "rewind_points": steps,
+        "threshold": settings.threshold,
+        "primary_split": primary,
+        "first_stable_step": by_split[primary],
+        "first_stable_step_by_split": by_split,
+        "per_split": {s: [{k: r[k] for k in SWEEP_COLUMNS if k != "split"} for r in table if r["split"] == s]
+                      for s in settings.splits},
+        "siblings": siblings_runs,
+        "label": label,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    write_csv(run / "curves.csv", curves, ["rewind_step", "pair", "split", "alpha", "error", "loss"])
+    write_csv(run / "sweep.csv", table, SWEEP_COLUMNS)
+    write_json(run / "instability.json", summary)
+    run.update(status="complete")
+    return SweepResult(run.path, steps, table, curves, by_split[primary], by_split, settings.threshold, summary)
+
+
+def load_sweep(run_dir: str | Path) -> dict[str, Any]:
+    """instability.json of a finished sweep."""
+    return read_json(Path(run_dir) / "instability.json")
+
+
+__all__ = ["InstabilitySettings", "SweepResult", "instability_sweep", "instability_settings", "first_stable_step",
+           "sweep_table", "pair_barriers", "load_sweep", "BN_MODES", "NOISE_KINDS", "OPTIMIZER_STATES"]

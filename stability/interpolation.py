@@ -1,0 +1,182 @@
+"""Linear interpolation between trained networks, and the barrier (instability) formulas.
+
+θ(α) = (1 − α)·θ_a + α·θ_b for α on a grid that includes 0 and 1. Only parameters
+are interpolated; BatchNorm running statistics follow the ``bn`` option:
+``interpolate`` (the buffers too, as open_lth's instability analysis does, so
+results are comparable with Frankle et al. 2020; the default) or ``reset``
+(recomputed for each θ(α) in train mode with a cumulative average over a fixed,
+seeded set of training batches, as REPAIR and dnn-mode-connectivity do).
+The whole α grid is evaluated as stacked members in one batched pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .engine import Members, StackedModel
+from .errors import ConfigError
+
+BN_MODES = ("interpolate", "reset")
+
+
+@dataclass(frozen=True)
+class CurveSettings:
+    """How interpolation curves are measured."""
+
+    alphas: int = 30  # evenly spaced values in [0, 1], both ends included
+    alpha_grid: tuple[float, ...] = ()  # explicit grid (overrides alphas); must include 0 and 1
+    bn: str = "interpolate"  # interpolate | reset
+    bn_batches: int = 20  # training batches for recomputing BatchNorm statistics (bn = reset)
+    bn_batch_size: int = 128
+    bn_seed: int = 0
+    eval_batch_size: int = 1000
+    max_members: int = 64  # α values evaluated at once (memory bound)
+
+    def grid(self) -> list[float]:
+        """The α grid, checked."""
+        if self.alpha_grid:
+            grid = [float(a) for a in self.alpha_grid]
+            if sorted(grid) != grid or grid[0] != 0.0 or grid[-1] != 1.0 or any(not 0 <= a <= 1 for a in grid):
+                raise ConfigError(f"instability.alphas: the α grid must be increasing in [0, 1] and include both ends "
+                                  f"0 and 1, got {grid}")
+            return grid
+        if self.alphas < 2:
+            raise ConfigError(f"instability.alphas: need at least 2 values (both ends 0 and 1), got {self.alphas}")
+        return torch.linspace(0, 1, self.alphas, dtype=torch.float64).tolist()
+
+    def validate(self) -> "CurveSettings":
+        self.grid()
+        if self.bn not in BN_MODES:
+            raise ConfigError(f"instability.bn: unknown mode {self.bn!r}; choose one of {', '.join(BN_MODES)}")
+        return self
+
+
+def error_barrier(values: Sequence[float]) -> float:
+    """max_α v(α) − ½·(v(0) + v(1)) for values along a grid whose ends are α = 0 and α = 1."""
+    values = list(values)
+    return max(values) - 0.5 * (values[0] + values[-1])
+
+
+def interpolate_stacks(a: Mapping[str, Tensor], b: Mapping[str, Tensor], alphas: Tensor) -> dict[str, Tensor]:
+    """Stacked θ(α) for every α: ``{name: [A, ...]}`` from two unstacked tensor dicts."""
+    out = {}
+    for k, va in a.items():
+        vb = b[k]
+        if not va.is_floating_point():
+            out[k] = va.expand(len(alphas), *va.shape).clone()
+            continue
+        w = alphas.to(va.dtype).view(-1, *([1] * va.dim()))
+        out[k] = (1 - w) * va + w * vb
+    return out
+
+
+def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def reset_bn_stats(sm: StackedModel, params: Mapping[str, Tensor], buffers: dict[str, Tensor], x_train: Tensor,
+                   settings: CurveSettings) -> None:
+    """Recompute BatchNorm running statistics in place for every stacked member.
+
+    Cumulative average over ``bn_batches`` fixed, seeded batches: at batch j the momentum is
+    1/(j+1), the same for all members, so no data-dependent Python runs under vmap.
+    """
+    bns = _bn_modules(sm.model)
+    if not bns:
+        return
+    for name, buf in buffers.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "running_mean" or leaf == "num_batches_tracked":
+            buf.zero_()
+        elif leaf == "running_var":
+            buf.fill_(1.0)
+    g = torch.Generator().manual_seed(settings.bn_seed)
+    old = [m.momentum for m in bns]
+    try:
+        for j in range(settings.bn_batches):
+            idx = torch.randint(len(x_train), (min(settings.bn_batch_size, len(x_train)),), generator=g)
+            for m in bns:
+                m.momentum = 1.0 / (j + 1)
+            sm.logits(params, buffers, x_train[idx.to(x_train.device)], train=True, shared_input=True)
+    finally:
+        for m, mom in zip(bns, old):
+            m.momentum = mom
+
+
+def evaluate_path(sm: StackedModel, a: Mapping[str, Tensor], b: Mapping[str, Tensor], alphas: Sequence[float],
+                  x: Tensor, y: Tensor, settings: CurveSettings, x_train: Tensor | None = None) -> tuple[list[float], list[float]]:
+    """Error and loss of θ(α) at each α (batched over α in chunks of ``max_members``)."""
+    errors: list[float] = []
+    losses: list[float] = []
+    params_a = {k: a[k] for k in sm.param_names}
+    params_b = {k: b[k] for k in sm.param_names}
+    bufs_a = {k: a[k] for k in sm.buffer_names}
+    bufs_b = {k: b[k] for k in sm.buffer_names}
+    for start in range(0, len(alphas), settings.max_members):
+        chunk = torch.tensor(alphas[start : start + settings.max_members], dtype=torch.float64, device=x.device)
+        params = interpolate_stacks(params_a, params_b, chunk)
+        buffers = interpolate_stacks(bufs_a, bufs_b, chunk)
+        if settings.bn == "reset" and sm.buffer_names:
+            if x_train is None:
+                raise ConfigError("instability.bn: 'reset' needs training data to recompute BatchNorm statistics")
+            reset_bn_stats(sm, params, buffers, x_train, settings)
+        loss, err = sm.evaluate(params, buffers, x, y, settings.eval_batch_size)
+        errors.extend(err.tolist())
+        losses.extend(loss.tolist())
+    return errors, losses
+
+
+def evaluate_path_naive(model: nn.Module, a: Mapping[str, Tensor], b: Mapping[str, Tensor], alphas: Sequence[float],
+                        x: Tensor, y: Tensor, settings: CurveSettings, x_train: Tensor | None = None) -> tuple[list[float], list[float]]:
+    """One model per α with ``load_state_dict``: the reference the batched path must match."""
+    import copy
+
+    errors, losses = [], []
+    for alpha in alphas:
+        m = copy.deepcopy(model)
+        state = {}
+        for k, va in a.items():
+            state[k] = (1 - alpha) * va + alpha * b[k] if va.is_floating_point() else va
+        m.load_state_dict(state)
+        if settings.bn == "reset" and _bn_modules(m):
+            for bn in _bn_modules(m):
+                bn.reset_running_stats()
+                bn.momentum = None  # PyTorch's own cumulative average
+            m.train()
+            g = torch.Generator().manual_seed(settings.bn_seed)
+            with torch.no_grad():
+                for _ in range(settings.bn_batches):
+                    idx = torch.randint(len(x_train), (min(settings.bn_batch_size, len(x_train)),), generator=g)
+                    m(x_train[idx])
+        m.eval()
+        with torch.no_grad():
+            out = m(x)
+            losses.append(float(torch.nn.functional.cross_entropy(out, y)))
+            errors.append(float((out.argmax(1) != y).double().mean()))
+    return errors, losses
+
+
+def pairs(n: int) -> list[tuple[int, int]]:
+    """Every unordered pair of n siblings."""
+    return list(combinations(range(n), 2))
+
+
+def curve_rows(sm: StackedModel, members: Members, splits: Iterable[str], data, settings: CurveSettings,
+               rewind_step: int) -> list[dict]:
+    """Rows (rewind_step, pair, split, alpha, error, loss) for every pair of members and split."""
+    alphas = settings.grid()
+    rows = []
+    for i, j in pairs(members.n):
+        a, b = members.member_state_dict(i), members.member_state_dict(j)
+        for split in splits:
+            x, y = data.split(split)
+            errs, losses = evaluate_path(sm, a, b, alphas, x, y, settings, data.x_train)
+            for alpha, e, loss in zip(alphas, errs, losses):
+                rows.append({"rewind_step": rewind_step, "pair": f"{i}-{j}", "split": split, "alpha": alpha,
+                             "error": e, "loss": loss})
+    return rows

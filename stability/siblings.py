@@ -1,0 +1,209 @@
+"""Siblings: copies of a trunk checkpoint trained to the end under different SGD noise.
+
+All siblings of one rewind point train together, batched over the sibling axis
+(see ``engine``). Each sibling's noise seeds are derived from the trunk's noise
+seed, the sibling set's seed and the sibling index, and recorded.
+
+Optimizer state at the rewind step defaults to ``fresh`` (a new optimizer; the
+learning-rate schedule resumes at step k), as in open_lth, whose rewinding
+restores weights only; ``restore`` copies momentum / Adam moments from the
+trunk's checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import settings_hash
+from .engine import Members, StackedModel, TrainSpec, derive_seed, train_members
+from .errors import ConfigError
+from .steps import format_step
+from .store import RunDir, save_tensors
+from .trunk import Context, Progress, checkpoint_path, load_members, train_trunk, trunk_dir
+
+NOISE_KINDS = ("both", "data_order", "augmentation")
+OPTIMIZER_STATES = ("fresh", "restore")
+
+
+@dataclass(frozen=True)
+class SiblingSettings:
+    """How siblings are made from a checkpoint."""
+
+    siblings: int = 2
+    noise: str = "both"  # both | data_order | augmentation
+    optimizer_state: str = "fresh"  # fresh | restore
+    sibling_seed: int = 0  # a different value gives a different set of siblings
+
+    def validate(self) -> "SiblingSettings":
+        if self.siblings < 2:
+            raise ConfigError(f"instability.siblings: need at least 2 siblings to compare, got {self.siblings}")
+        if self.noise not in NOISE_KINDS:
+            raise ConfigError(f"instability.noise: unknown noise kind {self.noise!r}; choose one of {', '.join(NOISE_KINDS)}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ConfigError(f"instability.optimizer_state: unknown value {self.optimizer_state!r}; "
+                              f"choose one of {', '.join(OPTIMIZER_STATES)}")
+        return self
+
+
+def sibling_seeds(noise_seed: int, settings: SiblingSettings) -> tuple[list[int], list[int]]:
+    """Per-sibling (order, augmentation) seeds; the kind of noise that is not varied is shared."""
+    def seed(i: int | str, stream: str) -> int:
+        return derive_seed(noise_seed, "sibling", settings.sibling_seed, i, stream)
+
+    n = settings.siblings
+    vary_order = settings.noise in ("both", "data_order")
+    vary_aug = settings.noise in ("both", "augmentation")
+    order = [seed(i if vary_order else "shared", "order") for i in range(n)]
+    aug = [seed(i if vary_aug else "shared", "augment") for i in range(n)]
+    return order, aug
+
+
+def mask_digest(masks: Mapping[str, Tensor] | None) -> str | None:
+    """A short content hash of a mask set (None when dense)."""
+    if not masks:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        h.update(name.encode())
+        h.update(masks[name].detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class SiblingsResult:
+    """Final weights of N siblings trained from step ``rewind_step`` to the end."""
+
+    run_dir: Path
+    rewind_step: int
+    final_step: int
+    members: Members
+    order_seeds: list[int]
+    aug_seeds: list[int]
+    reused: bool
+
+
+def start_members(ctx: Context, source: Members, n: int, order: Sequence[int], aug: Sequence[int],
+                  optimizer_state: str) -> Members:
+    """N copies of a single saved member, with their own noise streams."""
+    if source.n != 1:
+        raise ConfigError("siblings start from a single-member checkpoint")
+    params = {k: v.expand(n, *v.shape[1:]).clone() for k, v in source.params.items()}
+    buffers = {k: v.expand(n, *v.shape[1:]).clone() for k, v in source.buffers.items()}
+    opt = None
+    if optimizer_state == "restore" and source.optimizer_state:
+        opt = {"state": {i: {key: (val.expand(n, *val.shape[1:]).clone() if val.dim() > 0 else val.clone())
+                             for key, val in st.items()} for i, st in source.optimizer_state["state"].items()}}
+    return Members(source.step, params, buffers, list(order), list(aug), optimizer_state=opt)
+
+
+def train_branch(ctx: Context, run: RunDir, start: Members, end_step: int, *,
+                 masks: Mapping[str, Tensor] | None = None, desc: str = "branch") -> Members:
+    """Train members from their step to ``end_step`` with rolling resumable saves in ``run``.
+
+    Resumes from ``run/state/latest.safetensors`` when present; writes ``run/final.safetensors``.
+    """
+    final = run / "final.safetensors"
+    if final.is_file():
+        return load_members(final, ctx)
+    latest = run / "state" / "latest.safetensors"
+    members = load_members(latest, ctx) if latest.is_file() else start
+    if masks:
+        from .pruning import apply_masks_
+
+        apply_masks_(members.params, masks)
+    sm = StackedModel(ctx.model)
+    from .steps import to_iterations
+
+    every = to_iterations(ctx.cfg.training.checkpoint_every, ctx.ipe)
+    progress = Progress(end_step, members.step, desc, ctx.cfg.runtime.quiet)
+
+    def after_step(m: Members, loss: float) -> None:
+        progress.update(loss)
+        if m.step % every == 0 and m.step != end_step:
+            tensors, meta = m.to_tensors()
+            save_tensors(latest, tensors, meta)
+
+    spec = TrainSpec(ctx.data, ctx.cfg, ctx.ipe, masks=masks, after_step=after_step, augmentation=ctx.augmentation)
+    try:
+        train_members(sm, members, spec, end_step)
+    finally:
+        progress.close()
+    tensors, meta = members.to_tensors()
+    save_tensors(final, tensors, meta)
+    return members
+
+
+def train_siblings(ctx: Context, rewind_step: int, settings: SiblingSettings = SiblingSettings(), *,
+                   masks: Mapping[str, Tensor] | None = None, noise_seeds: Sequence[tuple[int, int]] | None = None,
+                   start: Members | None = None, label: str | None = None) -> SiblingsResult:
+    """Train N siblings from the trunk's checkpoint at ``rewind_step`` (or from ``start``) to the final step.
+
+    ``noise_seeds`` overrides the derived (order, augmentation) seed pairs. ``masks`` keeps pruned
+    weights at zero. The siblings are a run of their own in the store, reused when complete.
+    """
+    settings.validate()
+    cfg = ctx.cfg
+    if not 0 <= rewind_step < ctx.total_steps:
+        raise ConfigError(f"instability.rewind_points: step {rewind_step} is not before the final step {ctx.total_steps}")
+    if noise_seeds is not None:
+        if len(noise_seeds) < 2:
+            raise ConfigError(f"instability.siblings: need at least 2 siblings to compare, got {len(noise_seeds)}")
+        order, aug = [s[0] for s in noise_seeds], [s[1] for s in noise_seeds]
+    else:
+        order, aug = sibling_seeds(cfg.training.noise_seed, settings)
+    trunk = trunk_dir(cfg)
+    key = {"trunk": trunk.hash, "rewind_step": rewind_step, "order_seeds": order, "aug_seeds": aug,
+           "optimizer_state": settings.optimizer_state, "masks": mask_digest(masks), "start": label}
+    run = RunDir(cfg.runtime.results_root, "siblings", settings_hash(key))
+    reused = (run / "final.safetensors").is_file()
+    if not reused:
+        if start is None:
+            if not checkpoint_path(trunk, rewind_step).is_file():
+                train_trunk(cfg, extra_checkpoints=[rewind_step], ctx=ctx)
+            start = load_members(checkpoint_path(trunk, rewind_step), ctx)
+        run.start({"training": cfg.to_dict(), "siblings": asdict(settings)}, key,
+                  {"rewind_step": rewind_step, "final_step": ctx.total_steps, "trunk": str(trunk.path)})
+        members0 = start_members(ctx, start, len(order), order, aug, settings.optimizer_state)
+        t0 = time.perf_counter()
+        members = train_branch(ctx, run, members0, ctx.total_steps, masks=masks,
+                               desc=f"siblings @{format_step(rewind_step)}")
+        run.update(status="complete", seconds=round(time.perf_counter() - t0, 3))
+    else:
+        members = load_members(run / "final.safetensors", ctx)
+    return SiblingsResult(run.path, rewind_step, ctx.total_steps, members, order, aug, reused)
+
+
+def train_siblings_reference(ctx: Context, rewind_step: int, order: Sequence[int], aug: Sequence[int],
+                             masks: Mapping[str, Tensor] | None = None) -> list[dict[str, Tensor]]:
+    """The plain one-at-a-time path (fresh optimizer), for checking the batched one."""
+    from .engine import train_reference
+
+    trunk = trunk_dir(ctx.cfg)
+    source = load_members(checkpoint_path(trunk, rewind_step), ctx)
+    state = source.member_state_dict(0)
+    spec = TrainSpec(ctx.data, ctx.cfg, ctx.ipe, augmentation=ctx.augmentation)
+    out = []
+    for o, a in zip(order, aug):
+        module = ctx.new_model()
+        if masks:
+            state = {k: (v * masks[k] if k in masks else v) for k, v in state.items()}
+        out.append(train_reference(module, state, spec, rewind_step, ctx.total_steps, o, a, masks))
+    return out
+
+
+def load_siblings(path: str | Path, ctx: Context) -> Members:
+    """Final weights of a siblings run directory."""
+    return load_members(Path(path) / "final.safetensors", ctx)
+
+
+def siblings_info(result: SiblingsResult) -> dict[str, Any]:
+    """JSON-able description of a sibling set."""
+    return {"run_dir": str(result.run_dir), "rewind_step": result.rewind_step, "final_step": result.final_step,
+            "order_seeds": result.order_seeds, "aug_seeds": result.aug_seeds, "reused": result.reused}
+
