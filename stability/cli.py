@@ -136,6 +136,47 @@ def cmd_instability(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_imp(args: argparse.Namespace) -> int:
+    from .imp import imp_settings, run_imp
+    from .instability import instability_settings
+
+    cfg, extra, _ = load_config(args)
+    settings = imp_settings(
+        extra.get("imp"), levels=args.levels, prune_fraction=args.prune_fraction, strategy=args.strategy,
+        rewind=args.rewind, one_shot=True if args.one_shot else None, baselines=args.baselines,
+        replicates=args.replicates, instability=True if args.instability else None)
+    sweep = instability_settings(extra.get("instability"))
+    result = run_imp(cfg, settings, sweep)
+    if args.json:
+        print(json.dumps(result.summary, indent=2, default=str))
+        return 0
+    info = result.summary["rewind"]
+    how = f" (auto: first stable step {info.get('first_stable_step')})" if info.get("rewind") == "auto" else ""
+    print(f"IMP: {settings.levels} levels, {settings.strategy} pruning {settings.prune_fraction:.0%} per level, "
+          f"rewind to {result.rewind_step}it{how}")
+    print(f"{'rep':>3} {'level':>5} {'kind':>7} {'density':>8} {'final acc':>9} {'early-stop acc':>14} {'at':>7} "
+          f"{'instability':>11}")
+    for row in result.levels:
+        inst = row["instability"]
+        inst_text = f"{inst:.4f}" if isinstance(inst, float) else "-"
+        print(f"{row['replicate']:>3} {row['level']:>5} {row['kind']:>7} {row['density']:>8.4f} "
+              f"{row['final_test_accuracy']:>9.4f} {row['early_stop_test_accuracy']:>14.4f} "
+              f"{row['early_stop_step']:>5}it {inst_text:>11}")
+    tickets = result.summary["tickets"]
+    agg = tickets["aggregate"]
+    print(f"dense accuracy {tickets['dense_accuracy']:.4f}, matching tolerance {tickets['tolerance']:.4f}")
+    for key, label in (("best_sparse", "best sparse"), ("sparsest_matching", "sparsest matching")):
+        point = agg.get(key)
+        if point is None:
+            print(f"{label:<18} none")
+        else:
+            print(f"{label:<18} level {point['level']} density {point['density']:.4f} accuracy {point['accuracy']:.4f} "
+                  f"A_gain {point['a_gain']:+.2f}% LTS {point['lts_score']:.1f}")
+    print(f"success rate {tickets['success_rate']:.0f}%  matching levels {agg['matching_levels']}")
+    print(f"results: {result.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     parser = argparse.ArgumentParser(prog="stability", description="Stability to SGD noise, linear mode connectivity, "
@@ -163,6 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", type=_csv_list, help="splits to measure: test,train,val (default test)")
     p.add_argument("--threshold", type=float, help="stable when mean instability is below this fraction (default 0.02)")
     p.set_defaults(func=cmd_instability)
+
+    p = sub.add_parser("imp", help="iterative magnitude pruning with rewinding, baselines and ticket metrics",
+                       epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p)
+    p.add_argument("--levels", type=int, help="pruning levels after the dense level 0 (default 5)")
+    p.add_argument("--prune-fraction", dest="prune_fraction", type=float,
+                   help="fraction of surviving weights removed per level, in (0, 1) (default 0.2)")
+    p.add_argument("--strategy", help="global | layerwise | lamp | random (default global)")
+    p.add_argument("--rewind", help="0 | a step like 500it | auto (first stable step) (default 0)")
+    p.add_argument("--one-shot", dest="one_shot", action="store_true",
+                   help="prune the dense network straight to each level's density")
+    p.add_argument("--baselines", type=_csv_list, help="reinit,random")
+    p.add_argument("--replicates", type=int, help="replicates with init seeds init_seed + r (default 1)")
+    p.add_argument("--instability", action="store_true", help="measure each sparse network's instability")
+    p.set_defaults(func=cmd_imp)
     return parser
 
 

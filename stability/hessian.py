@@ -487,12 +487,25 @@ def lanczos_eigenpairs(
             idx = [0] + idx
         return sorted(set(idx))
 
+    previous: list[Tensor] = []
+
     def done(T: Tensor, beta: float) -> bool:
         m = T.shape[0]
         if tol <= 0 or m < need:
             return False
-        _, errs = _ritz_errors(T, beta, wanted(m))
-        return bool((errs <= tol).all())
+        theta, errs = _ritz_errors(T, beta, wanted(m))
+        # Ranked from the ends: the k largest, then the smallest.
+        ends = torch.cat([theta.flip(0)[:k], theta[:1] if smallest else theta[:0]])
+        last = previous[0] if previous else None
+        previous[:] = [ends]
+        if last is None:
+            return False
+        floor = _RELATIVE_FLOOR * float(theta.abs().max())
+        change = (ends - last).abs() / ends.abs().clamp_min(max(floor, 1e-300))
+        # Both the residual-based error estimate and the step-to-step change must be
+        # below tol: the estimate alone can be fooled while the top Ritz value still
+        # sits near lambda_2 (close top eigenvalues); the change alone by a plateau.
+        return bool((errs <= tol).all() and (change <= tol).all())
 
     gen = torch.Generator().manual_seed(int(seed))
     T, Q, beta = _lanczos(op, max_steps, start=op._randn(gen), gen=gen, done=done)
@@ -745,7 +758,11 @@ def _pyhessian_session(
     seed: int,
 ) -> Iterator[tuple[object, list[int]]]:
     """A pyhessian ``hessian`` object on a private copy of the model, with an HVP counter."""
-    import pyhessian.hessian as ph
+    import importlib
+
+    # `pyhessian.hessian` as an attribute is the class (the package re-exports it);
+    # the module, whose HVP function we count, is only reachable by its name.
+    ph = importlib.import_module("pyhessian.hessian")
 
     op = HessianOperator(model, x, y, masks=masks, dtype=dtype, batch_size=batch_size, hvp="jvp")
     net: nn.Module = _SurvivorModel(op) if op.survivors is not None else op.model
@@ -764,33 +781,37 @@ def _pyhessian_session(
     old_default = torch.get_default_dtype()
     cuda = op.device.type == "cuda"
     h = None
-    try:
-        # pyhessian draws its vectors with torch.randn / torch.zeros in the default
-        # dtype and from the global generator: set both, and restore them after.
-        torch.set_default_dtype(dtype)
-        with torch.random.fork_rng(devices=[op.device] if cuda else []):
-            torch.manual_seed(int(seed))
-            ph.hessian_vector_product = counted
-            crit = nn.CrossEntropyLoss()
-            if len(op.chunks) == 1:
-                h = ph.hessian(net, crit, data=op.chunks[0], cuda=cuda)
-            else:
-                h = ph.hessian(net, crit, dataloader=op.chunks, cuda=cuda)
-                loader_hvp = h.dataloader_hv_product
+    with warnings.catch_warnings():
+        # pyhessian calls backward(create_graph=True); the .grad <-> graph cycle it
+        # warns about is broken below by resetting .grad.
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        try:
+            # pyhessian draws its vectors with torch.randn / torch.zeros in the default
+            # dtype and from the global generator: set both, and restore them after.
+            torch.set_default_dtype(dtype)
+            with torch.random.fork_rng(devices=[op.device] if cuda else []):
+                torch.manual_seed(int(seed))
+                ph.hessian_vector_product = counted
+                crit = nn.CrossEntropyLoss()
+                if len(op.chunks) == 1:
+                    h = ph.hessian(net, crit, data=op.chunks[0], cuda=cuda)
+                else:
+                    h = ph.hessian(net, crit, dataloader=op.chunks, cuda=cuda)
+                    loader_hvp = h.dataloader_hv_product
 
-                def counted_loader(v):  # noqa: ANN001, ANN202
-                    counter[0] += 1
-                    return loader_hvp(v)
+                    def counted_loader(v):  # noqa: ANN001, ANN202
+                        counter[0] += 1
+                        return loader_hvp(v)
 
-                h.dataloader_hv_product = counted_loader
-            yield h, counter
-    finally:
-        ph.hessian_vector_product = original
-        torch.set_default_dtype(old_default)
-        # Free the retained graph pyhessian left in .grad.
-        for p in net.parameters():
-            p.grad = None
-        del h
+                    h.dataloader_hv_product = counted_loader
+                yield h, counter
+        finally:
+            ph.hessian_vector_product = original
+            torch.set_default_dtype(old_default)
+            # Free the retained graph pyhessian left in .grad.
+            for p in net.parameters():
+                p.grad = None
+            del h
 
 
 def pyhessian_top_eigenvalues(

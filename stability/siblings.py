@@ -103,10 +103,12 @@ def start_members(ctx: Context, source: Members, n: int, order: Sequence[int], a
 
 
 def train_branch(ctx: Context, run: RunDir, start: Members, end_step: int, *,
-                 masks: Mapping[str, Tensor] | None = None, desc: str = "branch") -> Members:
+                 masks: Mapping[str, Tensor] | None = None, desc: str = "branch", eval_every: int = 0) -> Members:
     """Train members from their step to ``end_step`` with rolling resumable saves in ``run``.
 
     Resumes from ``run/state/latest.safetensors`` when present; writes ``run/final.safetensors``.
+    With ``eval_every`` > 0, evaluates every member at the start, every ``eval_every`` steps and
+    at the end into ``run/metrics.csv`` (rows kept consistent with the resumed state).
     """
     final = run / "final.safetensors"
     if final.is_file():
@@ -118,13 +120,28 @@ def train_branch(ctx: Context, run: RunDir, start: Members, end_step: int, *,
 
         apply_masks_(members.params, masks)
     sm = StackedModel(ctx.model)
+    from .engine import Schedule
     from .steps import to_iterations
+    from .store import read_csv, write_csv
+    from .trunk import METRIC_COLUMNS, evaluate_rows
 
     every = to_iterations(ctx.cfg.training.checkpoint_every, ctx.ipe)
+    schedule = Schedule(ctx.cfg, ctx.ipe)
+    metrics_path = run / "metrics.csv"
+    rows: list[dict[str, Any]] = []
+    if eval_every:
+        if metrics_path.is_file() and latest.is_file():
+            rows = [r for r in read_csv(metrics_path) if r["step"] <= members.step]
+        else:
+            rows = evaluate_rows(ctx, sm, members, schedule.lr(members.step))
+            write_csv(metrics_path, rows, METRIC_COLUMNS)
     progress = Progress(end_step, members.step, desc, ctx.cfg.runtime.quiet)
 
     def after_step(m: Members, loss: float) -> None:
         progress.update(loss)
+        if eval_every and (m.step % eval_every == 0 or m.step == end_step):
+            rows.extend(evaluate_rows(ctx, sm, m, schedule.lr(m.step - 1)))
+            write_csv(metrics_path, rows, METRIC_COLUMNS)
         if m.step % every == 0 and m.step != end_step:
             tensors, meta = m.to_tensors()
             save_tensors(latest, tensors, meta)

@@ -25,6 +25,7 @@ from .errors import CheckpointError, StabilityError
 
 # Bumped when the layout of a run directory changes incompatibly.
 FORMAT_VERSION = 1
+_ORDER_KEY = "__tensor_order__"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -112,6 +113,9 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
     """Atomically save tensors as safetensors; metadata values are stored as JSON strings."""
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    # safetensors stores tensors in its own order; keep ours so a round trip gives the same dict order
+    # (mask and parameter order decides e.g. which random draws go to which tensor).
+    meta[_ORDER_KEY] = json.dumps(list(plain))
     atomic_write_bytes(path, st_save(plain, metadata=meta))
 
 
@@ -130,6 +134,9 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     except (SafetensorError, ValueError, OSError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: {exc}") from None
     meta = {k: json.loads(v) for k, v in raw_meta.items()}
+    order = meta.pop(_ORDER_KEY, None)
+    if order is not None and set(order) == set(tensors):
+        tensors = {k: tensors[k] for k in order}
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, meta

@@ -1,0 +1,215 @@
+"""Sibling training: the suite's batched path vs the plain one-model-at-a-time PyTorch loop.
+
+    python benchmarks/bench_siblings.py [--quick] [--members 8] [--steps 200] [--presets a,b]
+
+For each preset, N siblings start from the same step-0 weights and train for the same
+number of iterations (batch size from the preset):
+
+- suite:     ``prepare(cfg)`` -> ``siblings.start_members`` from the step-0 state ->
+             ``engine.train_members`` (all N members in lockstep, stacked tensors).
+- reference: the loop most lottery-ticket code uses: one model at a time,
+             ``DataLoader(TensorDataset(x_train, y_train), shuffle=True, drop_last=True)``
+             (num_workers=0), a stock ``torch.optim`` optimizer, the N models one after another.
+
+Both are timed in this process, interleaved, best of ``--repeats``; the ratio is
+reference / suite. The suite's throughput is compared with a large float32 matmul
+measured in the same process. Nothing here asserts anything about time.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["OPENBLAS_NUM_THREADS"] = "1"  # must be set before torch is imported
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stability.engine import StackedModel, TrainSpec, train_members  # noqa: E402
+from stability.presets import get_preset  # noqa: E402
+from stability.siblings import SiblingSettings, sibling_seeds, start_members  # noqa: E402
+from stability.trunk import Context, initial_members, prepare  # noqa: E402
+
+THREADS = 2
+
+
+# ---------------------------------------------------------------- FLOP counting
+def layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, int]]:
+    """Multiply-accumulates per example of every Linear / Conv2d, from the layer shapes.
+
+    Linear: in·out.  Conv2d: out_h·out_w·out_c·(in_c/groups)·k_h·k_w.  (Shapes come from one
+    forward pass with hooks; bias, activations, pooling, BatchNorm and the loss are not counted.)
+    """
+    rows: list[tuple[str, int]] = []
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            hooks.append(mod.register_forward_hook(
+                lambda m, i, o, name=name: rows.append((name, m.in_features * m.out_features))))
+        elif isinstance(mod, nn.Conv2d):
+            def conv_hook(m, i, o, name=name):
+                kh, kw = m.kernel_size
+                rows.append((name, o.shape[-2] * o.shape[-1] * m.out_channels
+                             * (m.in_channels // m.groups) * kh * kw))
+            hooks.append(mod.register_forward_hook(conv_hook))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return rows
+
+
+def step_flops(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> tuple[float, float]:
+    """FLOPs of one training step of one model: (convention 3·fwd, work actually required).
+
+    convention: forward = 2·MACs·batch, backward ≈ 2·forward, total = 3·forward.
+    required:   the first layer needs no input gradient, so its backward is 1·forward.
+    """
+    rows = layer_macs(model, input_shape)
+    fwd = 2.0 * batch * sum(m for _, m in rows)
+    first = 2.0 * batch * rows[0][1]
+    return 3.0 * fwd, 3.0 * fwd - first
+
+
+# ---------------------------------------------------------------- the two paths
+def suite_run(ctx: Context, n: int, steps: int) -> float:
+    """Seconds to train n siblings for ``steps`` iterations with the suite's batched engine."""
+    order, aug = sibling_seeds(ctx.cfg.training.noise_seed, SiblingSettings(siblings=max(n, 2)))
+    source = initial_members(ctx)
+    losses: list[float] = []
+    spec = TrainSpec(ctx.data, ctx.cfg, ctx.ipe, augmentation=ctx.augmentation,
+                     after_step=lambda m, loss: losses.append(loss))  # what a progress bar reads
+    t0 = time.perf_counter()
+    members = start_members(ctx, source, n, order[:n], aug[:n], "fresh")
+    train_members(StackedModel(ctx.model), members, spec, steps)
+    return time.perf_counter() - t0
+
+
+def make_optimizer(model: nn.Module, ctx: Context) -> torch.optim.Optimizer:
+    o = ctx.cfg.optimizer
+    if o.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                           weight_decay=o.weight_decay)
+
+
+def reference_run(ctx: Context, n: int, steps: int) -> float:
+    """Seconds for the plain loop: n models trained one after another with a DataLoader."""
+    init = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    dataset = TensorDataset(ctx.data.x_train, ctx.data.y_train)
+    batch = ctx.cfg.training.batch_size
+    t0 = time.perf_counter()
+    for seed in range(n):
+        model = ctx.new_model()
+        model.load_state_dict(init)
+        optimizer = make_optimizer(model, ctx)
+        loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(seed))
+        model.train()
+        step = 0
+        while step < steps:
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if step == steps:
+                    break
+    return time.perf_counter() - t0
+
+
+def matmul_rate(size: int = 2048, repeats: int = 7) -> float:
+    """Best float32 ``torch.mm`` rate (FLOP/s) for size x size matrices."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+# ---------------------------------------------------------------- driver
+def context(preset: str, steps: int, root: str) -> Context:
+    cfg = get_preset(preset).with_overrides({
+        "training.steps": f"{steps}it", "training.rewind_points": "0it",
+        "runtime.threads": str(THREADS), "runtime.quiet": "true", "runtime.device": "cpu",
+        "runtime.results_root": root,
+    })
+    return prepare(cfg)
+
+
+def best_of(fn, repeats: int) -> float:
+    return min(fn() for _ in range(repeats))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps and one repeat (a smoke run)")
+    ap.add_argument("--members", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None, help="iterations per model (default 200; 40 quick)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats, best taken (default 3; 1 quick)")
+    ap.add_argument("--presets", default="lenet300_mnist5k,conv4_mnist5k")
+    args = ap.parse_args(argv)
+    steps = args.steps or (40 if args.quick else 200)
+    repeats = args.repeats or (1 if args.quick else 3)
+    n = args.members
+
+    torch.set_num_threads(THREADS)
+    print(f"torch {torch.__version__}  python {platform.python_version()}  cpu: {platform.processor() or platform.machine()}"
+          f"  cores: {os.cpu_count()}")
+    print(f"torch.get_num_threads() = {torch.get_num_threads()}  OPENBLAS_NUM_THREADS = "
+          f"{os.environ['OPENBLAS_NUM_THREADS']}  OMP_NUM_THREADS = {os.environ.get('OMP_NUM_THREADS')}")
+    mm = matmul_rate()
+    print(f"reference matmul: 2048x2048 float32 torch.mm, best of 7: {mm / 1e9:.1f} GFLOP/s")
+    print("FLOPs per training step of one model: forward = 2·MACs·batch (Linear MACs = in·out,")
+    print("  Conv2d MACs = out_h·out_w·out_c·in_c·k·k), backward ≈ 2·forward, step = 3·forward.")
+    print("  'req' = work actually required: the first layer computes no input gradient (its backward = 1·forward).")
+    print(f"{n} siblings x {steps} iterations each; times are best of {repeats}, suite and reference interleaved.\n")
+
+    header = (f"{'preset':<18} {'N':>2} {'suite s':>8} {'ref s':>8} {'ref/suite':>9} "
+              f"{'suite GFLOP/s':>13} {'of mm':>6} {'req GFLOP/s':>11} {'of mm':>6} {'ref GFLOP/s':>11}")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as root:
+        for preset in args.presets.split(","):
+            ctx = context(preset, steps, root)
+            conv, req = step_flops(ctx.model, ctx.data.input_shape, ctx.cfg.training.batch_size)
+            # warm up both paths (vmap tracing, allocator, kernels)
+            suite_run(ctx, n, min(steps, 5))
+            reference_run(ctx, 1, min(steps, 5))
+            for members in (n, 1):
+                s_times, r_times = [], []
+                for _ in range(repeats):
+                    s_times.append(suite_run(ctx, members, steps))
+                    r_times.append(reference_run(ctx, members, steps))
+                s, r = min(s_times), min(r_times)
+                total_conv, total_req = conv * members * steps, req * members * steps
+                print(f"{preset:<18} {members:>2} {s:>8.2f} {r:>8.2f} {r / s:>8.2f}x "
+                      f"{total_conv / s / 1e9:>13.1f} {total_conv / s / mm:>6.0%} "
+                      f"{total_req / s / 1e9:>11.1f} {total_req / s / mm:>6.0%} {total_conv / r / 1e9:>11.1f}")
+            print(f"{'':<18}    per-model step: {conv / 1e6:.1f} MFLOP (req {req / 1e6:.1f}), "
+                  f"batch {ctx.cfg.training.batch_size}, optimizer {ctx.cfg.optimizer.name}")
+    mm2 = matmul_rate()
+    print(f"\nmatmul re-measured at the end: {mm2 / 1e9:.1f} GFLOP/s (a big change means the machine was busy)")
+
+
+if __name__ == "__main__":
+    main()

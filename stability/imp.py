@@ -1,0 +1,363 @@
+"""Iterative magnitude pruning with rewinding: lottery tickets and their baselines.
+
+Level 0 is the dense trunk. At each next level a fraction ``prune_fraction`` of
+the surviving prunable weights is removed (by ``strategy``, from the previous
+level's final weights), the survivors are rewound to their values at the rewind
+step (from the dense trunk's checkpoint; optimizer state fresh, as in open_lth),
+and the network is trained to the end. ``rewind = auto`` rewinds to the dense
+network's first stable step, found by an instability sweep (the stabilized
+lottery ticket hypothesis).
+
+Baselines trained alongside each level, batched as extra members: ``reinit``
+(the same mask, weights from a fresh initialization with another init seed,
+trained over the same steps) and ``random`` (a random mask with the same
+per-layer densities, the same rewound weights).
+
+Each finished level is stored before the next starts, and a level in progress
+saves a resumable state, so a killed run rerun with the same command resumes.
+Results in ``results_root/imp_<hash>/``: ``levels.csv``, ``masks/`` (one
+safetensors file per replicate and level) and ``imp.json``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .config import Config, settings_hash
+from .engine import Members, derive_seed
+from .errors import ConfigError
+from .instability import InstabilitySettings, instability_settings, instability_sweep
+from .metrics import ticket_summary, trajectory_length, trajectory_length_gain
+from .models import output_layer_name
+from .pruning import STRATEGIES, dense_masks, layer_densities, prunable_names, prune, random_masks_like
+from .pruning import density as mask_density
+from .siblings import train_branch
+from .steps import format_step, to_iterations
+from .store import RunDir, load_tensors, read_csv, read_json, save_tensors, write_csv, write_json
+from .trunk import Context, checkpoint_path, load_members, prepare, train_trunk, trunk_dir
+
+BASELINES = ("reinit", "random")
+LEVEL_COLUMNS = ["replicate", "level", "kind", "density", "final_test_accuracy", "final_test_loss",
+                 "early_stop_step", "early_stop_test_accuracy", "early_stop_val_loss", "trajectory_length",
+                 "instability", "rewind_step"]
+
+
+@dataclass(frozen=True)
+class ImpSettings:
+    """The ``[imp]`` table: how tickets are searched for."""
+
+    levels: int = 5
+    prune_fraction: float = 0.2  # of the surviving weights, per level
+    strategy: str = "global"  # global | layerwise | lamp | random
+    rewind: str = "0"  # "0" | a step like "500it" | "auto" (first stable step of the dense network)
+    one_shot: bool = False  # prune the dense network's final weights straight to each level's density
+    baselines: tuple[str, ...] = ()  # reinit, random
+    replicates: int = 1  # different init seeds: init_seed + r
+    instability: bool = False  # also measure each sparse network's instability at the rewind step
+    exclude: tuple[str, ...] = ()  # tensors left dense; "output" names the output layer
+    rate_overrides: tuple[tuple[str, float], ...] = ()  # layerwise per-layer rates; "output" allowed
+    conv_fraction: float = 0.0  # layerwise: rate for convolution weights (0 = prune_fraction)
+    pruning_seed: int = 0  # random strategy and random-mask baseline
+
+    def validate(self) -> "ImpSettings":
+        if self.levels < 1:
+            raise ConfigError(f"imp.levels: must be at least 1, got {self.levels}")
+        if not 0 < self.prune_fraction < 1:
+            raise ConfigError(f"imp.prune_fraction: must be in (0, 1), got {self.prune_fraction}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"imp.strategy: unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        bad = [b for b in self.baselines if b not in BASELINES]
+        if bad:
+            raise ConfigError(f"imp.baselines: unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
+        if self.replicates < 1:
+            raise ConfigError(f"imp.replicates: must be at least 1, got {self.replicates}")
+        if not 0 <= self.conv_fraction < 1:
+            raise ConfigError(f"imp.conv_fraction: must be in [0, 1), got {self.conv_fraction}")
+        if self.rewind != "auto":
+            from .steps import Step
+
+            Step.parse(self.rewind, "imp.rewind")
+        return self
+
+
+def imp_settings(table: Mapping[str, Any] | None = None, **overrides: Any) -> ImpSettings:
+    """Settings from a TOML ``[imp]`` table plus keyword overrides (None = not given)."""
+    values = {**(table or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    names = {f.name for f in fields(ImpSettings)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"imp.{key}: unknown setting; settings are {', '.join(sorted(names))}")
+        default = getattr(ImpSettings(), key)
+        if key == "rate_overrides":
+            items = value.items() if isinstance(value, Mapping) else value
+            value = tuple(sorted((str(k), float(v)) for k, v in items))
+        elif isinstance(default, tuple):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            value = tuple(str(v) for v in value)
+        elif key == "rewind":
+            value = str(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"imp.{key}: expected true or false, got {value!r}")
+        elif isinstance(default, (int, float)):
+            try:
+                value = type(default)(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"imp.{key}: expected a number, got {value!r}") from None
+        kwargs[key] = value
+    return ImpSettings(**kwargs).validate()
+
+
+@dataclass
+class ImpResult:
+    """An IMP run: one row per (replicate, level, kind) and the ticket summaries."""
+
+    run_dir: Path
+    rewind_step: int
+    levels: list[dict[str, Any]] = field(repr=False)
+    summary: dict[str, Any] = field(repr=False)
+
+    def dataframe(self):
+        """levels.csv as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.levels)
+
+
+# ---------------------------------------------------------------- helpers
+def _resolve_layer(name: str, ctx: Context) -> str:
+    return output_layer_name(ctx.model) if name == "output" else name
+
+
+def _prunable(ctx: Context, settings: ImpSettings) -> list[str]:
+    return prunable_names(ctx.model, [_resolve_layer(n, ctx) for n in settings.exclude])
+
+
+def _rate_overrides(ctx: Context, settings: ImpSettings, names: list[str]) -> dict[str, float] | None:
+    if settings.strategy != "layerwise":
+        return None
+    rates: dict[str, float] = {}
+    if settings.conv_fraction:
+        shapes = dict(ctx.model.named_parameters())
+        rates.update({n: settings.conv_fraction for n in names if shapes[n].dim() > 2})
+    for key, rate in settings.rate_overrides:
+        key = _resolve_layer(key, ctx)
+        rates.update({n: rate for n in names if n == key or n.rsplit(".", 1)[0] == key})
+    return rates or None
+
+
+def resolve_rewind(cfg: Config, ctx: Context, settings: ImpSettings,
+                   sweep: InstabilitySettings) -> tuple[int, dict[str, Any]]:
+    """The rewind iteration, and how it was chosen."""
+    if settings.rewind != "auto":
+        step = to_iterations(settings.rewind, ctx.ipe, "imp.rewind")
+        if step >= ctx.total_steps:
+            raise ConfigError(f"imp.rewind: step {settings.rewind!r} = iteration {step} is at or past the final step "
+                              f"{ctx.total_steps}; rewind to an earlier step")
+        return step, {"rewind": settings.rewind}
+    points = sweep.rewind_points or cfg.training.rewind_points
+    if not points:
+        raise ConfigError("imp.rewind: 'auto' needs rewind points to sweep; set training.rewind_points or "
+                          "instability.rewind_points")
+    result = instability_sweep(cfg, sweep, ctx=ctx)
+    info = {"rewind": "auto", "sweep_dir": str(result.run_dir), "first_stable_step": result.first_stable_step,
+            "swept": result.rewind_steps}
+    if result.first_stable_step is None:
+        # Never stable in the swept range: the latest swept point is the closest to stability we have.
+        info["note"] = "not stable at any swept step; rewinding to the last swept step"
+        return result.rewind_steps[-1], info
+    return result.first_stable_step, info
+
+
+def _early_stop(rows: list[dict[str, Any]], member: int) -> dict[str, Any]:
+    mine = [r for r in rows if r["member"] == member]
+    final = mine[-1]
+    with_val = [r for r in mine if r["val_loss"] == r["val_loss"]]  # NaN when there is no validation split
+    best = min(with_val, key=lambda r: (r["val_loss"], r["step"])) if with_val else final
+    return {"final_test_accuracy": 1 - final["test_error"], "final_test_loss": final["test_loss"],
+            "early_stop_step": best["step"], "early_stop_test_accuracy": 1 - best["test_error"],
+            "early_stop_val_loss": best["val_loss"]}
+
+
+def _trajectory(ctx: Context, state: Mapping[str, Tensor]) -> float:
+    """Trajectory length of the network's logits on a circle through two fixed test inputs."""
+    model = ctx.new_model()
+    model.load_state_dict(dict(state))
+    model.eval()
+    x = ctx.data.x_test
+    return trajectory_length(model, x[0], x[1], n_points=500)
+
+
+def _single(members: Members, i: int) -> Members:
+    return Members(members.step, {k: v[i : i + 1].clone() for k, v in members.params.items()},
+                   {k: v[i : i + 1].clone() for k, v in members.buffers.items()}, [members.order_seeds[i]],
+                   [members.aug_seeds[i]])
+
+
+# ---------------------------------------------------------------- the driver
+def imp_dir(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> RunDir:
+    """Where the IMP run of these settings lives."""
+    key = {"trunk": cfg.run_hash(), "imp": asdict(settings)}
+    if settings.rewind == "auto" or settings.instability:
+        key["instability"] = asdict(sweep)
+    return RunDir(cfg.runtime.results_root, "imp", settings_hash(key))
+
+
+def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(), sweep: InstabilitySettings | None = None) -> ImpResult:
+    """Run (or resume, or reuse) iterative magnitude pruning with rewinding and baselines."""
+    settings.validate()
+    sweep = (sweep or InstabilitySettings()).validate()
+    ctx = prepare(cfg)
+    run = imp_dir(cfg, settings, sweep)
+    if run.is_complete():
+        return _load_result(run)
+    if settings.rewind != "auto":
+        resolve_rewind(cfg, ctx, settings, sweep)  # check the step before anything is written
+    _prunable(ctx, settings)
+    t0 = time.perf_counter()
+    rewind_step, rewind_info = resolve_rewind(cfg, ctx, settings, sweep)
+    run.start({"training": cfg.to_dict(), "imp": asdict(settings), "instability": asdict(sweep)},
+              {"trunk": cfg.run_hash()}, {"rewind_step": rewind_step})
+    rows: list[dict[str, Any]] = []
+    for r in range(settings.replicates):
+        rows.extend(_run_replicate(cfg, ctx, settings, sweep, run, r, rewind_step))
+        write_csv(run / "levels.csv", rows, LEVEL_COLUMNS)
+    summary = _summarize(rows, settings, rewind_step, rewind_info, cfg)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    write_csv(run / "levels.csv", rows, LEVEL_COLUMNS)
+    write_json(run / "imp.json", summary)
+    run.update(status="complete")
+    return ImpResult(run.path, rewind_step, rows, summary)
+
+
+def _load_result(run: RunDir) -> ImpResult:
+    summary = read_json(run / "imp.json")
+    return ImpResult(run.path, summary["rewind_step"], read_csv(run / "levels.csv"), summary)
+
+
+def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySettings, run: RunDir,
+                   r: int, rewind_step: int) -> list[dict[str, Any]]:
+    """All levels of one replicate (init seed ``init_seed + r``); finished levels are read back."""
+    rcfg = cfg.with_overrides({"training.init_seed": str(cfg.training.init_seed + r)})
+    rctx = Context(rcfg, ctx.device, ctx.data, ctx.model, ctx.ipe, ctx.total_steps)
+    trunk = train_trunk(rcfg, extra_checkpoints=[rewind_step], ctx=rctx)
+    rewind = load_members(checkpoint_path(trunk_dir(rcfg), rewind_step), rctx)
+    dense_final = load_members(checkpoint_path(trunk_dir(rcfg), ctx.total_steps), rctx)
+    names = _prunable(rctx, settings)
+    rates = _rate_overrides(rctx, settings, names)
+    dense_state = dense_final.member_state_dict(0)
+    rows: list[dict[str, Any]] = []
+
+    # Level 0: the dense trunk itself.
+    level0 = {"replicate": r, "level": 0, "kind": "imp", "density": 1.0, "rewind_step": rewind_step,
+              **_early_stop(trunk.metrics, 0), "trajectory_length": _trajectory(rctx, dense_state), "instability": ""}
+    masks = dense_masks(dense_state, names)
+    if settings.instability:
+        level0["instability"] = _sparse_instability(rcfg, rctx, sweep, rewind, None, rewind_step, f"r{r}-dense")
+    rows.append(level0)
+
+    previous_final = dense_state
+    for level in range(1, settings.levels + 1):
+        ldir = RunDir(run.path / f"replicate_{r}", "level", str(level))
+        record_path = ldir / "record.json"
+        mask_path = run / "masks" / f"replicate_{r}_level_{level}.safetensors"
+        if record_path.is_file():
+            # Finished before a restart: read it back instead of redoing it.
+            record = read_json(record_path)
+            rows.extend(record["rows"])
+            masks, _ = load_tensors(mask_path, ctx.device)
+            previous_final = load_members(ldir / "final.safetensors", rctx).member_state_dict(0)
+            continue
+        gen = torch.Generator().manual_seed(derive_seed(settings.pruning_seed, "prune", r, level))
+        if settings.one_shot:
+            fraction = 1 - (1 - settings.prune_fraction) ** level
+            masks = prune(dense_state, dense_masks(dense_state, names), fraction, settings.strategy,
+                          rate_overrides=_scaled_rates(rates, level), generator=gen)
+        else:
+            masks = prune(previous_final, masks, settings.prune_fraction, settings.strategy,
+                          rate_overrides=rates, generator=gen)
+        save_tensors(mask_path, masks, {"replicate": r, "level": level, "density": mask_density(masks)})
+        kinds = ["imp", *settings.baselines]
+        member_masks = {"imp": masks}
+        starts = {"imp": rewind.member_state_dict(0)}
+        if "random" in settings.baselines:
+            member_masks["random"] = random_masks_like(masks, torch.Generator().manual_seed(
+                derive_seed(settings.pruning_seed, "random-baseline", r, level)))
+            starts["random"] = rewind.member_state_dict(0)
+        if "reinit" in settings.baselines:
+            member_masks["reinit"] = masks
+            starts["reinit"] = rctx.new_model(seed=derive_seed(rcfg.training.init_seed, "reinit", r)).state_dict()
+        stacked_masks = {n: torch.stack([member_masks[k][n] for k in kinds]).to(ctx.device) for n in names}
+        start = Members.from_model_states([starts[k] for k in kinds], list(rewind.params), rewind_step,
+                                          rewind.order_seeds * len(kinds), rewind.aug_seeds * len(kinds), ctx.device)
+        rewound_imp = _single(start, 0)  # kept apart: training advances ``start`` in place
+        ldir.path.mkdir(parents=True, exist_ok=True)
+        eval_every = to_iterations(cfg.training.eval_every, ctx.ipe)
+        members = train_branch(rctx, ldir, start, ctx.total_steps, masks=stacked_masks,
+                               desc=f"imp r{r} level {level}", eval_every=eval_every)
+        metrics = read_csv(ldir / "metrics.csv")
+        level_rows = []
+        for i, kind in enumerate(kinds):
+            kind_masks = member_masks[kind]
+            row = {"replicate": r, "level": level, "kind": kind, "density": mask_density(kind_masks),
+                   "rewind_step": rewind_step, **_early_stop(metrics, i),
+                   "trajectory_length": _trajectory(rctx, members.member_state_dict(i)), "instability": ""}
+            if settings.instability and kind == "imp":
+                row["instability"] = _sparse_instability(rcfg, rctx, sweep, rewound_imp, masks, rewind_step,
+                                                         f"r{r}-level{level}-{ldir.hash}")
+            level_rows.append(row)
+        write_json(record_path, {"rows": level_rows, "layer_densities": layer_densities(masks)})
+        rows.extend(level_rows)
+        previous_final = members.member_state_dict(0)
+    return rows
+
+
+def _scaled_rates(rates: dict[str, float] | None, level: int) -> dict[str, float] | None:
+    """Per-layer one-shot rates after ``level`` rounds at each layer's own rate."""
+    if not rates:
+        return None
+    return {k: 1 - (1 - v) ** level for k, v in rates.items()}
+
+
+def _sparse_instability(cfg: Config, ctx: Context, sweep: InstabilitySettings, start: Members,
+                        masks: Mapping[str, Tensor] | None, step: int, label: str) -> float:
+    """Mean test-error barrier of siblings of the (sparse) network rewound to ``step``."""
+    settings = InstabilitySettings(**{**asdict(sweep), "rewind_points": (format_step(step),), "splits": ("test",)})
+    if masks is None:
+        result = instability_sweep(cfg, settings, ctx=ctx)
+    else:
+        result = instability_sweep(cfg, settings, ctx=ctx, masks=masks, start_states={step: start}, label=label)
+    return result.table[0]["instability_mean"]
+
+
+def _summarize(rows: list[dict[str, Any]], settings: ImpSettings, rewind_step: int, rewind_info: dict[str, Any],
+               cfg: Config) -> dict[str, Any]:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows).rename(columns={"final_test_accuracy": "test_accuracy"})
+    summary: dict[str, Any] = {"settings": asdict(settings), "rewind_step": rewind_step, "rewind": rewind_info,
+                               "config": cfg.to_dict(), "target_density": (1 - settings.prune_fraction) ** settings.levels}
+    summary["tickets"] = ticket_summary(frame)
+    summary["tickets_early_stop"] = ticket_summary(frame, accuracy="early_stop_test_accuracy")
+    # Trajectory-length gains of Best Sparse and Sparsest Matching (aggregate), against the dense network.
+    imp = frame[frame["kind"] == "imp"]
+    tl = imp.groupby("level")["trajectory_length"].mean()
+    gains = {}
+    for key in ("best_sparse", "sparsest_matching"):
+        point = summary["tickets"]["aggregate"].get(key)
+        if point is not None and not math.isnan(tl.get(0, float("nan"))):
+            gains[key] = {"level": point["level"], "trajectory_length": float(tl[point["level"]]),
+                          "tl_gain": trajectory_length_gain(float(tl[point["level"]]), float(tl[0]))}
+    summary["trajectory_length"] = {"dense": float(tl.get(0, float("nan"))), **gains}
+    return summary
+
+
+__all__ = ["ImpSettings", "ImpResult", "imp_settings", "run_imp", "resolve_rewind", "BASELINES", "instability_settings"]

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import TINY_ARGS, tiny_config
+from stability.cli import main
+from stability.imp import imp_settings, run_imp
+from stability.pruning import layer_densities
+from stability.store import load_tensors, read_csv, read_json
+from stability.trunk import load_weights, trunk_dir
+
+
+def _masks(result, level, replicate=0):
+    masks, _ = load_tensors(result.run_dir / "masks" / f"replicate_{replicate}_level_{level}.safetensors")
+    return masks
+
+
+def _final(result, level, member, replicate=0):
+    t, _ = load_tensors(result.run_dir / f"replicate_{replicate}" / f"level_{level}" / "final.safetensors")
+    return {k[6:]: v[member] for k, v in t.items() if k.startswith("param/")}
+
+
+@pytest.fixture(scope="module")
+def imp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imp")
+    cfg = tiny_config(root, optimizer__name="sgd", optimizer__lr="0.05", optimizer__momentum="0.9",
+                      optimizer__weight_decay="1e-3")
+    settings = imp_settings(levels=2, rewind="5it", baselines=["reinit", "random"], strategy="layerwise",
+                            rate_overrides={"output": 0.1})
+    return cfg, settings, run_imp(cfg, settings)
+
+
+def test_levels_table_and_density(imp_run):
+    cfg, settings, result = imp_run
+    rows = result.levels
+    assert [(r["level"], r["kind"]) for r in rows] == [(0, "imp"), (1, "imp"), (1, "reinit"), (1, "random"),
+                                                       (2, "imp"), (2, "reinit"), (2, "random")]
+    on_disk = read_csv(result.run_dir / "levels.csv")
+    assert len(on_disk) == 7 and on_disk[1]["kind"] == "imp"
+    masks = _masks(result, 2)
+    dens = layer_densities(masks)
+    # Layerwise: hidden layers at 0.8^2, the output layer at half rate 0.9^2 (up to rounding of counts).
+    assert dens["fc.0.weight"] == pytest.approx(0.64, abs=2e-3)
+    assert dens["fc.2.weight"] == pytest.approx(0.81, abs=2e-2)
+    summary = read_json(result.run_dir / "imp.json")
+    assert summary["rewind_step"] == 5
+    assert {"tickets", "tickets_early_stop", "trajectory_length"} <= set(summary)
+
+
+def test_pruned_weights_stay_zero_with_momentum_and_weight_decay(imp_run):
+    _, _, result = imp_run
+    masks = _masks(result, 2)
+    final = _final(result, 2, 0)
+    for name, m in masks.items():
+        assert torch.all(final[name][m == 0] == 0)
+        assert torch.count_nonzero(final[name][m == 1]) == int(m.sum())
+
+
+def test_rewinding_resets_survivors_exactly_to_the_rewind_checkpoint(imp_run):
+    cfg, _, result = imp_run
+    masks = _masks(result, 2)
+    start_path = result.run_dir / "replicate_0" / "level_2"
+    # The level's rolling state at the start is the rewound network: rebuild it from the checkpoint.
+    rewind = load_weights(trunk_dir(cfg), 5)
+    from stability.imp import Members  # the same constructor the driver uses
+
+    start = Members.from_model_states([rewind], list(masks), 5, [1], [1], torch.device("cpu"))
+    from stability.pruning import apply_masks_
+
+    apply_masks_(start.params, masks)
+    for name, m in masks.items():
+        got = start.params[name][0]
+        assert torch.equal(got[m == 1], rewind[name][m == 1])
+        assert torch.all(got[m == 0] == 0)
+    # And the driver's first evaluation row (step 5) is that network's accuracy, not the trained one's.
+    rows = read_csv(start_path / "metrics.csv")
+    assert rows[0]["step"] == 5
+
+
+def test_reinit_shares_the_mask_but_not_the_weights_and_random_matches_layer_densities(imp_run):
+    _, _, result = imp_run
+    masks = _masks(result, 1)
+    imp_w, reinit_w, random_w = (_final(result, 1, i) for i in range(3))
+    for name, m in masks.items():
+        assert torch.all(reinit_w[name][m == 0] == 0)  # same mask
+        assert not torch.equal(reinit_w[name], imp_w[name])  # different weights
+        alive_random = (random_w[name] != 0).float()
+        assert int(alive_random.sum()) <= int(m.sum())
+        assert not torch.equal(alive_random, m)
+    rows = {r["kind"]: r for r in result.levels if r["level"] == 1}
+    assert rows["random"]["density"] == pytest.approx(rows["imp"]["density"])
+
+
+def test_rerun_reuses_the_finished_run(imp_run):
+    cfg, settings, result = imp_run
+    stamp = (result.run_dir / "imp.json").stat().st_mtime_ns
+    again = run_imp(cfg, settings)
+    assert again.levels == read_csv(result.run_dir / "levels.csv")
+    assert (result.run_dir / "imp.json").stat().st_mtime_ns == stamp
+
+
+def test_kill_at_level_boundary_and_mid_level_resumes_to_the_same_results(tmp_path, imp_run):
+    cfg0, settings, reference = imp_run
+    cfg = cfg0.with_overrides({"runtime.results_root": str(tmp_path)})
+    first = run_imp(cfg, settings)
+    # Level boundary: level 2 never happened. Mid-level: level 2 has only its rolling state at step 15.
+    level2 = first.run_dir / "replicate_0" / "level_2"
+    for name in ("record.json", "final.safetensors"):
+        (level2 / name).unlink()
+    (first.run_dir / "imp.json").unlink()
+    manifest = read_json(first.run_dir / "manifest.json")
+    manifest["status"] = "running"
+    (first.run_dir / "manifest.json").write_text(json.dumps(manifest))
+    resumed = run_imp(cfg, settings)
+    assert resumed.levels == reference.levels
+
+    latest = level2 / "state" / "latest.safetensors"
+    assert latest.is_file()  # the rolling state from mid-level
+    for name in ("record.json", "final.safetensors"):
+        (level2 / name).unlink()
+    (first.run_dir / "imp.json").unlink()
+    (first.run_dir / "manifest.json").write_text(json.dumps(manifest))
+    _, meta = load_tensors(latest)
+    assert 5 < meta["step"] < 30
+    again = run_imp(cfg, settings)
+    assert again.levels == reference.levels
+
+
+def test_auto_rewind_uses_the_first_stable_step(results_root):
+    from stability.instability import instability_settings
+
+    cfg = tiny_config(results_root)
+    result = run_imp(cfg, imp_settings(levels=1, rewind="auto"), instability_settings(alphas=5))
+    info = result.summary["rewind"]
+    assert info["rewind"] == "auto" and info["swept"] == [5, 10]
+    expected = info["first_stable_step"] if info["first_stable_step"] is not None else 10
+    assert result.rewind_step == expected
+
+
+def test_one_shot_prunes_the_dense_network_to_each_density(results_root):
+    result = run_imp(tiny_config(results_root), imp_settings(levels=2, one_shot=True, rewind="0"))
+    dens = [r["density"] for r in result.levels]
+    assert dens == pytest.approx([1.0, 0.8, 0.64], abs=1e-3)
+
+
+def test_cli_imp_end_to_end(results_root, capsys):
+    code = main(["imp", "--preset", "lenet300_mnist5k", *TINY_ARGS, "--levels", "1", "--rewind", "0",
+                 "--baselines", "random", "--out", str(results_root), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "best sparse" in out and "success rate" in out and "random" in out
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--prune-fraction", "1.0"], "imp.prune_fraction"),
+    (["--prune-fraction", "0"], "imp.prune_fraction"),
+    (["--levels", "0"], "imp.levels"),
+    (["--rewind", "30it"], "at or past the final step"),
+    (["--rewind", "auto", "--set", "training.rewind_points=[]"], "needs rewind points"),
+    (["--strategy", "smallest"], "imp.strategy"),
+    (["--baselines", "shuffle"], "imp.baselines"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(results_root, capsys, flags, match):
+    code = main(["imp", "--preset", "lenet300_mnist5k", *TINY_ARGS, "--out", str(results_root), *flags])
+    assert code == 2
+    assert match in capsys.readouterr().err
+    assert list(results_root.iterdir()) == []
