@@ -63,7 +63,7 @@ def load_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any], str |
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """CONFIG / --preset / --set / --out / --json and runtime flags, shared by the run commands."""
-    p.add_argument("config", nargs="?", help="a TOML config file (sections [dataset] [model] [optimizer] [schedule] [training] [runtime])")
+    p.add_argument("config", nargs="?", help="a TOML config file (or, for hessian, a train run directory; sections [dataset] [model] [optimizer] [schedule] [training] [runtime])")
     p.add_argument("--preset", help="start from a named preset (see `stability presets`)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting (repeatable)")
     p.add_argument("--out", metavar="DIR", help="results root (default results/runs)")
@@ -177,6 +177,53 @@ def cmd_imp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hessian(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .landscape import config_from_run, hessian_path, hessian_settings, hessian_track
+
+    extra: dict[str, Any] = {}
+    if args.config and Path(args.config).is_dir():
+        cfg = config_from_run(args.config)
+        overrides = _parse_sets(args.set or [])
+        if args.device:
+            overrides["runtime.device"] = args.device
+        if args.threads is not None:
+            overrides["runtime.threads"] = str(args.threads)
+        if args.quiet:
+            overrides["runtime.quiet"] = "true"
+        cfg = cfg.with_overrides(overrides)
+    else:
+        cfg, extra, _ = load_config(args)
+    settings = hessian_settings(
+        extra.get("hessian"), top_k=args.top, smallest=True if args.min else None,
+        trace_probes=args.trace_probes if args.trace else None, density=True if args.density else None,
+        samples=args.samples, engine=args.engine, dtype=args.dtype)
+    if args.path is not None:
+        alphas = [float(a) for a in _csv_list(args.alphas)] if args.alphas else (0.0, 0.25, 0.5, 0.75, 1.0)
+        track = hessian_path(cfg, settings, args.path, alphas=alphas)
+        where = "alpha"
+    else:
+        at = "all" if args.at in (None, "all") else _csv_list(args.at)
+        track = hessian_track(cfg, settings, at=at, every=args.every)
+        where = "step"
+    if args.json:
+        print(json.dumps({"run_dir": str(track.run_dir), "rows": track.rows}, indent=2))
+        return 0
+    keys = [k for k in track.rows[0] if k.startswith("lambda_") and k != "lambda_min"] if track.rows else []
+    cols = keys + ["lambda_min", "trace", "trace_stderr", "n_hvp", "seconds"]
+    print(f"{where:>8} " + " ".join(f"{c:>12}" for c in cols))
+    for row in track.rows:
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append(f"{v:>12.5g}" if isinstance(v, (int, float)) and v == v else f"{'-':>12}")
+        label = f"{row[where]}it" if where == "step" else f"{row[where]:.3f}"
+        print(f"{label:>8} " + " ".join(cells))
+    print(f"results: {track.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     parser = argparse.ArgumentParser(prog="stability", description="Stability to SGD noise, linear mode connectivity, "
@@ -219,6 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicates", type=int, help="replicates with init seeds init_seed + r (default 1)")
     p.add_argument("--instability", action="store_true", help="measure each sparse network's instability")
     p.set_defaults(func=cmd_imp)
+
+    p = sub.add_parser("hessian", help="Hessian eigenvalues, trace and density over a run or along a path",
+                       epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p)
+    p.add_argument("--at", help="all (every saved checkpoint) or steps like 0it,500it (default all)")
+    p.add_argument("--every", help="also probe every k steps, e.g. 100it (missing checkpoints are replayed)")
+    p.add_argument("--path", metavar="STEP", help="probe along the interpolation path of the siblings of this rewind step")
+    p.add_argument("--alphas", help="alphas along the path, e.g. 0,0.5,1 (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--top", type=int, help="number of largest eigenvalues (default 1)")
+    p.add_argument("--min", action="store_true", help="also the smallest eigenvalue")
+    p.add_argument("--trace", action="store_true", help="Hutchinson trace with its standard error")
+    p.add_argument("--trace-probes", dest="trace_probes", type=int, default=50, help="Rademacher probes (default 50)")
+    p.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
+    p.add_argument("--samples", type=int, help="training examples in the fixed subset (default 1000)")
+    p.add_argument("--engine", help="native | pyhessian (default native)")
+    p.add_argument("--dtype", help="float32 | float64 (default float32)")
+    p.set_defaults(func=cmd_hessian)
     return parser
 
 
