@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", help="native | pyhessian (default native)")
     p.add_argument("--dtype", help="float32 | float64 (default float32)")
     p.set_defaults(func=cmd_hessian)
+
+    from .plot_cli import add_parser as add_plot_parser
+
+    add_plot_parser(sub)
     return parser
 
 

@@ -247,7 +247,8 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
                    r: int, rewind_step: int) -> list[dict[str, Any]]:
     """All levels of one replicate (init seed ``init_seed + r``); finished levels are read back."""
     rcfg = cfg.with_overrides({"training.init_seed": str(cfg.training.init_seed + r)})
-    rctx = Context(rcfg, ctx.device, ctx.data, ctx.model, ctx.ipe, ctx.total_steps)
+    # The replicate's own template model: its trunk starts from init seed init_seed + r.
+    rctx = Context(rcfg, ctx.device, ctx.data, ctx.new_model(seed=rcfg.training.init_seed), ctx.ipe, ctx.total_steps)
     trunk = train_trunk(rcfg, extra_checkpoints=[rewind_step], ctx=rctx)
     rewind = load_members(checkpoint_path(trunk_dir(rcfg), rewind_step), rctx)
     dense_final = load_members(checkpoint_path(trunk_dir(rcfg), ctx.total_steps), rctx)

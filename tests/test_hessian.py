@@ -26,7 +26,6 @@ from stability.hessian import (
     top_eigenvalues,
 )
 
-
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -58,6 +57,37 @@ def make_bn_cnn(seed: int = 0) -> nn.Module:
         bn.running_mean.copy_(torch.tensor([0.2, -0.1]))
         bn.running_var.copy_(torch.tensor([0.5, 2.0]))
     return model
+
+
+class ResBlockNet(nn.Module):
+    """A custom forward: conv -> BN (foldable), a residual add followed by BN (not foldable), BN1d after a linear."""
+
+    def __init__(self, branchy: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(2)
+        self.bn2 = nn.BatchNorm2d(2, affine=False)
+        self.fc = nn.Linear(8, 4)
+        self.bn3 = nn.BatchNorm1d(4)
+        self.out = nn.Linear(4, 3)
+        self.branchy = branchy
+        gen = torch.Generator().manual_seed(7)
+        for bn in (self.bn1, self.bn2, self.bn3):
+            bn.running_mean.copy_(0.3 * torch.randn(bn.num_features, generator=gen))
+            bn.running_var.copy_(0.5 + torch.rand(bn.num_features, generator=gen))
+            if bn.affine:
+                with torch.no_grad():
+                    bn.weight.copy_(1 + 0.3 * torch.randn(bn.num_features, generator=gen))
+                    bn.bias.copy_(0.2 * torch.randn(bn.num_features, generator=gen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.bn1(self.conv1(x)))
+        if self.branchy and bool(x.sum() > 0):  # data-dependent: torch.fx cannot trace it
+            h = h * 1.5
+        h = self.bn2(h + x)
+        h = F.avg_pool2d(h, 3).flatten(1)
+        return self.out(torch.tanh(self.bn3(self.fc(h))))
 
 
 @pytest.fixture
@@ -111,6 +141,19 @@ def test_dense_operator_equals_autograd_hessian(kind, mlp_data, cnn_data):
     assert op.dim == ref.shape[0] == sum(p.numel() for p in model.parameters())
     assert op.n_hvp == op.dim
     torch.testing.assert_close(H, ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("branchy", [False, True])
+def test_batchnorm_folding_keeps_the_hessian_exact(branchy, cnn_data):
+    x, y = cnn_data
+    model = ResBlockNet(branchy)
+    op = HessianOperator(model, x, y, dtype="float64")
+    assert isinstance(op.model, torch.fx.GraphModule) != branchy, "traced and folded unless untraceable"
+    assert op.names == [n for n, _ in model.named_parameters()]
+    torch.testing.assert_close(op.dense(), reference_hessian(model, x, y), atol=1e-10, rtol=0)
+    plain = HessianOperator(model, x, y, dtype="float64", fuse_bn=False)
+    assert not isinstance(plain.model, torch.fx.GraphModule)
+    torch.testing.assert_close(plain.dense(), reference_hessian(model, x, y), atol=1e-10, rtol=0)
 
 
 def test_bn_model_passed_in_train_mode_is_probed_in_eval_mode_and_left_untouched(cnn_data):

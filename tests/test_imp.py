@@ -169,3 +169,20 @@ def test_cli_bad_input_exits_2_and_writes_nothing(results_root, capsys, flags, m
     assert code == 2
     assert match in capsys.readouterr().err
     assert list(results_root.iterdir()) == []
+
+
+def test_replicates_start_from_their_own_initialization(results_root):
+    result = run_imp(tiny_config(results_root), imp_settings(levels=1, rewind="0", replicates=2))
+    dense = [r for r in result.levels if r["level"] == 0]
+    assert len(dense) == 2
+    assert dense[0]["final_test_loss"] != dense[1]["final_test_loss"]
+    from stability.trunk import trunk_dir as _trunk_dir
+
+    cfg1 = tiny_config(results_root, training__init_seed="1")
+    w0 = load_weights(_trunk_dir(tiny_config(results_root)), 0)
+    w1 = load_weights(_trunk_dir(cfg1), 0)
+    from stability.trunk import prepare as _prepare
+
+    fresh = _prepare(cfg1).new_model().state_dict()
+    assert all(torch.equal(w1[k], fresh[k]) for k in fresh)  # the seed-1 trunk holds seed-1 weights
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)

@@ -1,0 +1,840 @@
+"""Figures in the style of the papers, from the frames of :mod:`analysis.load`.
+
+Every function takes DataFrames (or, for :func:`plot_all`, a results path) and
+returns a :class:`matplotlib.figure.Figure`; ``save="dir/name"`` also writes
+``dir/name.png`` and ``dir/name.pdf`` (``formats`` picks which). Figures are
+built as plain ``Figure`` objects, not through ``pyplot``: no global figure
+registry fills up in a long loop, nothing depends on the backend, and a
+notebook shows a returned figure once (not twice).
+
+Conventions: errors and accuracies are stored as fractions and drawn as
+percent; steps are iterations. When a frame holds several runs, each run gets
+its own line(s), labelled with its hash.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import io
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.colors import ListedColormap, Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+from stability.errors import ConfigError
+
+from .load import (
+    Source,
+    aggregate,
+    find_runs,
+    hessian_densities,
+    hessian_tracks,
+    imp_levels,
+    interpolation_curves,
+    settings_of,
+    sweeps,
+    training_curves,
+)
+
+FORMATS = ("png", "pdf")
+KINDS = ("curves", "sweep", "imp", "hessian", "training", "all")
+
+_STYLE = {
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "legend.framealpha": 0.85,
+    "lines.linewidth": 1.6,
+    "lines.markersize": 4,
+    "errorbar.capsize": 3,
+    "savefig.dpi": 150,
+}
+_SPLIT_NAMES = {"test": "Test", "train": "Train", "val": "Validation"}
+_SPLIT_ORDER = ("test", "train", "val")
+_SPLIT_COLORS = {"test": "C0", "train": "C1", "val": "C2"}
+_KIND_STYLE = {  # IMP vs its baselines, as in Frankle & Carbin (2019)
+    "imp": {"color": "C0", "marker": "o", "linestyle": "-"},
+    "reinit": {"color": "C3", "marker": "s", "linestyle": "--"},
+    "random": {"color": "C7", "marker": "^", "linestyle": ":"},
+}
+_MODEL_NAMES = {"lenet_300_100": "LeNet-300-100", "lenet5": "LeNet-5", "conv2": "Conv-2", "conv4": "Conv-4",
+                "conv6": "Conv-6", "vgg11": "VGG-11", "vgg16": "VGG-16", "mlp": "MLP"}
+_DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST (5k subset)", "mnist1d": "MNIST-1D",
+                  "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+                  "digits": "sklearn digits"}
+_BATCHNORM_MODELS = ("resnet", "vgg11", "vgg16")
+_VALUES = {  # plot_imp's y quantities: column -> axis label, drawn in percent
+    "final_test_accuracy": "Test accuracy at the end of training (%)",
+    "early_stop_test_accuracy": "Test accuracy at early stopping (%)",
+    "instability": "Instability of the sparse network (%)",
+}
+
+F = TypeVar("F", bound=Callable[..., Figure])
+
+
+class PaperFigure(Figure):
+    """A Figure that a notebook shows as a PNG by itself: these figures never pass through pyplot."""
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        with matplotlib.rc_context(_STYLE):
+            self.savefig(buf, format="png", bbox_inches="tight")
+        return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- saving
+def check_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
+    """Validated output formats ("png", "pdf"); a comma-joined string is accepted."""
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    out = tuple(dict.fromkeys(f.strip().lower().lstrip(".") for f in items if f.strip()))
+    bad = [f for f in out if f not in FORMATS]
+    if bad or not out:
+        raise ConfigError(f"--format: unknown format {bad[0] if bad else '(none)'!r}; choose from "
+                          f"{', '.join(FORMATS)} (comma-separated)")
+    return out
+
+
+def save_figure(fig: Figure, stem: str | os.PathLike[str], formats: str | Iterable[str] = FORMATS) -> list[Path]:
+    """Write ``stem.<format>`` for each format (atomically) and return the paths."""
+    formats = check_formats(formats)
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        # Same rule as the run store: a killed process leaves the old file or the new one, never half.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            with matplotlib.rc_context(_STYLE):
+                fig.savefig(tmp, format=fmt, bbox_inches="tight")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        written.append(path)
+    return written
+
+
+def _styled(func: F) -> F:
+    """Build the figure under the suite's rc style, then save it if ``save=`` was given."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, save: str | os.PathLike[str] | None = None,
+                formats: str | Iterable[str] = FORMATS, **kwargs: Any) -> Figure:
+        if save is not None:
+            formats = check_formats(formats)  # fail before the (slow) drawing on bad input
+        with matplotlib.rc_context(_STYLE):
+            fig = func(*args, **kwargs)
+        if save is not None:
+            save_figure(fig, save, formats)
+        return fig
+
+    # help() and IDEs show save= and formats= as the function's own keywords.
+    sig = inspect.signature(func)
+    extra = [inspect.Parameter("save", inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation="str | os.PathLike[str] | None"),
+             inspect.Parameter("formats", inspect.Parameter.KEYWORD_ONLY, default=FORMATS,
+                               annotation="str | Iterable[str]")]
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- text helpers
+def _model_text(settings: Mapping[str, Any]) -> str | None:
+    name = settings.get("model.name")
+    if name is None:
+        return None
+    if name == "resnet":
+        text = f"ResNet-{int(settings.get('model.depth', 20))}"
+    else:
+        text = _MODEL_NAMES.get(str(name), str(name))
+    width = settings.get("model.width")
+    if width is not None and not pd.isna(width) and float(width) != 1.0:
+        text += f" (width ×{float(width):g})"
+    return text
+
+
+def describe(df: pd.DataFrame) -> str:
+    """'Model (width) on Dataset' from a frame's settings columns; empty when they vary or are absent."""
+    settings = settings_of(df)
+    parts = [p for p in (_model_text(settings),) if p]
+    dataset = settings.get("dataset.name")
+    if dataset is not None:
+        parts.append(_DATASET_NAMES.get(str(dataset), str(dataset)))
+    return " on ".join(parts)
+
+
+def _title(fig: Figure, what: str, df: pd.DataFrame, title: str | None, note: str | None = None) -> None:
+    if title is None:
+        desc = describe(df)
+        title = f"{what}: {desc}" if desc else what
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
+
+
+def step_text(step: Any) -> str:
+    """An iteration count as the suite writes steps: ``500it``; '-' for a missing one."""
+    if step is None or (isinstance(step, float) and math.isnan(step)):
+        return "-"
+    return f"{int(step)}it"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+# Reference lines (thresholds, markers) go after the data in legends.
+_REFERENCE_LABELS = ("stability threshold", "first stable step", "edge of stability")
+
+
+def _legend(ax: Any, **kwargs: Any) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: (labels[i].startswith(_REFERENCE_LABELS), i))
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], **kwargs)
+
+
+def _multi_run(df: pd.DataFrame) -> bool:
+    return "run_hash" in df.columns and df["run_hash"].nunique() > 1
+
+
+def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    if df is None or df.empty:
+        raise ValueError(f"{what}: no rows to plot")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: the frame lacks column(s) {', '.join(missing)}")
+
+
+def _std(values: pd.Series) -> np.ndarray:
+    # One sibling pair or replicate has no spread: draw no band rather than NaN.
+    return np.nan_to_num(values.to_numpy(dtype=float), nan=0.0)
+
+
+def _splits(df: pd.DataFrame, splits: Sequence[str] | None) -> list[str]:
+    present = list(dict.fromkeys(df["split"]))
+    if splits is not None:
+        missing = [s for s in splits if s not in present]
+        if missing:
+            raise ValueError(f"split(s) {', '.join(missing)} not in the frame (it has {', '.join(present)})")
+        return list(splits)
+    return [s for s in _SPLIT_ORDER if s in present] + [s for s in present if s not in _SPLIT_ORDER]
+
+
+# viridis without its pale yellow end, which vanishes on white.
+_CMAP = ListedColormap(matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, 256)), name="viridis_dark")
+
+
+def _step_colors(steps: Sequence[Any]) -> dict[Any, Any]:
+    n = max(len(steps) - 1, 1)
+    return {s: _CMAP(i / n) for i, s in enumerate(steps)}
+
+
+# --------------------------------------------------------------------------- interpolation
+@_styled
+def plot_interpolation(curves: pd.DataFrame, *, splits: Sequence[str] | None = None, value: str = "error",
+                       title: str | None = None) -> Figure:
+    """Error (or loss) along the path between siblings vs α: one line per rewind step, band ±std over pairs.
+
+    One panel per split (Frankle et al. 2020, Figure 2).
+    """
+    if value not in ("error", "loss"):
+        raise ConfigError(f"value: unknown quantity {value!r}; choose from error, loss")
+    _require(curves, ["rewind_step", "split", "alpha", value], "plot_interpolation")
+    split_list = _splits(curves, splits)
+    multi = _multi_run(curves)
+    keys = ["run_hash", "rewind_step"] if multi else ["rewind_step"]
+    stats = aggregate(curves, ["split", *keys, "alpha"], value)
+    lines = list(dict.fromkeys(map(tuple, stats[keys].itertuples(index=False, name=None))))
+    colors = _step_colors(lines)
+    scale = 100.0 if value == "error" else 1.0
+    fig = PaperFigure(figsize=(3.6 * len(split_list) + 1.6, 3.4), layout="constrained")
+    axes = fig.subplots(1, len(split_list), squeeze=False)[0]
+    for ax, split in zip(axes, split_list):
+        part = stats[stats["split"] == split]
+        for key in lines:
+            sel = part
+            for col, v in zip(keys, key):
+                sel = sel[sel[col] == v]
+            if sel.empty:
+                continue
+            sel = sel.sort_values("alpha")
+            x = sel["alpha"].to_numpy(float)
+            mean = sel["mean"].to_numpy(float) * scale
+            std = _std(sel["std"]) * scale
+            label = f"k = {step_text(key[-1])}" + (f" ({key[0]})" if multi else "")
+            ax.plot(x, mean, color=colors[key], label=label)
+            ax.fill_between(x, mean - std, mean + std, color=colors[key], alpha=0.18, linewidth=0)
+        ax.set_xlabel("Interpolation α")
+        unit = "error (%)" if value == "error" else "loss (cross-entropy)"
+        ax.set_ylabel(f"{_SPLIT_NAMES.get(split, split.capitalize())} {unit}")
+        ax.set_title(_SPLIT_NAMES.get(split, split))
+        ax.set_xlim(0, 1)
+    # Outside the axes: the curves peak in the middle and end high or low at either side.
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0, title="Rewind iteration")
+    pairs = curves.groupby(["run_hash", "rewind_step", "split"])["pair"].nunique().max() if "pair" in curves else 1
+    note = f"mean ± std over {_count(int(pairs), 'pair')} of siblings"
+    note += _bn_note(curves)
+    _title(fig, "Linear interpolation", curves, title, note)
+    return fig
+
+
+def _bn_note(df: pd.DataFrame) -> str:
+    """How BatchNorm statistics were handled along the path, for models that have BatchNorm."""
+    settings = settings_of(df)
+    if settings.get("model.name") not in _BATCHNORM_MODELS or "instability.bn" not in settings:
+        return ""
+    return f"; BatchNorm statistics: {settings['instability.bn']}"
+
+
+# --------------------------------------------------------------------------- instability sweep
+def _symlog_steps(ax: Any, steps: Sequence[float]) -> float:
+    """Symmetric-log x axis whose linear part reaches the smallest positive step, so step 0 shows."""
+    positive = sorted(s for s in steps if s > 0)
+    linthresh = positive[0] if positive else 1.0
+    ax.set_xscale("symlog", linthresh=linthresh, linscale=0.6)
+    if 1 < len(steps) <= 10:
+        ax.xaxis.set_major_locator(FixedLocator(sorted(set(steps))))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{round(v):,}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+    top = max(steps) if steps else 1.0
+    ax.set_xlim(-0.35 * linthresh, top * 1.6 if top > 0 else 1.0)
+    return linthresh
+
+
+@_styled
+def plot_instability(sweeps: pd.DataFrame, *, splits: Sequence[str] | None = None, threshold: float | None = None,
+                     title: str | None = None) -> Figure:
+    """Instability (%) vs rewind iteration on a symlog x axis (linear near 0, so k = 0 shows).
+
+    One line per split with error bars (std over pairs), the stability threshold as a horizontal
+    line, and each split's first stable step as a dashed vertical line (Frankle et al. 2020, Figure 3).
+    """
+    _require(sweeps, ["rewind_step", "split", "instability_mean"], "plot_instability")
+    split_list = _splits(sweeps, splits)
+    multi = _multi_run(sweeps)
+    fig = PaperFigure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    runs_in = list(dict.fromkeys(sweeps["run_hash"])) if "run_hash" in sweeps.columns else [None]
+    styles = ["-", "--", "-.", ":"]
+    markers: dict[tuple[Any, ...], list[str]] = {}
+    for r, run in enumerate(runs_in):
+        part = sweeps if run is None else sweeps[sweeps["run_hash"] == run]
+        for split in split_list:
+            sel = part[part["split"] == split].sort_values("rewind_step")
+            if sel.empty:
+                continue
+            std = _std(sel["instability_std"]) * 100 if "instability_std" in sel else None
+            label = f"{_SPLIT_NAMES.get(split, split)} error" + (f" ({run})" if multi else "")
+            ax.errorbar(sel["rewind_step"], sel["instability_mean"] * 100, yerr=std, marker="o",
+                         linestyle=styles[r % len(styles)], color=_SPLIT_COLORS.get(split), label=label)
+            col = "split_first_stable_step" if "split_first_stable_step" in sel else "first_stable_step"
+            first = sel[col].iloc[0] if col in sel else float("nan")
+            key = (run, None if pd.isna(first) else float(first))
+            markers.setdefault(key, []).append(split)
+    if threshold is None:
+        values = sweeps["threshold"].dropna().unique() if "threshold" in sweeps.columns else []
+        threshold = float(values[0]) if len(values) else 0.02
+    ax.axhline(threshold * 100, color="0.35", linestyle=":", linewidth=1.2,
+               label=f"stability threshold ({threshold * 100:g}%)")
+    linthresh = _symlog_steps(ax, sorted(sweeps["rewind_step"].astype(float).unique()))
+    unstable = []
+    for (run, first), split_names in markers.items():
+        who = ", ".join(split_names) + (f"; {run}" if multi else "")
+        if first is None:
+            unstable.append(who)
+            continue
+        color = _SPLIT_COLORS.get(split_names[0]) if len(split_names) == 1 else "k"
+        ax.axvline(first, color=color, linestyle="--", linewidth=1.1,
+                   label=f"first stable step ({who}): {step_text(first)}")
+    if unstable:
+        ax.text(0.02, 0.97, "no stable step among those swept (" + "; ".join(unstable) + ")",
+                transform=ax.transAxes, va="top", fontsize=8, color="0.3")
+    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+    ax.set_xlabel(f"Rewind iteration k (symlog scale, linear from 0 to {linthresh:g})")
+    ax.set_ylabel("Instability (%)")
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    pairs = int(sweeps["pairs"].max()) if "pairs" in sweeps.columns else None
+    note = "instability = max_α E(θ(α)) − ½(E(θ_a) + E(θ_b))"
+    note += (f"; mean ± std over {_count(pairs, 'pair')}" if pairs else "") + _bn_note(sweeps)
+    _title(fig, "Instability to SGD noise", sweeps, title, note)
+    return fig
+
+
+# --------------------------------------------------------------------------- IMP
+def _rewind_label(df: pd.DataFrame) -> str:
+    """'rewind to 0it', 'rewind to first stable step (5it)' from a levels frame of one run."""
+    step = df["rewind_step"].dropna()
+    step_str = step_text(step.iloc[0]) if len(step) else "?"
+    rewind = str(df["rewind"].iloc[0]) if "rewind" in df.columns else ""
+    if rewind == "auto":
+        return f"rewind to first stable step ({step_str})"
+    return f"rewind to {step_str}"
+
+
+def _percent_axis(ax: Any, densities: Iterable[float]) -> None:
+    """Log x of percent of weights remaining, decreasing to the right (100 → 1), ticked at the levels."""
+    pct = sorted({round(float(d) * 100, 6) for d in densities if d > 0}, reverse=True)
+    ax.set_xscale("log")
+    if pct:
+        ticks = pct if len(pct) <= 9 else pct[:: math.ceil(len(pct) / 9)]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlim(pct[0] * 1.12, pct[-1] / 1.12)  # left > right: sparser to the right
+    ax.set_xlabel("Weights remaining (%, log scale)")
+
+
+def _level_stats(df: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Mean and std over replicates per level and kind, with mean density."""
+    stats = aggregate(df, ["kind", "level"], value)
+    dens = df.groupby(["kind", "level"], sort=True)["density"].mean().reset_index()
+    return stats.merge(dens, on=["kind", "level"])
+
+
+_KIND_NAMES = {"imp": "IMP", "reinit": "random reinitialization", "random": "random pruning"}
+
+
+def _imp_lines(ax: Any, df: pd.DataFrame, value: str, scale: float, kinds: Sequence[str],
+               label: Callable[[str], str] = lambda kind: _KIND_NAMES.get(kind, kind), color: str | None = None) -> None:
+    """One error-bar line per kind: mean ± std over replicates at each level's density (in percent)."""
+    stats = _level_stats(df, value)
+    dense = stats[(stats["kind"] == "imp") & (stats["level"] == 0)]
+    for kind in kinds:
+        sel = stats[stats["kind"] == kind]
+        if sel.empty:
+            continue
+        if kind != "imp" and not dense.empty and value != "instability":
+            # Baselines share the dense network at 100%: start their lines there, as the papers do.
+            sel = pd.concat([dense.assign(kind=kind), sel])
+        sel = sel.dropna(subset=["mean"]).sort_values("density", ascending=False)
+        if sel.empty:
+            continue
+        style = dict(_KIND_STYLE.get(kind, {"marker": "o"}))
+        if color is not None:
+            style["color"] = color
+        ax.errorbar(sel["density"] * 100, sel["mean"] * scale, yerr=_std(sel["std"]) * scale, label=label(kind),
+                    **style)
+
+
+def _imp_note(df: pd.DataFrame) -> str:
+    reps = int(df["replicate"].nunique()) if "replicate" in df.columns else 1
+    settings = settings_of(df)
+    parts = []
+    if "imp.strategy" in settings:
+        frac = settings.get("imp.prune_fraction")
+        parts.append(f"{settings['imp.strategy']} pruning" + (f", {float(frac):.0%} per level" if frac else ""))
+    parts.append(f"mean ± std over {reps} replicates" if reps > 1 else "1 replicate")
+    return "; ".join(parts)
+
+
+@_styled
+def plot_imp(levels: pd.DataFrame, *, value: str = "final_test_accuracy", kinds: Sequence[str] = ("imp", "reinit", "random"),
+             title: str | None = None) -> Figure:
+    """Test accuracy (%) vs percent of weights remaining (log x, 100 → 1): IMP, random reinit, random pruning.
+
+    Error bars are the std over replicates (Frankle & Carbin 2019). ``value`` may also be
+    ``early_stop_test_accuracy`` or ``instability`` (of each sparse network at the rewind step).
+    """
+    if value not in _VALUES:
+        raise ConfigError(f"value: unknown quantity {value!r}; choose from {', '.join(_VALUES)}")
+    _require(levels, ["kind", "level", "density", value], "plot_imp")
+    fig = PaperFigure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    runs_in = list(dict.fromkeys(levels["run_hash"])) if "run_hash" in levels.columns else [None]
+    multi = len(runs_in) > 1
+    for i, run in enumerate(runs_in):
+        part = levels if run is None else levels[levels["run_hash"] == run]
+        prefix = f"{_rewind_label(part)} ({run}): " if multi else ""
+        _imp_lines(ax, part, value, 100.0, kinds, lambda k, p=prefix: p + _KIND_NAMES.get(k, k),
+                   color=f"C{i}" if multi else None)
+    _percent_axis(ax, levels["density"])
+    ax.set_ylabel(_VALUES[value])
+    if value == "instability":
+        thr = levels["instability.threshold"].dropna() if "instability.threshold" in levels.columns else []
+        ax.axhline((float(thr.iloc[0]) if len(thr) else 0.02) * 100, color="0.35", linestyle=":", linewidth=1.2,
+                   label="stability threshold")
+    _legend(ax, loc="best")
+    what = "Lottery tickets" + ("" if multi else f", {_rewind_label(levels)}")
+    _title(fig, what, levels, title, _imp_note(levels))
+    return fig
+
+
+@_styled
+def plot_imp_early_stop(levels: pd.DataFrame, *, kinds: Sequence[str] = ("imp", "reinit", "random"),
+                        title: str | None = None) -> Figure:
+    """Early-stopping iteration (minimum validation loss) vs percent of weights remaining (log x, 100 → 1)."""
+    _require(levels, ["kind", "level", "density", "early_stop_step"], "plot_imp_early_stop")
+    fig = PaperFigure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    runs_in = list(dict.fromkeys(levels["run_hash"])) if "run_hash" in levels.columns else [None]
+    multi = len(runs_in) > 1
+    for i, run in enumerate(runs_in):
+        part = levels if run is None else levels[levels["run_hash"] == run]
+        prefix = f"{_rewind_label(part)} ({run}): " if multi else ""
+        _imp_lines(ax, part, "early_stop_step", 1.0, kinds, lambda k, p=prefix: p + _KIND_NAMES.get(k, k),
+                   color=f"C{i}" if multi else None)
+    _percent_axis(ax, levels["density"])
+    ax.set_ylabel("Early-stop iteration (min. validation loss)")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="best")
+    _title(fig, "Early-stopping iteration", levels, title, _imp_note(levels))
+    return fig
+
+
+@_styled
+def plot_rewind_comparison(levels: Mapping[str, pd.DataFrame], *, value: str = "final_test_accuracy",
+                           baselines: bool = False, title: str | None = None) -> Figure:
+    """IMP accuracy vs percent remaining for several rewind targets on one plot, e.g. rewind 0 vs first stable step.
+
+    ``levels`` maps a legend label to one IMP run's levels frame; ``baselines=True`` adds each run's
+    random-reinitialization and random-pruning lines, dashed, in the same colour.
+    """
+    if value not in _VALUES:
+        raise ConfigError(f"value: unknown quantity {value!r}; choose from {', '.join(_VALUES)}")
+    if not levels:
+        raise ValueError("plot_rewind_comparison: no runs to compare")
+    fig = PaperFigure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    frames = []
+    for i, (label, df) in enumerate(levels.items()):
+        _require(df, ["kind", "level", "density", value], f"plot_rewind_comparison[{label!r}]")
+        kinds = ("imp", "reinit", "random") if baselines else ("imp",)
+        _imp_lines(ax, df, value, 100.0, kinds,
+                   lambda k, name=label: name if k == "imp" else f"{name}: {_KIND_NAMES.get(k, k)}", color=f"C{i}")
+        frames.append(df)
+    both = pd.concat(frames, ignore_index=True)
+    _percent_axis(ax, both["density"])
+    ax.set_ylabel(_VALUES[value])
+    ax.legend(loc="best")
+    _title(fig, "Lottery tickets by rewind point", both, title, _imp_note(both))
+    return fig
+
+
+# --------------------------------------------------------------------------- Hessian
+def eos_threshold(lr: float, momentum: float = 0.0) -> float:
+    """Edge-of-stability sharpness of (heavy-ball) SGD: (2 + 2β)/lr, i.e. 2/lr without momentum."""
+    if lr <= 0:
+        raise ConfigError(f"lr: must be positive, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ConfigError(f"momentum: must be in [0, 1), got {momentum}")
+    return (2.0 + 2.0 * momentum) / lr
+
+
+def _track_x(track: pd.DataFrame) -> tuple[str, str]:
+    if "track" in track.columns and (track["track"] == "alpha").all():
+        return "alpha", "Interpolation α"
+    if "step" in track.columns and track["step"].notna().any():
+        return "step", "Training iteration"
+    return "alpha", "Interpolation α"
+
+
+def _track_groups(track: pd.DataFrame, xcol: str) -> list[tuple[str, pd.DataFrame]]:
+    keys = [k for k in ("run_hash",) if k in track.columns and track[k].nunique() > 1]
+    if xcol == "alpha" and "rewind_step" in track.columns and track["rewind_step"].nunique() > 1:
+        keys.append("rewind_step")
+    if not keys:
+        return [("", track)]
+    out = []
+    for key, part in track.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        names = [f"k = {step_text(v)}" if k == "rewind_step" else str(v) for k, v in zip(keys, key)]
+        out.append((", ".join(names), part))
+    return out
+
+
+# Sharpness often falls or rises by orders of magnitude in the first iterations; past this ratio the
+# y axes switch to symlog (linear through zero, so λ_min's sign still shows).
+_SYMLOG_RATIO = 100.0
+YSCALES = ("auto", "linear", "symlog")
+
+
+def _auto_yscale(ax: Any, values: np.ndarray, yscale: str) -> None:
+    mags = np.abs(values[np.isfinite(values) & (values != 0)])
+    if yscale == "linear" or not len(mags):
+        return
+    if yscale == "symlog" or mags.max() / mags.min() > _SYMLOG_RATIO:
+        ax.set_yscale("symlog", linthresh=10.0 ** math.floor(math.log10(mags.min())), linscale=0.5)
+        ax.margins(y=0.08)  # margins in the new scale, so the extreme markers are not cut at the edge
+        ax.autoscale_view()
+        ax.set_ylabel(f"{ax.get_ylabel()} (symlog scale)")
+
+
+@_styled
+def plot_hessian(track: pd.DataFrame, lr: float | None = None, momentum: float = 0.0, *, yscale: str = "auto",
+                 title: str | None = None) -> Figure:
+    """λ_max (and λ_min when measured) and the Hessian trace vs training step (or α), two panels.
+
+    With ``lr`` (plain or heavy-ball SGD) the edge-of-stability line (2 + 2β)/lr is drawn on the
+    eigenvalue panel (Cohen et al. 2021). ``yscale="auto"`` turns to symlog when λ_max or the trace
+    spans more than two decades; "linear" or "symlog" force either.
+    """
+    if yscale not in YSCALES:
+        raise ConfigError(f"yscale: unknown scale {yscale!r}; choose from {', '.join(YSCALES)}")
+    _require(track, ["lambda_1"], "plot_hessian")
+    xcol, xlabel = _track_x(track)
+    fig = PaperFigure(figsize=(9.6, 3.6), layout="constrained")
+    ax_eig, ax_tr = fig.subplots(1, 2)
+    groups = _track_groups(track, xcol)
+    for i, (name, part) in enumerate(groups):
+        part = part.sort_values(xcol)
+        x = part[xcol].to_numpy(float)
+        suffix = f" ({name})" if name else ""
+        c_max = f"C{i}" if len(groups) > 1 else "C0"
+        c_min = f"C{i}" if len(groups) > 1 else "C2"
+        ax_eig.plot(x, part["lambda_1"].to_numpy(float), marker="o", color=c_max, label=f"λ_max{suffix}")
+        lmin = pd.to_numeric(part.get("lambda_min"), errors="coerce") if "lambda_min" in part else None
+        if lmin is not None and lmin.notna().any():
+            ax_eig.plot(x, lmin.to_numpy(float), marker="v", linestyle="--", color=c_min, label=f"λ_min{suffix}")
+        trace = pd.to_numeric(part["trace"], errors="coerce") if "trace" in part else None
+        if trace is not None and trace.notna().any():
+            t = trace.to_numpy(float)
+            ax_tr.plot(x, t, marker="o", color=f"C{i}" if len(groups) > 1 else "C1", label=f"trace{suffix}")
+            if "trace_stderr" in part:
+                se = np.nan_to_num(pd.to_numeric(part["trace_stderr"], errors="coerce").to_numpy(float))
+                ax_tr.fill_between(x, t - se, t + se, color=f"C{i}" if len(groups) > 1 else "C1", alpha=0.2,
+                                   linewidth=0)
+    if lr is not None:
+        eos = eos_threshold(lr, momentum)
+        form, opt = ("2/η", f"SGD, η = {lr:g}") if momentum == 0 else \
+            ("(2+2β)/η", f"SGD with momentum, η = {lr:g}, β = {momentum:g}")
+        ax_eig.axhline(eos, color="C3", linestyle=":", linewidth=1.3,
+                       label=f"edge of stability {form} = {eos:.3g} ({opt})")
+    ax_eig.axhline(0, color="0.6", linewidth=0.7)
+    ax_eig.set_xlabel(xlabel)
+    ax_eig.set_ylabel("Hessian eigenvalue")
+    ax_eig.set_title("Extreme eigenvalues")
+    # Below the panels: λ_max climbs towards the edge-of-stability line, where a legend inside would sit.
+    handles, labels = ax_eig.get_legend_handles_labels()
+    if len(groups) > 1:
+        more = ax_tr.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    order = sorted(range(len(labels)), key=lambda i: (labels[i].startswith(_REFERENCE_LABELS), i))
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside lower center",
+               ncols=min(len(labels), 4))
+    ax_tr.set_xlabel(xlabel)
+    ax_tr.set_ylabel("Hessian trace ± s.e.")
+    ax_tr.set_title("Trace (Hutchinson estimate)")
+    if not ax_tr.lines:
+        ax_tr.text(0.5, 0.5, "trace not measured", transform=ax_tr.transAxes, ha="center", color="0.4")
+    _auto_yscale(ax_eig, pd.to_numeric(track["lambda_1"], errors="coerce").to_numpy(float), yscale)
+    if "trace" in track.columns:
+        _auto_yscale(ax_tr, pd.to_numeric(track["trace"], errors="coerce").to_numpy(float), yscale)
+    where = "over training" if xcol == "step" else "along the interpolation path"
+    note = None
+    if xcol == "alpha" and "rewind_step" in track.columns and track["rewind_step"].nunique() == 1:
+        note = f"between siblings rewound to k = {step_text(track['rewind_step'].iloc[0])}"
+    _title(fig, f"Hessian of the training loss {where}", track, title, note)
+    return fig
+
+
+# A spectrum whose eigenvalue range is below this fraction of the widest one would be a spike in an overlay.
+_OVERLAY_MIN_WIDTH = 0.1
+_MAX_DENSITY_PANELS = 6
+
+
+@_styled
+def plot_density(densities: pd.DataFrame, *, panels: bool | None = None, title: str | None = None) -> Figure:
+    """Spectral density of the Hessian (stochastic Lanczos quadrature) on a log y axis, one line per step or α.
+
+    ``panels=None`` overlays the spectra when their eigenvalue ranges are comparable and otherwise gives
+    each step (at most six, evenly chosen) its own panel with its own x range; True/False force either.
+    """
+    _require(densities, ["x", "density"], "plot_density")
+    xcol, _ = _track_x(densities)
+    multi = _multi_run(densities)
+    keys = (["run_hash"] if multi else []) + [xcol]
+    groups = [(k if isinstance(k, tuple) else (k,), part.sort_values("x"))
+              for k, part in densities.groupby(keys, sort=True)]
+    points = sorted(densities[xcol].dropna().unique())
+    norm = Normalize(min(points), max(points) if max(points) > min(points) else min(points) + 1)
+    widths = [float(part["x"].max() - part["x"].min()) for _, part in groups]
+    if panels is None:
+        panels = len(groups) > 1 and min(widths) < _OVERLAY_MIN_WIDTH * max(widths)
+    if panels and len(groups) > _MAX_DENSITY_PANELS:
+        pick = np.unique(np.linspace(0, len(groups) - 1, _MAX_DENSITY_PANELS).round().astype(int))
+        groups = [groups[i] for i in pick]
+    n = len(groups) if panels else 1
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = PaperFigure(figsize=(6.4 if n == 1 else 3.4 * cols, 3.8 if n == 1 else 2.8 * rows + 0.6),
+                      layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for extra_ax in axes[n:]:
+        extra_ax.remove()
+    for i, (key, part) in enumerate(groups):
+        ax = axes[i if panels else 0]
+        point = key[-1]
+        label = (f"step {step_text(point)}" if xcol == "step" else f"α = {point:.2f}") + (f" ({key[0]})" if multi else "")
+        y = part["density"].to_numpy(float)
+        peak = float(np.nanmax(y)) if len(y) else 0.0
+        # SLQ's Gaussian broadening leaves tails that underflow towards 0: each spectrum is drawn down to
+        # 1e-7 of its own peak, so the log axis shows outliers (the top eigenvalues) but not rounding error.
+        ax.plot(part["x"], np.where(y >= peak * 1e-7, y, np.nan), color=_CMAP(norm(point)), label=label)
+        if panels:
+            ax.set_title(label)
+    for ax in axes[:n]:
+        ax.set_yscale("log")
+        ax.set_xlabel("Eigenvalue λ")
+        ax.set_ylabel("Spectral density (log scale)")
+    if not panels:
+        if len(groups) <= 8:
+            axes[0].legend(loc="upper right")
+        else:
+            from matplotlib.cm import ScalarMappable
+
+            bar = fig.colorbar(ScalarMappable(norm=norm, cmap=_CMAP), ax=axes[0])
+            bar.set_label("Training iteration" if xcol == "step" else "Interpolation α")
+    _title(fig, "Hessian spectral density", densities, title,
+           "one panel per point: their eigenvalue ranges differ too much to overlay" if panels else None)
+    return fig
+
+
+# --------------------------------------------------------------------------- training curves
+@_styled
+def plot_training(curves: pd.DataFrame, *, splits: Sequence[str] = ("train", "test"), title: str | None = None) -> Figure:
+    """Loss and error (%) vs training iteration, one line per split (mean over members, band ±std)."""
+    _require(curves, ["step"], "plot_training")
+    bad = [s for s in splits if f"{s}_loss" not in curves.columns]
+    if bad:
+        raise ConfigError(f"splits: unknown split {bad[0]!r}; choose from train, val, test")
+    multi = _multi_run(curves)
+    fig = PaperFigure(figsize=(9.6, 3.6), layout="constrained")
+    ax_loss, ax_err = fig.subplots(1, 2)
+    runs_in = list(dict.fromkeys(curves["run_hash"])) if "run_hash" in curves.columns else [None]
+    styles = {"train": "-", "test": "--", "val": ":"}
+    for i, run in enumerate(runs_in):
+        part = curves if run is None else curves[curves["run_hash"] == run]
+        for split in splits:
+            color = f"C{i}" if multi else _SPLIT_COLORS.get(split)
+            label = _SPLIT_NAMES.get(split, split) + (f" ({run})" if multi else "")
+            for ax, col, scale in ((ax_loss, f"{split}_loss", 1.0), (ax_err, f"{split}_error", 100.0)):
+                stats = aggregate(part, "step", col).dropna(subset=["mean"])
+                x = stats["step"].to_numpy(float)
+                mean = stats["mean"].to_numpy(float) * scale
+                std = _std(stats["std"]) * scale
+                ax.plot(x, mean, color=color, linestyle=styles.get(split, "-"), label=label)
+                if std.any():
+                    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+    ax_loss.set_ylabel("Loss (cross-entropy)")
+    ax_err.set_ylabel("Error (%)")
+    for ax in (ax_loss, ax_err):
+        ax.set_xlabel("Training iteration")
+        ax.legend(loc="upper right")
+    ax_loss.set_title("Loss")
+    ax_err.set_title("Error")
+    members = int(curves["member"].nunique()) if "member" in curves.columns else 1
+    _title(fig, "Training", curves, title, f"mean ± std over {members} members" if members > 1 else None)
+    return fig
+
+
+# --------------------------------------------------------------------------- everything at once
+def check_kinds(kinds: str | Iterable[str]) -> tuple[str, ...]:
+    """Validated figure kinds for :func:`plot_all` (curves, sweep, imp, hessian, training, all)."""
+    items = kinds.split(",") if isinstance(kinds, str) else list(kinds)
+    out = tuple(dict.fromkeys(k.strip().lower() for k in items if k.strip()))
+    bad = [k for k in out if k not in KINDS]
+    if bad or not out:
+        raise ConfigError(f"--kind: unknown kind {bad[0] if bad else '(none)'!r}; choose from {', '.join(KINDS)}")
+    return tuple(k for k in KINDS if k != "all") if "all" in out else out
+
+
+def _sgd_eos(df: pd.DataFrame) -> tuple[float | None, float]:
+    """(lr, momentum) for the edge-of-stability line when the run's optimizer is plain or heavy-ball SGD."""
+    settings = settings_of(df)
+    if str(settings.get("optimizer.name", "")).lower() != "sgd" or settings.get("optimizer.nesterov") is True:
+        return None, 0.0  # Adam and Nesterov have other stability thresholds
+    lr = settings.get("optimizer.lr")
+    return (float(lr) if lr is not None else None), float(settings.get("optimizer.momentum") or 0.0)
+
+
+def plot_all(results_root: Source, out_dir: str | os.PathLike[str], formats: str | Iterable[str] = FORMATS,
+             kinds: str | Iterable[str] = ("all",)) -> list[Path]:
+    """Every figure the records under ``results_root`` allow, written to ``out_dir``; returns the files written.
+
+    Sparse-network sweeps made by IMP are drawn as IMP instability plots, not as sweeps of their own.
+    """
+    formats = check_formats(formats)
+    wanted = check_kinds(kinds)
+    out = Path(out_dir)
+    written: list[Path] = []
+
+    def emit(fig: Figure, name: str) -> None:
+        written.extend(save_figure(fig, out / name, formats))
+
+    with matplotlib.rc_context(_STYLE):
+        if "training" in wanted:
+            frames = training_curves(results_root)
+            # Trunks only: sibling sets that log metrics would add one near-identical figure per rewind point.
+            frames = frames[frames["run_kind"] == "train"]
+            for run, df in frames.groupby("run_hash", sort=False):
+                emit(plot_training(df), f"training_{run}")
+        if "curves" in wanted:
+            frames = interpolation_curves(results_root, include_sparse=False)
+            for run, df in frames.groupby("run_hash", sort=False):
+                emit(plot_interpolation(df), f"interpolation_{run}")
+        if "sweep" in wanted:
+            frames = sweeps(results_root, include_sparse=False)
+            for run, df in frames.groupby("run_hash", sort=False):
+                emit(plot_instability(df), f"instability_{run}")
+        if "imp" in wanted:
+            written.extend(_plot_imp_runs(results_root, out, formats))
+        if "hessian" in wanted:
+            frames = hessian_tracks(results_root)
+            for run, df in frames.groupby("run_hash", sort=False):
+                lr, momentum = _sgd_eos(df)
+                emit(plot_hessian(df, lr=lr, momentum=momentum), f"hessian_{run}")
+            frames = hessian_densities(results_root)
+            for run, df in frames.groupby("run_hash", sort=False):
+                emit(plot_density(df), f"density_{run}")
+    return written
+
+
+def _plot_imp_runs(results_root: Source, out: Path, formats: tuple[str, ...]) -> list[Path]:
+    written: list[Path] = []
+    frames = imp_levels(results_root)
+    by_run = dict(list(frames.groupby("run_hash", sort=False)))
+    for run, df in by_run.items():
+        written += save_figure(plot_imp(df), out / f"imp_{run}", formats)
+        written += save_figure(plot_imp_early_stop(df), out / f"imp_early_stop_{run}", formats)
+        if df["instability"].notna().any():
+            written += save_figure(plot_imp(df, value="instability"), out / f"imp_instability_{run}", formats)
+    # Runs of the same trunk and pruning settings that differ only in where they rewind to: one comparison each.
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for run in find_runs(results_root, "imp"):
+        if run.hash not in by_run:
+            continue
+        trunk = (run.manifest.get("hashed_settings") or {}).get("trunk")
+        others = tuple(sorted((k, v) for k, v in run.settings.items()
+                              if k.startswith("imp.") and k != "imp.rewind"))
+        groups.setdefault((trunk, others), []).append(run.hash)
+    for hashes in groups.values():
+        rewinds = {str(by_run[h]["rewind"].iloc[0]) for h in hashes}
+        if len(hashes) < 2 or len(rewinds) < 2:
+            continue
+        labelled = {}
+        for h in sorted(hashes, key=lambda h: float(by_run[h]["rewind_step"].iloc[0])):
+            label = _rewind_label(by_run[h])
+            labelled[label if label not in labelled else f"{label} ({h})"] = by_run[h]
+        fig = plot_rewind_comparison(labelled)
+        written += save_figure(fig, out / f"rewind_comparison_{'_'.join(sorted(hashes))}", formats)
+    return written
+
+
+__all__ = ["FORMATS", "KINDS", "check_formats", "check_kinds", "describe", "eos_threshold", "plot_all",
+           "plot_density", "plot_hessian", "plot_imp", "plot_imp_early_stop", "plot_instability",
+           "plot_interpolation", "plot_rewind_comparison", "plot_training", "save_figure", "step_text"]
