@@ -1,6 +1,6 @@
 """``make demo``: the suite's main job on the embedded data, end to end.
 
-Instability sweeps of ``lenet300_mnist5k`` and ``conv4_mnist5k`` (5,000 packaged
+Instability sweeps of ``lenet300_mnist5k`` and ``lenet5_mnist5k`` (a small conv net; 5,000 packaged
 MNIST digits), a Hessian track over the LeNet trunk and along one interpolation
 path, IMP rewinding to step 0 and to the first stable step with both baselines,
 every figure, and ``summary.md``. About 10 minutes on 2 CPU cores; ``--full``
@@ -32,8 +32,7 @@ class DemoSettings:
 
     siblings: int = 2
     lenet_rewind: tuple[str, ...] = ("0it", "10it", "25it", "50it", "100it", "200it")
-    conv_rewind: tuple[str, ...] = ("0it", "25it", "100it", "200it")
-    conv_steps: str = "400it"
+    conv_rewind: tuple[str, ...] = ("0it", "10it", "25it", "50it", "100it", "200it")
     splits: tuple[str, ...] = ("test", "train")
     imp_levels: int = 5
     imp_replicates: int = 1
@@ -42,7 +41,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings(siblings=3, lenet_rewind=("0it", "5it", "10it", "25it", "50it", "100it", "200it", "400it"),
-                    conv_rewind=("0it", "10it", "25it", "50it", "100it", "200it"), conv_steps="400it",
+                    conv_rewind=("0it", "5it", "10it", "25it", "50it", "100it", "200it", "400it"),
                     imp_levels=10, imp_replicates=2, trace_probes=50)
 
 
@@ -78,15 +77,15 @@ def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False) -> dict[
     common = {"runtime.results_root": str(root), "runtime.quiet": str(quiet).lower()}
     lenet = get_preset("lenet300_mnist5k").with_overrides(
         {**common, "training.rewind_points": list(settings.lenet_rewind)})
-    conv = get_preset("conv4_mnist5k").with_overrides(
-        {**common, "training.rewind_points": list(settings.conv_rewind), "training.steps": settings.conv_steps})
+    conv = get_preset("lenet5_mnist5k").with_overrides(
+        {**common, "training.rewind_points": list(settings.conv_rewind)})
     stage = Stage(8)
     t0 = time.perf_counter()
     with stage("lenet300_mnist5k: trunk with rewind checkpoints"):
         trunk = train_trunk(lenet)
     sweeps: dict[str, SweepResult] = {}
     for name, cfg, points in (("lenet300_mnist5k", lenet, settings.lenet_rewind),
-                              ("conv4_mnist5k", conv, settings.conv_rewind)):
+                              ("lenet5_mnist5k", conv, settings.conv_rewind)):
         with stage(f"{name}: instability sweep over {', '.join(points)} ({settings.siblings} siblings each)"):
             sweeps[name] = instability_sweep(cfg, instability_settings(
                 rewind_points=list(points), siblings=settings.siblings, splits=list(settings.splits)))

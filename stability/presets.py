@@ -87,6 +87,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "rewind_points": ["0it", "10it", "25it", "50it", "100it", "200it"]},
         "imp": {"strategy": "global", "prune_fraction": 0.2},
     },
+    "lenet5_mnist5k": {
+        "description": "LeNet-5 (conv 6-16, FC 120-84) on 5,000 packaged MNIST digits: SGD 0.02 m0.9, batch 60, 500 iterations",
+        "dataset": {"name": "mnist5k"},
+        "model": {"name": "lenet5", "init": "kaiming_normal"},
+        "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
+        "training": {"steps": "500it", "batch_size": 60, "eval_every": "50it", "checkpoint_every": "100it",
+                     "rewind_points": ["0it", "10it", "25it", "50it", "100it", "200it"]},
+        "imp": {"strategy": "global", "prune_fraction": 0.2},
+    },
     "resnet8_mnist5k": {
         "description": "ResNet-8 at width 1/2 (BatchNorm) on 5,000 packaged MNIST digits: SGD 0.05 m0.9, 300 iterations",
         "dataset": {"name": "mnist5k"},

@@ -140,7 +140,9 @@ def train_branch(ctx: Context, run: RunDir, start: Members, end_step: int, *,
     def after_step(m: Members, loss: float) -> None:
         progress.update(loss)
         if eval_every and (m.step % eval_every == 0 or m.step == end_step):
-            rows.extend(evaluate_rows(ctx, sm, m, schedule.lr(m.step - 1)))
+            new_rows = evaluate_rows(ctx, sm, m, schedule.lr(m.step - 1))
+            progress.evaluated(new_rows)
+            rows.extend(new_rows)
             write_csv(metrics_path, rows, METRIC_COLUMNS)
         if m.step % every == 0 and m.step != end_step:
             tensors, meta = m.to_tensors()

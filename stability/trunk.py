@@ -151,15 +151,22 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="it", leave=False, dynamic_ncols=True)
         self.losses: list[float] = []
+        self.accuracy: str = "-"
 
-    def update(self, loss: float, **info: Any) -> None:
+    def evaluated(self, rows: list[dict[str, Any]]) -> None:
+        """Show the test accuracy of the latest evaluation (mean over members)."""
+        errors = [r["test_error"] for r in rows]
+        if errors:
+            self.accuracy = f"{1 - sum(errors) / len(errors):.3f}"
+
+    def update(self, loss: float) -> None:
         if self.bar is None:
             return
         self.losses.append(loss)
         self.bar.update(1)
         if self.bar.n % 10 == 0:
             recent = self.losses[-10:]
-            self.bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", **info)
+            self.bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", test_acc=self.accuracy)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -239,7 +246,9 @@ def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Cont
         if s in wanted:
             _save_state(checkpoint_path(run, s), m)
         if s % eval_every == 0 or s == T:
-            rows.extend(evaluate_rows(ctx, sm, m, schedule.lr(s - 1)))
+            new_rows = evaluate_rows(ctx, sm, m, schedule.lr(s - 1))
+            progress.evaluated(new_rows)
+            rows.extend(new_rows)
             write_csv(run / "metrics.csv", rows, METRIC_COLUMNS)
         if s % ckpt_every == 0 and s != T:
             _save_state(run / "state" / "latest.safetensors", m)
