@@ -23,25 +23,26 @@ import os
 os.environ["OPENBLAS_NUM_THREADS"] = "1"  # must be set before torch is imported
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import functools
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
 try:
     import stability  # noqa: F401  (installed, or on PYTHONPATH)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stability.engine import StackedModel, TrainSpec, train_members  # noqa: E402
-from stability.interpolation import CurveSettings, evaluate_path, evaluate_path_naive  # noqa: E402
-from stability.presets import get_preset  # noqa: E402
-from stability.siblings import SiblingSettings, sibling_seeds, start_members  # noqa: E402
-from stability.trunk import Context, initial_members, prepare  # noqa: E402
+from stability.engine import StackedModel, TrainSpec, train_members
+from stability.interpolation import CurveSettings, evaluate_path, evaluate_path_naive
+from stability.presets import get_preset
+from stability.siblings import SiblingSettings, sibling_seeds, start_members
+from stability.trunk import Context, initial_members, prepare
 
 THREADS = 2
 CASES = [("lenet300_mnist5k", "interpolate"), ("conv4_mnist5k", "interpolate"),
@@ -61,8 +62,8 @@ def trained_pair(ctx: Context, steps: int) -> tuple[dict, dict]:
     """Two siblings trained from step 0 for ``steps`` iterations; their state dicts."""
     order, aug = sibling_seeds(ctx.cfg.training.noise_seed, SiblingSettings(siblings=2))
     members = start_members(ctx, initial_members(ctx), 2, order, aug, "fresh")
-    train_members(StackedModel(ctx.model), members, TrainSpec(ctx.data, ctx.cfg, ctx.ipe, augmentation=ctx.augmentation),
-                  steps)
+    spec = TrainSpec(ctx.data, ctx.cfg, ctx.ipe, augmentation=ctx.augmentation)
+    train_members(StackedModel(ctx.model), members, spec, steps)
     return members.member_state_dict(0), members.member_state_dict(1)
 
 
@@ -97,12 +98,9 @@ def main(argv: list[str] | None = None) -> None:
             sm = StackedModel(ctx.model)
             template = ctx.new_model()
 
-            def batched() -> tuple[list[float], list[float]]:
-                return evaluate_path(sm, a, b, alphas, x, y, settings, ctx.data.x_train)
-
-            def naive() -> tuple[list[float], list[float]]:
-                return evaluate_path_naive(template, a, b, alphas, x, y, settings, ctx.data.x_train)
-
+            batched = functools.partial(evaluate_path, sm, a, b, alphas, x, y, settings, ctx.data.x_train)
+            naive = functools.partial(evaluate_path_naive, template, a, b, alphas, x, y, settings,
+                                      ctx.data.x_train)
             batched(), naive()  # warm-up
             tb, tn = [], []
             for _ in range(repeats):

@@ -150,6 +150,10 @@ class StackedModel:
         self.buffer_names = [n for n, _ in model.named_buffers()]
         self._fc = _fc_plan(model)
         self._conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        # channels-last convolutions are ~10% (training) to ~1.6x (large-batch evaluation) faster on
+        # the CPU; kept off with BatchNorm, whose channels-last batch statistics round differently.
+        self.channels_last = self._conv and any(isinstance(m, nn.Conv2d) for m in model.modules()) and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
     def logits(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *, train: bool, shared_input: bool) -> Tensor:
         """Logits ``[N, B, classes]``; x is ``[B, ...]`` when shared_input else ``[N, B, ...]``."""
@@ -190,6 +194,10 @@ class StackedModel:
         b_views = [buffers[k].unbind(0) for k in b_names]
         n = len(p_views[0]) if p_views else len(b_views[0])
         xs = [x] * n if shared_input else x.unbind(0)
+        if self.channels_last and x.dim() == (4 if shared_input else 5):
+            xs = [xx.contiguous(memory_format=torch.channels_last) for xx in xs]
+            p_views = [[t.contiguous(memory_format=torch.channels_last) for t in v] if v[0].dim() == 4 else v
+                       for v in p_views]
         outs = []
         for i in range(n):
             p = {k: v[i] for k, v in zip(p_names, p_views)}
@@ -397,7 +405,6 @@ class _MemberwiseFusedAdam(torch.optim.Adam):
                 torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"], beta1=beta1,
                                    beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
                                    amsgrad=False, maximize=False)
-        return None
 
 
 def _fused_adam_works(params: Sequence[Tensor]) -> bool:
