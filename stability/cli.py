@@ -9,13 +9,14 @@ import os
 # Two BLAS thread pools (torch's and OpenBLAS's) on a small machine halve speed.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from typing import Any, Callable, Sequence  # noqa: E402
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
 
-from .config import Config, load_toml, settings_help  # noqa: E402
-from .errors import ConfigError, StabilityError  # noqa: E402
+from .config import Config, load_toml, settings_help
+from .errors import ConfigError, StabilityError
 
 EXIT_BAD_INPUT = 2
 
@@ -128,7 +129,7 @@ def cmd_instability(args: argparse.Namespace) -> int:
     print(f"{'rewind':>8} {'split':>6} {'instability':>14} {'loss barrier':>14} {'stable':>7}")
     for row in result.table:
         print(f"{row['rewind_step']:>6}it {row['split']:>6} {row['instability_mean']:>7.4f}±{row['instability_std']:<6.4f}"
-              f" {row['loss_barrier_mean']:>7.4f}±{row['loss_barrier_std']:<6.4f} {str(row['stable']):>7}")
+              f" {row['loss_barrier_mean']:>7.4f}±{row['loss_barrier_std']:<6.4f} {row['stable']!s:>7}")
     for split, step in result.first_stable_by_split.items():
         shown = f"{step}it" if step is not None else "none (not stable at any swept step)"
         print(f"first stable step ({split}): {shown}")

@@ -11,9 +11,10 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 from .steps import Step
@@ -153,7 +154,7 @@ class Config:
         """A stable 12-hex-digit name for the run these settings describe."""
         return settings_hash(self.hashed_dict())
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with ``{"section.key": value}`` applied (values may be strings from the CLI)."""
         cfg = self
         for dotted, value in overrides.items():

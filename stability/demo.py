@@ -12,18 +12,18 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from .imp import ImpResult, imp_settings, run_imp  # noqa: E402
-from .instability import SweepResult, instability_settings, instability_sweep  # noqa: E402
-from .landscape import hessian_path, hessian_settings, hessian_track  # noqa: E402
-from .presets import get_preset  # noqa: E402
-from .trunk import train_trunk  # noqa: E402
+from .imp import ImpResult, imp_settings, run_imp
+from .instability import SweepResult, instability_settings, instability_sweep
+from .landscape import hessian_path, hessian_settings, hessian_track
+from .presets import get_preset
+from .trunk import train_trunk
 
 
 @dataclass(frozen=True)

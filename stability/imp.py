@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +36,14 @@ from .errors import ConfigError
 from .instability import InstabilitySettings, instability_settings, instability_sweep
 from .metrics import ticket_summary, trajectory_length, trajectory_length_gain
 from .models import output_layer_name
-from .pruning import STRATEGIES, dense_masks, layer_densities, prunable_names, prune, random_masks_like
+from .pruning import (
+    STRATEGIES,
+    dense_masks,
+    layer_densities,
+    prunable_names,
+    prune,
+    random_masks_like,
+)
 from .pruning import density as mask_density
 from .siblings import train_branch
 from .steps import format_step, to_iterations
@@ -65,7 +73,7 @@ class ImpSettings:
     conv_fraction: float = 0.0  # layerwise: rate for convolution weights (0 = prune_fraction)
     pruning_seed: int = 0  # random strategy and random-mask baseline
 
-    def validate(self) -> "ImpSettings":
+    def validate(self) -> ImpSettings:
         if self.levels < 1:
             raise ConfigError(f"imp.levels: must be at least 1, got {self.levels}")
         if not 0 < self.prune_fraction < 1:
@@ -361,4 +369,4 @@ def _summarize(rows: list[dict[str, Any]], settings: ImpSettings, rewind_step: i
     return summary
 
 
-__all__ = ["ImpSettings", "ImpResult", "imp_settings", "run_imp", "resolve_rewind", "BASELINES", "instability_settings"]
+__all__ = ["BASELINES", "ImpResult", "ImpSettings", "imp_settings", "instability_settings", "resolve_rewind", "run_imp"]

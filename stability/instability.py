@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -55,7 +56,7 @@ class InstabilitySettings:
         return CurveSettings(self.alphas, tuple(self.alpha_grid), self.bn, self.bn_batches,
                              eval_batch_size=eval_batch_size)
 
-    def validate(self) -> "InstabilitySettings":
+    def validate(self) -> InstabilitySettings:
         self.sibling_settings().validate()
         self.curve_settings().validate()
         if not 0 < self.threshold < 1:
@@ -228,5 +229,16 @@ def load_sweep(run_dir: str | Path) -> dict[str, Any]:
     return read_json(Path(run_dir) / "instability.json")
 
 
-__all__ = ["InstabilitySettings", "SweepResult", "instability_sweep", "instability_settings", "first_stable_step",
-           "sweep_table", "pair_barriers", "load_sweep", "BN_MODES", "NOISE_KINDS", "OPTIMIZER_STATES"]
+__all__ = [
+    "BN_MODES",
+    "NOISE_KINDS",
+    "OPTIMIZER_STATES",
+    "InstabilitySettings",
+    "SweepResult",
+    "first_stable_step",
+    "instability_settings",
+    "instability_sweep",
+    "load_sweep",
+    "pair_barriers",
+    "sweep_table",
+]

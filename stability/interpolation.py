@@ -10,9 +10,9 @@ The whole α grid is evaluated as stacked members in one batched pass.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,7 @@ class CurveSettings:
             raise ConfigError(f"instability.alphas: need at least 2 values (both ends 0 and 1), got {self.alphas}")
         return torch.linspace(0, 1, self.alphas, dtype=torch.float64).tolist()
 
-    def validate(self) -> "CurveSettings":
+    def validate(self) -> CurveSettings:
         self.grid()
         if self.bn not in BN_MODES:
             raise ConfigError(f"instability.bn: unknown mode {self.bn!r}; choose one of {', '.join(BN_MODES)}")

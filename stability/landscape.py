@@ -11,9 +11,10 @@ kept, so a rerun after a crash only does the missing ones.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -207,4 +208,4 @@ def config_from_run(run_dir: str | Path) -> Config:
     return cfg
 
 
-__all__ = ["hessian_track", "hessian_path", "hessian_settings", "HessianTrack", "config_from_run"]
+__all__ = ["HessianTrack", "config_from_run", "hessian_path", "hessian_settings", "hessian_track"]

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,7 +41,7 @@ class SiblingSettings:
     optimizer_state: str = "fresh"  # fresh | restore
     sibling_seed: int = 0  # a different value gives a different set of siblings
 
-    def validate(self) -> "SiblingSettings":
+    def validate(self) -> SiblingSettings:
         if self.siblings < 2:
             raise ConfigError(f"instability.siblings: need at least 2 siblings to compare, got {self.siblings}")
         if self.noise not in NOISE_KINDS:

@@ -21,7 +21,7 @@ class Step:
     iterations: int = 0
 
     @classmethod
-    def parse(cls, value: "str | int | Step", setting: str = "step") -> "Step":
+    def parse(cls, value: str | int | Step, setting: str = "step") -> Step:
         """Parse ``500it``, ``2ep``, ``2ep50it`` or a non-negative integer (iterations)."""
         if isinstance(value, Step):
             return value
@@ -55,7 +55,7 @@ class Step:
         return f"{self.iterations}it"
 
 
-def to_iterations(value: "str | int | Step", iterations_per_epoch: int, setting: str = "step") -> int:
+def to_iterations(value: str | int | Step, iterations_per_epoch: int, setting: str = "step") -> int:
     """Parse a step and convert it to iterations."""
     return Step.parse(value, setting).to_iterations(iterations_per_epoch)
 

@@ -12,17 +12,27 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import Config, validate
 from .data import DataSplits, load_dataset
-from .engine import (Members, StackedModel, TrainSpec, check_matches_model, configure_threads, derive_seed,
-                     iterations_per_epoch, resolve_device, train_members)
+from .engine import (
+    Members,
+    StackedModel,
+    TrainSpec,
+    check_matches_model,
+    configure_threads,
+    derive_seed,
+    iterations_per_epoch,
+    resolve_device,
+    train_members,
+)
 from .errors import CheckpointError, ConfigError
 from .models import build_model
 from .steps import format_step, to_iterations

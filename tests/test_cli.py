@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import TINY_ARGS
+
 from stability.cli import main
 
 

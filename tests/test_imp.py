@@ -1,12 +1,11 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-
 from helpers import TINY_ARGS, tiny_config
+
 from stability.cli import main
 from stability.imp import imp_settings, run_imp
 from stability.pruning import layer_densities

@@ -5,16 +5,26 @@ import os
 
 import pytest
 import torch
-
 from helpers import TINY_ARGS, tiny_config
+
 from stability.cli import main
 from stability.engine import StackedModel
 from stability.errors import ConfigError
-from stability.instability import (InstabilitySettings, first_stable_step, instability_settings, instability_sweep,
-                                   sweep_table)
+from stability.instability import (
+    InstabilitySettings,
+    first_stable_step,
+    instability_settings,
+    instability_sweep,
+    sweep_table,
+)
 from stability.interpolation import CurveSettings, error_barrier, evaluate_path, evaluate_path_naive
-from stability.siblings import (SiblingSettings, sibling_seeds, train_branch, train_siblings,
-                                train_siblings_reference)
+from stability.siblings import (
+    SiblingSettings,
+    sibling_seeds,
+    train_branch,
+    train_siblings,
+    train_siblings_reference,
+)
 from stability.trunk import prepare, train_trunk
 
 
@@ -158,9 +168,9 @@ def test_siblings_resume_after_a_kill(tmp_path):
     cfg_b = tiny_config(tmp_path / "b")
     ctx_b = prepare(cfg_b)
     train_trunk(cfg_b, ctx=ctx_b)
+    from stability.siblings import start_members
     from stability.store import RunDir
     from stability.trunk import checkpoint_path, load_members, trunk_dir
-    from stability.siblings import start_members
 
     start = start_members(ctx_b, load_members(checkpoint_path(trunk_dir(cfg_b), 5), ctx_b), 2,
                           whole.order_seeds, whole.aug_seeds, "fresh")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from helpers import TINY_ARGS, tiny_config
+
 from stability.cli import main
 from stability.hessian import HessianOperator, select_subset
 from stability.landscape import config_from_run, hessian_path, hessian_settings, hessian_track

@@ -1,7 +1,6 @@
 """The notebooks run top to bottom (small settings: STABILITY_SMALL=1)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
-
 from helpers import TINY_ARGS, tiny_config
+
 from stability.errors import CheckpointError, ConfigError
 from stability.store import load_tensors, read_csv
-from stability.trunk import load_weights, prepare, saved_checkpoints, train_trunk, trunk_dir
+from stability.trunk import load_weights, prepare, train_trunk, trunk_dir
 
 
 def _weights(run_dir, step):
