@@ -2,16 +2,19 @@
 
 A *member* is one copy (the trunk is a single member; siblings are several).
 Members share the architecture and are held as stacked tensors ``[N, ...]``;
-one step runs ``vmap(functional_call)`` over the member axis, so N small
-networks cost about one large batched one. Each member has its own data-order
-and augmentation generators, so the only thing that differs between members
-with equal weights is their SGD noise.
+one step runs all members at once (batched matmuls for MLPs, the module once per
+member for convolutional models on the CPU, ``vmap(functional_call)`` otherwise:
+see ``StackedModel``). Each member has its own data-order and augmentation
+generators, so the only thing that differs between members with equal weights is
+their SGD noise: every member goes through exactly the same arithmetic, so members
+with equal weights and noise stay bit-identical wherever they sit in the stack.
 
 Batches are indices into the dataset tensors already on the device. One epoch
 is ``n_train // batch_size`` iterations (the last partial batch is dropped).
 The optimizer is a stock ``torch.optim`` optimizer over the stacked tensors:
 SGD and Adam act elementwise, so each member's update equals what a separate
-optimizer would do.
+optimizer would do. (Adam steps with torch's fused kernel applied member by
+member; its state and update rule are those of ``torch.optim.Adam``.)
 """
 from __future__ import annotations
 
