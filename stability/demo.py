@@ -2,8 +2,8 @@
 
 Instability sweeps of ``lenet300_mnist5k`` and ``lenet5_mnist5k`` (a small conv net; 5,000 packaged
 MNIST digits), a Hessian track over the LeNet trunk and along one interpolation
-path, IMP rewinding to step 0 and to the first stable step with both baselines,
-every figure, and ``summary.md``. About 10 minutes on 2 CPU cores; ``--full``
+path, IMP of LeNet-5 rewinding to step 0 and to its first stable step with both baselines,
+every figure, and ``summary.md``. About 6 minutes on 2 quiet CPU cores; ``--full``
 runs the larger settings kept in ``results/reference/``.
 """
 from __future__ import annotations
@@ -28,21 +28,21 @@ from .trunk import train_trunk
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo's jobs: the default fits ~10 minutes on 2 CPU cores."""
+    """Sizes of the demo's jobs: the default takes about 6 minutes on 2 quiet CPU cores."""
 
-    siblings: int = 2
-    lenet_rewind: tuple[str, ...] = ("0it", "10it", "25it", "50it", "100it", "200it")
-    conv_rewind: tuple[str, ...] = ("0it", "10it", "25it", "50it", "100it", "200it")
+    siblings: int = 3
+    lenet_rewind: tuple[str, ...] = ("0it", "5it", "10it", "25it", "50it", "100it", "200it")
+    conv_rewind: tuple[str, ...] = ("0it", "5it", "10it", "25it", "50it", "100it", "200it")
     splits: tuple[str, ...] = ("test", "train")
-    imp_levels: int = 5
+    imp_levels: int = 10
     imp_replicates: int = 1
     hessian_samples: int = 1000
     trace_probes: int = 20
 
 
-FULL = DemoSettings(siblings=3, lenet_rewind=("0it", "5it", "10it", "25it", "50it", "100it", "200it", "400it"),
-                    conv_rewind=("0it", "5it", "10it", "25it", "50it", "100it", "200it", "400it"),
-                    imp_levels=10, imp_replicates=2, trace_probes=50)
+FULL = DemoSettings(siblings=4, lenet_rewind=("0it", "5it", "10it", "25it", "50it", "100it", "200it", "400it"),
+                    conv_rewind=("0it", "2it", "5it", "10it", "25it", "50it", "100it", "200it", "400it"),
+                    imp_levels=15, imp_replicates=2, hessian_samples=2000, trace_probes=50)
 
 
 class Stage:
@@ -71,10 +71,15 @@ class _Timer:
             print(f"      done in {now - self.start:.1f} s (total {now - self.t0:.0f} s)", flush=True)
 
 
-def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False) -> dict[str, Any]:
-    """Run every job of the demo under ``out`` and return what summary.md reports."""
+def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False,
+             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every job of the demo under ``out`` and return what summary.md reports.
+
+    ``overrides`` (``{"training.steps": "60it"}``, ...) apply to both presets: a smaller demo.
+    A rerun reuses every finished record under ``out/runs`` and resumes an interrupted one.
+    """
     root = out / "runs"
-    common = {"runtime.results_root": str(root), "runtime.quiet": str(quiet).lower()}
+    common = {**(overrides or {}), "runtime.results_root": str(root), "runtime.quiet": str(quiet).lower()}
     lenet = get_preset("lenet300_mnist5k").with_overrides(
         {**common, "training.rewind_points": list(settings.lenet_rewind)})
     conv = get_preset("lenet5_mnist5k").with_overrides(
@@ -84,11 +89,13 @@ def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False) -> dict[
     with stage("lenet300_mnist5k: trunk with rewind checkpoints"):
         trunk = train_trunk(lenet)
     sweeps: dict[str, SweepResult] = {}
+    sweep_settings = {}
     for name, cfg, points in (("lenet300_mnist5k", lenet, settings.lenet_rewind),
                               ("lenet5_mnist5k", conv, settings.conv_rewind)):
+        sweep_settings[name] = instability_settings(rewind_points=list(points), siblings=settings.siblings,
+                                                    splits=list(settings.splits))
         with stage(f"{name}: instability sweep over {', '.join(points)} ({settings.siblings} siblings each)"):
-            sweeps[name] = instability_sweep(cfg, instability_settings(
-                rewind_points=list(points), siblings=settings.siblings, splits=list(settings.splits)))
+            sweeps[name] = instability_sweep(cfg, sweep_settings[name])
     hs = hessian_settings(top_k=3, smallest=True, trace_probes=settings.trace_probes, density=True,
                           samples=settings.hessian_samples)
     with stage("lenet300_mnist5k: Hessian over training (λ1..3, λmin, trace, density)"):
@@ -99,13 +106,14 @@ def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False) -> dict[
                             alphas=[0.0, 0.25, 0.5, 0.75, 1.0])
     imps: dict[str, ImpResult] = {}
     for rewind in ("0", "auto"):
-        with stage(f"lenet300_mnist5k: IMP, {settings.imp_levels} levels, rewind {rewind}, baselines reinit+random"):
-            imps[rewind] = run_imp(lenet, imp_settings(
-                {"strategy": "layerwise", "rate_overrides": {"output": 0.1}}, levels=settings.imp_levels,
+        # rewind auto reads the first stable step off the sweep above (same settings: reused, not rerun).
+        with stage(f"lenet5_mnist5k: IMP, {settings.imp_levels} levels, rewind {rewind}, baselines reinit+random"):
+            imps[rewind] = run_imp(conv, imp_settings(
+                {"strategy": "global", "prune_fraction": 0.2}, levels=settings.imp_levels,
                 rewind=rewind, baselines=["reinit", "random"], replicates=settings.imp_replicates),
-                instability_settings(rewind_points=list(settings.lenet_rewind), siblings=settings.siblings))
+                sweep_settings["lenet5_mnist5k"])
     with stage("figures"):
-        figures = _figures(root, out / "figures", sweeps, imps)
+        figures = _figures(root, out / "figures")
     seconds = time.perf_counter() - t0
     info = {"trunk": trunk, "sweeps": sweeps, "track": track, "path": path, "imps": imps, "figures": figures,
             "seconds": seconds, "settings": settings}
@@ -113,16 +121,12 @@ def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False) -> dict[
     return info
 
 
-def _figures(root: Path, out: Path, sweeps: dict[str, SweepResult], imps: dict[str, ImpResult]) -> list[Path]:
+def _figures(root: Path, out: Path) -> list[Path]:
     """Every figure of the records under ``root``, plus the rewind comparison."""
-    from analysis import figures, load
+    from analysis import figures
 
-    written = [Path(p) for p in figures.plot_all(root, out, formats=("png", "pdf"))]
-    levels = {f"rewind {'to first stable step' if k == 'auto' else 'to 0'} ({r.rewind_step}it)":
-              load.imp_levels(r.run_dir) for k, r in imps.items()}
-    fig = figures.plot_rewind_comparison(levels)
-    written += [Path(p) for p in figures.save_figure(fig, out / "imp_rewind_comparison", ("png", "pdf"))]
-    return written
+    # plot_all draws every record, the comparison of the two IMP runs' rewind points included.
+    return [Path(p) for p in figures.plot_all(root, out, formats=("png", "pdf"))]
 
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -141,8 +145,8 @@ def summary_markdown(out: Path, info: dict[str, Any]) -> str:
     """summary.md: first stable steps, IMP tables and the figure files."""
     s: DemoSettings = info["settings"]
     lines = ["# stability demo", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}. "
-             f"Total time {info['seconds']:.0f} s.", ""]
+             (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}. "
+             f"Total time {info['seconds']:.0f} s."), ""]
     lines += ["## Instability (error barrier between siblings) and the first stable step", ""]
     for name, sweep in info["sweeps"].items():
         fss = {k: (f"{v}it" if v is not None else "none") for k, v in sweep.first_stable_by_split.items()}
@@ -161,7 +165,7 @@ def summary_markdown(out: Path, info: dict[str, Any]) -> str:
               "Along the path between two siblings of rewind step 0:", "",
               _table(info["path"].rows, [("alpha", "α", ".2f"), ("lambda_1", "λ1", ".3f"), ("trace", "trace", ".1f")]),
               ""]
-    lines += ["## IMP on lenet300_mnist5k (layerwise 20% per level, output layer 10%)", ""]
+    lines += ["## IMP on lenet5_mnist5k (global magnitude pruning, 20% of the remaining weights per level)", ""]
     for key, result in info["imps"].items():
         tickets = result.summary["tickets"]
         agg = tickets["aggregate"]
@@ -177,8 +181,8 @@ def summary_markdown(out: Path, info: dict[str, Any]) -> str:
             lines.append(f"- {label}: " + ("none" if p is None else
                          f"level {p['level']}, density {p['density']:.4f}, accuracy {p['accuracy']:.4f}, "
                          f"A_gain {p['a_gain']:+.2f}%, LTS {p['lts_score']:.1f}"))
-        lines += [f"- dense accuracy {tickets['dense_accuracy']:.4f}, matching tolerance {tickets['tolerance']:.4f}, "
-                  f"success rate {tickets['success_rate']:.0f}%", f"- records: `{_rel(result.run_dir, out)}`", ""]
+        lines += [(f"- dense accuracy {tickets['dense_accuracy']:.4f}, matching tolerance {tickets['tolerance']:.4f}, "
+                  f"success rate {tickets['success_rate']:.0f}%"), f"- records: `{_rel(result.run_dir, out)}`", ""]
     lines += ["## Figures", ""] + [f"- `{_rel(p, out)}`" for p in info["figures"]] + [""]
     return "\n".join(lines)
 
