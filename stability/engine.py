@@ -153,6 +153,8 @@ class StackedModel:
         self.param_names = [n for n, _ in model.named_parameters()]
         self.buffer_names = [n for n, _ in model.named_buffers()]
         self._fc = _fc_plan(model)
+        # MLPs train with the hand-written backward of ``fc_loss_and_grads``; False = autograd (for tests).
+        self.hand_written_backward = self._fc is not None
         self._conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         # channels-last convolutions are ~10% (training) to ~1.6x (large-batch evaluation) faster on
         # the CPU; kept off with BatchNorm, whose channels-last batch statistics round differently.
@@ -206,6 +208,39 @@ class StackedModel:
             if i < last:
                 h = F.relu(h)
         return h
+
+    @torch.no_grad()
+    def fc_loss_and_grads(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor | None:
+        """Training loss per member of a plain ReLU MLP, its gradients put in each parameter's ``.grad``.
+
+        The forward and backward passes written out (batched matmuls, no autograd graph): the same
+        gradients ``loss.sum().backward()`` gives for the mean cross-entropy per member, ~10-15% sooner.
+        x is ``[N, B, ...]``, y ``[N, B]``. Returns None when the model is not such an MLP.
+        """
+        if self._fc is None:
+            return None
+        acts = [x.flatten(2)]
+        last = len(self._fc) - 1
+        for i, (wn, bn) in enumerate(self._fc):
+            h = torch.baddbmm(params[bn].unsqueeze(1), acts[-1], params[wn].transpose(1, 2))
+            if i < last:
+                h.clamp_min_(0)
+            acts.append(h)
+        logp = torch.log_softmax(acts.pop(), -1)  # [N, B, classes]
+        target = y.unsqueeze(-1)
+        loss = logp.gather(-1, target).squeeze(-1).mean(1).neg_()
+        # d(mean CE)/d logits = (softmax - onehot) / B
+        g = logp.exp_()
+        g.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=g.dtype, device=g.device))
+        g.mul_(1.0 / y.shape[1])
+        for i in range(last, -1, -1):
+            wn, bn = self._fc[i]
+            w, b = params[wn], params[bn]
+            w.grad = torch.bmm(g.transpose(1, 2), acts[i])
+            b.grad = g.sum(1)
+            if i:
+                g = torch.ops.aten.threshold_backward(torch.bmm(g, w), acts[i], 0)
+        return loss
 
     def _member_loop_logits(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,
                             shared_input: bool) -> Tensor:
@@ -488,12 +523,14 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
         lr = schedule.lr(members.step)
         for group in opt.param_groups:
             group["lr"] = lr
-        out = model.logits(members.params, members.buffers, x, train=True, shared_input=False)
-        loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
         # set_to_none: backward hands its fresh gradient to each parameter instead of
         # zero-filling the old one and adding into it (two extra passes over every weight).
         opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
+        loss = model.fc_loss_and_grads(members.params, x, y) if model.hand_written_backward else None
+        if loss is None:
+            out = model.logits(members.params, members.buffers, x, train=True, shared_input=False)
+            loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
+            loss.sum().backward()
         if spec.masks:
             # Pruned coordinates get no gradient, so momentum/Adam moments stay exactly zero there.
             for p, m in zip(plist, masks):
