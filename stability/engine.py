@@ -236,8 +236,9 @@ class StackedModel:
         for i in range(last, -1, -1):
             wn, bn = self._fc[i]
             w, b = params[wn], params[bn]
-            w.grad = torch.bmm(g.transpose(1, 2), acts[i])
-            b.grad = g.sum(1)
+            # written into the previous step's gradient tensors when there are any (no allocation)
+            w.grad = torch.bmm(g.transpose(1, 2), acts[i], out=w.grad)
+            b.grad = torch.sum(g, 1, out=b.grad)
             if i:
                 g = torch.ops.aten.threshold_backward(torch.bmm(g, w), acts[i], 0)
         return loss
@@ -442,6 +443,7 @@ class _MemberwiseFusedAdam(torch.optim.Adam):
     def __init__(self, params: Sequence[Tensor], **settings: object):
         super().__init__(params, **settings)
         self._member_views: dict[Tensor, tuple] = {}
+        self._grad_views: dict[Tensor, tuple] = {}
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -470,7 +472,12 @@ class _MemberwiseFusedAdam(torch.optim.Adam):
                               state["exp_avg_sq"].unbind(0))
                     self._member_views[p] = cached
                 params += cached[2]
-                grads += p.grad.unbind(0)
+                # ... and of the gradient, when it is the same tensor as last step (hand-written backward)
+                gcached = self._grad_views.get(p)
+                if gcached is None or gcached[0] is not p.grad:
+                    gcached = (p.grad, p.grad.unbind(0))
+                    self._grad_views[p] = gcached
+                grads += gcached[1]
                 exp_avgs += cached[3]
                 exp_avg_sqs += cached[4]
                 steps += [state["step"]] * p.shape[0]
@@ -523,11 +530,12 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
         lr = schedule.lr(members.step)
         for group in opt.param_groups:
             group["lr"] = lr
-        # set_to_none: backward hands its fresh gradient to each parameter instead of
-        # zero-filling the old one and adding into it (two extra passes over every weight).
-        opt.zero_grad(set_to_none=True)
+        # The hand-written MLP backward overwrites the gradients in place. Otherwise set_to_none:
+        # backward hands its fresh gradient to each parameter instead of zero-filling the old one
+        # and adding into it (two extra passes over every weight).
         loss = model.fc_loss_and_grads(members.params, x, y) if model.hand_written_backward else None
         if loss is None:
+            opt.zero_grad(set_to_none=True)
             out = model.logits(members.params, members.buffers, x, train=True, shared_input=False)
             loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
             loss.sum().backward()
