@@ -74,6 +74,33 @@ def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
     return input_shape[0], input_shape[1], input_shape[2]
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that evaluates a plain 2x2, stride-2 pool faster when no gradient is needed.
+
+    Without autograd the pool is the elementwise maximum of four strided views of the input:
+    exactly the same values as torch's kernel (which also computes the argmax indices), 4-8x
+    faster on the CPU, where it was a third of LeNet-5's evaluation time. With autograd, torch's
+    kernel runs as usual (its gradient goes to the first maximum of a window; ``torch.maximum``'s
+    would split ties), so training is unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() and x.requires_grad) or not self._plain_2x2() or x.dim() != 4:
+            return super().forward(x)
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        if h == 0 or w == 0:
+            return super().forward(x)  # torch's own error for a map smaller than the window
+        x = x[..., :h, :w]
+        top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
+        bottom = torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
+        return torch.maximum(top, bottom)
+
+    def _plain_2x2(self) -> bool:
+        return (_pair(self.kernel_size) == (2, 2) and _pair(self.stride or self.kernel_size) == (2, 2)
+                and _pair(self.padding) == (0, 0) and _pair(self.dilation) == (1, 1)
+                and not self.ceil_mode and not self.return_indices)
+
+
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
@@ -227,7 +254,7 @@ class CifarVGG(_Network):
                 # A 1-pixel map cannot be pooled; skipping the pool lets 28x28 (and 8x8) inputs
                 # through a plan designed for 32x32, and the global average pool absorbs the rest.
                 if h >= 2 and w >= 2:
-                    layers.append(nn.MaxPool2d(2))
+                    layers.append(MaxPool2d(2))
                     h, w = h // 2, w // 2
             else:
                 out = _scaled(int(item), width)
@@ -264,8 +291,8 @@ def _lenet5(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) ->
     channels, _, _ = _image_shape(cfg.name, input_shape)
     c1, c2 = _scaled(6, cfg.width), _scaled(16, cfg.width)
     features: list[nn.Module] = [
-        nn.Conv2d(channels, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, c1, 5, padding=2), nn.ReLU(), MaxPool2d(2),
+        nn.Conv2d(c1, c2, 5), nn.ReLU(), MaxPool2d(2),
     ]  # fmt: skip
     fc_hidden = [_scaled(c, cfg.width) for c in (120, 84)]
     return ConvThenFC(cfg.name, input_shape, num_classes, features, fc_hidden)
@@ -279,7 +306,7 @@ def _convn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> 
         out = _scaled(c, cfg.width)
         features += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU()]
         if i % 2 == 1:
-            features.append(nn.MaxPool2d(2))
+            features.append(MaxPool2d(2))
         channels = out
     fc_hidden = [_scaled(c, cfg.width) for c in (256, 256)]
     return ConvThenFC(cfg.name, input_shape, num_classes, features, fc_hidden)

@@ -16,6 +16,7 @@ from stability.config import ModelConfig
 from stability.errors import ConfigError
 from stability.models import (
     MODELS,
+    MaxPool2d,
     build_model,
     count_parameters,
     has_batchnorm,
@@ -395,3 +396,31 @@ def test_config_replace_keeps_model_buildable():
     cfg = replace(ModelConfig(name="mlp"), hidden=(20,))
     model = build_model(cfg, MNIST1D, 3, 0)
     assert count_parameters(model) == 40 * 20 + 20 + 20 * 3 + 3
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 28, 28), (2, 4, 7, 9), (1, 2, 2, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_max_pool_gives_torchs_values_and_gradients(shape, channels_last):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).relu()  # ReLU outputs: many tied zeros in a window
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fast, ref = MaxPool2d(2), nn.MaxPool2d(2)
+    with torch.no_grad():
+        assert torch.equal(fast(x), ref(x))  # the four-view maximum, bit for bit
+    # with autograd torch's kernel runs: same values, and the gradient goes to one element per window
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_fast, out_ref = fast(xa), ref(xb)
+    g = torch.randn(out_ref.shape, generator=gen)
+    (out_fast * g).sum().backward()
+    (out_ref * g).sum().backward()
+    assert torch.equal(out_fast, out_ref) and torch.equal(xa.grad, xb.grad)
+    # other pools are torch's
+    if min(shape[-2:]) >= 3:
+        with torch.no_grad():
+            assert torch.equal(MaxPool2d(3, stride=2)(x), nn.MaxPool2d(3, stride=2)(x))
+
+
+def test_lenet5_pools_with_the_fast_max_pool():
+    model = build_model(ModelConfig(name="lenet5"), (1, 28, 28), 10, seed=0)
+    assert sum(isinstance(m, MaxPool2d) for m in model.modules()) == 2
