@@ -52,9 +52,12 @@ def resolve_device(name: str) -> torch.device:
 def configure_threads(threads: int) -> int:
     """Set torch's intra-op threads (0 = one per core, at most 8) and return the number.
 
-    Also keeps freed memory for reuse (``configure_allocator``)."""
+    Also keeps freed memory for reuse (``configure_allocator``) and flushes denormal floats to zero."""
     n = threads or min(os.cpu_count() or 1, 8)
     configure_allocator()
+    # Denormal floats (|x| < 1.2e-38) are flushed to zero: the CPU handles them ~100x slower, and the
+    # activations of trained conv nets hold enough of them to make LeNet-5's evaluation 1.7x slower.
+    torch.set_flush_denormal(True)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

@@ -25,10 +25,11 @@ from .errors import ConfigError
 from .interpolation import BN_MODES, CurveSettings, curve_rows, error_barrier
 from .siblings import NOISE_KINDS, OPTIMIZER_STATES, SiblingSettings, siblings_info, train_siblings
 from .steps import format_step
-from .store import RunDir, read_json, write_csv, write_json
+from .store import RunDir, read_csv, read_json, write_csv, write_json
 from .trunk import Context, prepare, train_trunk
 
 SPLITS = ("test", "train", "val")
+CURVE_COLUMNS = ["rewind_step", "pair", "split", "alpha", "error", "loss"]
 SWEEP_COLUMNS = ["rewind_step", "split", "instability_mean", "instability_std", "loss_barrier_mean",
                  "loss_barrier_std", "pairs", "stable"]
 
@@ -186,6 +187,9 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
               {"trunk": cfg.run_hash(), "steps": steps}, {"label": label})
     sm = StackedModel(ctx.model)
     curve_settings = settings.curve_settings(cfg.runtime.eval_batch_size)
+    # Curves of rewind points measured by an earlier (finished or interrupted) run of these settings
+    # are read back, not measured again: the siblings, and so the curves, are the same.
+    stored = read_csv(run / "curves.csv") if (run / "curves.csv").is_file() else []
     curves: list[dict[str, Any]] = []
     siblings_runs = []
     for k in steps:
@@ -193,7 +197,12 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
         sib = train_siblings(ctx, k, settings.sibling_settings(), masks=masks, start=start,
                              label=None if start is None else f"{label}@{k}")
         siblings_runs.append(siblings_info(sib))
+        done = [r for r in stored if r["rewind_step"] == k]
+        if done:
+            curves.extend(done)
+            continue
         curves.extend(curve_rows(sm, sib.members, settings.splits, ctx.data, curve_settings, k))
+        write_csv(run / "curves.csv", curves, CURVE_COLUMNS)  # after every rewind point: a rerun resumes here
     table = sweep_table(curves, settings.threshold)
     by_split = {}
     for split in settings.splits:
@@ -217,7 +226,7 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
         "label": label,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    write_csv(run / "curves.csv", curves, ["rewind_step", "pair", "split", "alpha", "error", "loss"])
+    write_csv(run / "curves.csv", curves, CURVE_COLUMNS)
     write_csv(run / "sweep.csv", table, SWEEP_COLUMNS)
     write_json(run / "instability.json", summary)
     run.update(status="complete")

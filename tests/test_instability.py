@@ -200,6 +200,41 @@ def test_sweep_writes_records_and_reuses_siblings(results_root):
     again = instability_sweep(cfg, settings)
     assert all(s["reused"] for s in again.summary["siblings"])
     assert again.table == result.table
+    assert again.curves == result.curves  # read back from curves.csv, bit for bit
+
+
+def test_sweep_rerun_reads_curves_back_and_resumes_after_a_crash(results_root, monkeypatch):
+    from stability import instability
+
+    cfg = tiny_config(results_root)
+    settings = instability_settings(rewind_points=["0it", "5it", "10it"], alphas=5)
+    measured = []
+    real = instability.curve_rows
+
+    def counting(sm, members, splits, data, curve_settings, k):
+        measured.append(k)
+        if k == 10 and crash:
+            raise KeyboardInterrupt  # killed while measuring the last rewind point
+        return real(sm, members, splits, data, curve_settings, k)
+
+    monkeypatch.setattr(instability, "curve_rows", counting)
+    crash = True
+    with pytest.raises(KeyboardInterrupt):
+        instability_sweep(cfg, settings)
+    assert measured == [0, 5, 10]
+    crash = False
+    resumed = instability_sweep(cfg, settings)
+    assert measured == [0, 5, 10, 10]  # only the unfinished point is measured again
+    assert [r["rewind_step"] for r in resumed.table] == [0, 5, 10]
+    again = instability_sweep(cfg, settings)
+    assert measured == [0, 5, 10, 10]  # a finished sweep measures nothing
+    assert again.curves == resumed.curves
+    # the threshold is not part of the run: a new one re-judges the stored curves
+    strict = instability_sweep(cfg, instability_settings(rewind_points=["0it", "5it", "10it"], alphas=5,
+                                                         threshold=1e-9))
+    assert strict.run_dir == again.run_dir and measured == [0, 5, 10, 10]
+    assert strict.first_stable_step is None or all(r["instability_mean"] < 1e-9 for r in strict.table
+                                                   if r["rewind_step"] >= strict.first_stable_step)
 
 
 def test_sweep_makes_missing_trunk_checkpoints(results_root):
