@@ -11,6 +11,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -218,7 +219,7 @@ def cmd_hessian(args: argparse.Namespace) -> int:
         cells = []
         for c in cols:
             v = row.get(c)
-            cells.append(f"{v:>12.5g}" if isinstance(v, (int, float)) and v == v else f"{'-':>12}")
+            cells.append(f"{v:>12.5g}" if isinstance(v, (int, float)) and not math.isnan(v) else f"{'-':>12}")
         label = f"{row[where]}it" if where == "step" else f"{row[where]:.3f}"
         print(f"{label:>8} " + " ".join(cells))
     print(f"results: {track.run_dir}")

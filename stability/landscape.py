@@ -123,9 +123,10 @@ def hessian_track(cfg: Config, settings: HessianSettings, *, at: str | Sequence[
 
 
 def hessian_path(cfg: Config, settings: HessianSettings, rewind_step: int | str, *,
-                 alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), siblings: SiblingSettings = SiblingSettings(),
+                 alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), siblings: SiblingSettings | None = None,
                  bn_batches: int = 20, ctx: Context | None = None) -> HessianTrack:
     """Probe θ(α) between siblings 0 and 1 of ``rewind_step`` (BatchNorm statistics reset for each α)."""
+    siblings = siblings or SiblingSettings()
     ctx = ctx or prepare(cfg)
     _check_dim(ctx, settings)
     step = to_iterations(rewind_step, ctx.ipe, "hessian --path") if isinstance(rewind_step, str) else rewind_step

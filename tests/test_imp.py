@@ -34,7 +34,7 @@ def imp_run(tmp_path_factory):
 
 
 def test_levels_table_and_density(imp_run):
-    cfg, settings, result = imp_run
+    _cfg, _settings, result = imp_run
     rows = result.levels
     assert [(r["level"], r["kind"]) for r in rows] == [(0, "imp"), (1, "imp"), (1, "reinit"), (1, "random"),
                                                        (2, "imp"), (2, "reinit"), (2, "random")]

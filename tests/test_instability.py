@@ -103,7 +103,7 @@ def test_batched_siblings_with_batchnorm_keep_their_own_statistics(results_root)
         for k, v in state.items():
             got = sib.members.params.get(k, sib.members.buffers.get(k))[i]
             torch.testing.assert_close(got, v, rtol=1e-4, atol=1e-5)
-    rm = [k for k in sib.members.buffers if k.endswith("running_mean")][0]
+    rm = next(k for k in sib.members.buffers if k.endswith("running_mean"))
     assert not torch.equal(sib.members.buffers[rm][0], sib.members.buffers[rm][1])
 
 
