@@ -192,6 +192,7 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
     stored = read_csv(run / "curves.csv") if (run / "curves.csv").is_file() else []
     curves: list[dict[str, Any]] = []
     siblings_runs = []
+    measured = 0  # rewind points whose curves this call measures
     for k in steps:
         start = start_states.get(k) if start_states else None
         sib = train_siblings(ctx, k, settings.sibling_settings(), masks=masks, start=start,
@@ -202,6 +203,7 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
             curves.extend(done)
             continue
         curves.extend(curve_rows(sm, sib.members, settings.splits, ctx.data, curve_settings, k))
+        measured += 1
         write_csv(run / "curves.csv", curves, CURVE_COLUMNS)  # after every rewind point: a rerun resumes here
     table = sweep_table(curves, settings.threshold)
     by_split = {}
@@ -226,6 +228,9 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
         "label": label,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if measured == 0 and (run / "instability.json").is_file():
+        # every curve was read back: the time is the one of the run that measured them
+        summary["seconds"] = read_json(run / "instability.json").get("seconds", summary["seconds"])
     write_csv(run / "curves.csv", curves, CURVE_COLUMNS)
     write_csv(run / "sweep.csv", table, SWEEP_COLUMNS)
     write_json(run / "instability.json", summary)
