@@ -10,6 +10,7 @@ kept, so a rerun after a crash only does the missing ones.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -20,7 +21,7 @@ import torch
 
 from .config import Config, settings_hash
 from .engine import StackedModel
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .hessian import HessianSettings, probe
 from .interpolation import CurveSettings, interpolate_stacks, reset_bn_stats
 from .siblings import SiblingSettings, train_siblings
@@ -97,6 +98,7 @@ def hessian_track(cfg: Config, settings: HessianSettings, *, at: str | Sequence[
     run = RunDir(cfg.runtime.results_root, "hessian",
                  settings_hash({"trunk": cfg.run_hash(), "hessian": asdict(settings), "steps": steps}))
     train_trunk(cfg, extra_checkpoints=[s for s in steps if s < ctx.total_steps], ctx=ctx)
+    new_run = not run.exists()
     run.start({"training": cfg.to_dict(), "hessian": asdict(settings)}, {"trunk": cfg.run_hash(), "steps": steps},
               {"target": "trunk", "trunk": str(trunk_dir(cfg).path)})
     done_rows = read_csv(run / "hessian.csv") if (run / "hessian.csv").is_file() else []
@@ -107,7 +109,12 @@ def hessian_track(cfg: Config, settings: HessianSettings, *, at: str | Sequence[
     for step in steps:
         if step in done:
             continue
-        members = load_members(checkpoint_path(trunk, step), ctx)
+        try:
+            members = load_members(checkpoint_path(trunk, step), ctx)
+        except CheckpointError:
+            if new_run and not done_rows:
+                shutil.rmtree(run.path)  # a bad checkpoint before any finished probe: leave nothing behind
+            raise
         model = ctx.new_model()
         model.load_state_dict(members.member_state_dict(0))
         result = probe(model, ctx.data.x_train, ctx.data.y_train, settings)

@@ -111,6 +111,8 @@ def test_checkpoint_that_does_not_match_the_model_is_rejected(results_root, caps
     result = train_trunk(cfg)
     path = result.run_dir / "checkpoints" / "step_5.safetensors"
     path.write_bytes(path.read_bytes()[:-50])
+    before = sorted(p.name for p in results_root.iterdir())
     code = main(["hessian", str(result.run_dir), "--at", "5it", "--samples", "50"])
     assert code == 2
     assert "truncated or corrupt" in capsys.readouterr().err
+    assert sorted(p.name for p in results_root.iterdir()) == before  # no hessian run left behind
