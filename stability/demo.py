@@ -122,7 +122,7 @@ def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False,
 
 
 def _figures(root: Path, out: Path) -> list[Path]:
-    """Every figure of the records under ``root``, plus the rewind comparison."""
+    """Every figure of the records under ``root`` (the rewind comparison of the two IMP runs included)."""
     from analysis import figures
 
     # plot_all draws every record, the comparison of the two IMP runs' rewind points included.
