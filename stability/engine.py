@@ -492,6 +492,12 @@ class _MemberwiseFusedAdam(torch.optim.Adam):
             raise ValueError("closures are not supported here")
         self.update()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # Gradients set to None are gone: so are the member views of them (they would keep them alive).
+        if set_to_none:
+            self._grad_views.clear()
+        super().zero_grad(set_to_none)
+
     def update(self) -> None:
         """The step itself, without ``Optimizer.step``'s hook and profiler wrapper (~0.1 ms a call).
 

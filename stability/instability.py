@@ -231,7 +231,6 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
     if measured == 0 and (run / "instability.json").is_file():
         # every curve was read back: the time is the one of the run that measured them
         summary["seconds"] = read_json(run / "instability.json").get("seconds", summary["seconds"])
-    write_csv(run / "curves.csv", curves, CURVE_COLUMNS)
     write_csv(run / "sweep.csv", table, SWEEP_COLUMNS)
     write_json(run / "instability.json", summary)
     run.update(status="complete")
