@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import Config, load_toml, settings_help
-from .errors import ConfigError, StabilityError
+from .errors import ConfigError, StabilityError, TrainingDiverged
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # training went non-finite: recorded as diverged, never reported as a result
 
 
 def _parse_sets(items: Sequence[str]) -> dict[str, str]:
@@ -107,6 +108,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"final test accuracy {summary['final_test_accuracy']:.4f}")
     print(f"rewind checkpoints  {', '.join(summary['checkpoints'])}")
     print(f"time                {summary['seconds']:.1f} s")
+    if summary["untrained"]:
+        print(f"warning: the final test error is within {summary['chance_margin']} of chance "
+              f"({summary['chance_test_error']:.3f}): the network did not learn", file=sys.stderr)
     return 0
 
 
@@ -127,15 +131,18 @@ def cmd_instability(args: argparse.Namespace) -> int:
         return 0
     print(f"instability sweep: {settings.siblings} siblings, noise={settings.noise}, bn={settings.bn}, "
           f"{len(settings.curve_settings().grid())} alphas, threshold {settings.threshold}")
-    print(f"{'rewind':>8} {'split':>6} {'instability':>14} {'loss barrier':>14} {'stable':>7}")
+    print(f"{'rewind':>8} {'split':>6} {'instability':>14} {'loss barrier':>14} {'stable':>7} {'status':>9}")
     for row in result.table:
         print(f"{row['rewind_step']:>6}it {row['split']:>6} {row['instability_mean']:>7.4f}±{row['instability_std']:<6.4f}"
-              f" {row['loss_barrier_mean']:>7.4f}±{row['loss_barrier_std']:<6.4f} {row['stable']!s:>7}")
+              f" {row['loss_barrier_mean']:>7.4f}±{row['loss_barrier_std']:<6.4f} {row['stable']!s:>7}"
+              f" {row['status']:>9}")
     for split, step in result.first_stable_by_split.items():
         shown = f"{step}it" if step is not None else "none (not stable at any swept step)"
         print(f"first stable step ({split}): {shown}")
     print(f"results: {result.run_dir}")
-    return 0
+    for warning in result.summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_DIVERGED if result.summary["diverged"] else 0
 
 
 def cmd_imp(args: argparse.Namespace) -> int:
@@ -157,13 +164,13 @@ def cmd_imp(args: argparse.Namespace) -> int:
     print(f"IMP: {settings.levels} levels, {settings.strategy} pruning {settings.prune_fraction:.0%} per level, "
           f"rewind to {result.rewind_step}it{how}")
     print(f"{'rep':>3} {'level':>5} {'kind':>7} {'density':>8} {'final acc':>9} {'early-stop acc':>14} {'at':>7} "
-          f"{'instability':>11}")
+          f"{'instability':>11} {'status':>9}")
     for row in result.levels:
         inst = row["instability"]
         inst_text = f"{inst:.4f}" if isinstance(inst, float) else "-"
         print(f"{row['replicate']:>3} {row['level']:>5} {row['kind']:>7} {row['density']:>8.4f} "
               f"{row['final_test_accuracy']:>9.4f} {row['early_stop_test_accuracy']:>14.4f} "
-              f"{row['early_stop_step']:>5}it {inst_text:>11}")
+              f"{row['early_stop_step']:>5}it {inst_text:>11} {row.get('status', 'ok'):>9}")
     tickets = result.summary["tickets"]
     agg = tickets["aggregate"]
     print(f"dense accuracy {tickets['dense_accuracy']:.4f}, matching tolerance {tickets['tolerance']:.4f}")
@@ -176,7 +183,12 @@ def cmd_imp(args: argparse.Namespace) -> int:
                   f"A_gain {point['a_gain']:+.2f}% LTS {point['lts_score']:.1f}")
     print(f"success rate {tickets['success_rate']:.0f}%  matching levels {agg['matching_levels']}")
     print(f"results: {result.run_dir}")
-    return 0
+    flagged = result.summary.get("flagged", [])
+    for item in flagged:
+        what = ("diverged: no result" if item["status"] == "diverged" else
+                "untrained (accuracy within the chance margin): never matching")
+        print(f"warning: replicate {item['replicate']} level {item['level']} {item['kind']}: {what}", file=sys.stderr)
+    return EXIT_DIVERGED if any(item["status"] == "diverged" for item in flagged) else 0
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
@@ -197,12 +209,15 @@ def cmd_hessian(args: argparse.Namespace) -> int:
         cfg = cfg.with_overrides(overrides)
     else:
         cfg, extra, _ = load_config(args)
+    if args.trace_probes < 1:
+        raise ConfigError(f"hessian --trace-probes: must be at least 1 (Rademacher probes for --trace), "
+                          f"got {args.trace_probes}")
+    alphas = _parse_alphas(args.alphas, args.path)
     settings = hessian_settings(
         extra.get("hessian"), top_k=args.top, smallest=True if args.min else None,
         trace_probes=args.trace_probes if args.trace else None, density=True if args.density else None,
         samples=args.samples, engine=args.engine, dtype=args.dtype)
     if args.path is not None:
-        alphas = [float(a) for a in _csv_list(args.alphas)] if args.alphas else (0.0, 0.25, 0.5, 0.75, 1.0)
         track = hessian_path(cfg, settings, args.path, alphas=alphas)
         where = "alpha"
     else:
@@ -224,6 +239,22 @@ def cmd_hessian(args: argparse.Namespace) -> int:
         print(f"{label:>8} " + " ".join(cells))
     print(f"results: {track.run_dir}")
     return 0
+
+
+def _parse_alphas(text: str | None, path: str | None) -> list[float]:
+    """``hessian --alphas``: comma-separated numbers in [0, 1], only together with ``--path``."""
+    if text is None:
+        return [0.0, 0.25, 0.5, 0.75, 1.0]
+    if path is None:
+        raise ConfigError("hessian --alphas: only applies along a path; give --path STEP too")
+    try:
+        alphas = [float(a) for a in _csv_list(text)]
+    except ValueError:
+        raise ConfigError(f"hessian --alphas: expected comma-separated numbers in [0, 1] like 0,0.5,1, "
+                          f"got {text!r}") from None
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):
+        raise ConfigError(f"hessian --alphas: values must lie in [0, 1], got {text!r}")
+    return alphas
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except TrainingDiverged as exc:
+        where = f" (run {exc.run_dir})" if exc.run_dir else ""
+        print(f"error: {exc}{where}; recorded as diverged, not a result. Lower the learning rate, add warmup, "
+              "or change the initialization", file=sys.stderr)
+        return EXIT_DIVERGED
     except StabilityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -23,6 +25,10 @@ INIT_SCHEMES = ("default", "kaiming_normal", "glorot_normal")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+# Tables of a TOML config besides the run's SECTIONS: the later stages' settings.
+STAGE_TABLES = ("instability", "imp", "hessian")
+# Plain keys allowed at the top of a TOML config.
+TOP_LEVEL_KEYS = ("preset", "description")
 
 
 @dataclass(frozen=True)
@@ -105,8 +111,9 @@ class RuntimeConfig:
     results_root: str = "results/runs"
     quiet: bool = False
     eval_batch_size: int = 1000
+    accept_other_versions: bool = True  # reuse finished results made by another version or commit (with a note)
 
-    UNHASHED = ("device", "threads", "results_root", "quiet", "eval_batch_size")
+    UNHASHED = ("device", "threads", "results_root", "quiet", "eval_batch_size", "accept_other_versions")
 
 
 SECTIONS: dict[str, type] = {
@@ -260,9 +267,10 @@ def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
 
 
 def load_toml(path: str | Path) -> tuple[Config, dict[str, Any]]:
-    """Read a TOML config: sections of the training run, plus any other tables (returned raw).
+    """Read a TOML config: sections of the training run, plus the stage tables (returned raw).
 
-    A top-level ``preset = "name"`` starts from that preset.
+    A top-level ``preset = "name"`` starts from that preset. Any other table (a misspelt
+    section such as ``[trainng]``) is refused, naming the allowed ones.
     """
     path = Path(path)
     if not path.is_file():
@@ -271,8 +279,21 @@ def load_toml(path: str | Path) -> tuple[Config, dict[str, Any]]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r}: TOML syntax error: {exc}") from None
+    allowed = [*SECTIONS, *STAGE_TABLES]
+    for key, value in data.items():
+        if key in TOP_LEVEL_KEYS:
+            if not isinstance(value, str):
+                raise ConfigError(f"config file {str(path)!r}: {key} must be a string, got {value!r}")
+        elif key not in allowed:
+            raise ConfigError(
+                f"config file {str(path)!r}: unknown section [{key}]; sections are {', '.join(allowed)} "
+                f"(and {' and '.join(TOP_LEVEL_KEYS)} at the top)"
+            )
+        elif not isinstance(value, Mapping):
+            raise ConfigError(f"config file {str(path)!r}: [{key}] must be a table of settings, got {value!r}")
     base = None
     preset = data.pop("preset", None)
+    data.pop("description", None)
     if preset is not None:
         from .presets import get_preset
 
@@ -297,22 +318,30 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.model.init not in INIT_SCHEMES:
         raise ConfigError(f"model.init: unknown scheme {cfg.model.init!r}; choose one of {', '.join(INIT_SCHEMES)}")
-    if cfg.model.width <= 0:
-        raise ConfigError(f"model.width: must be positive, got {cfg.model.width}")
+    if not (cfg.model.width > 0 and math.isfinite(cfg.model.width)):
+        raise ConfigError(f"model.width: must be a positive finite number, got {cfg.model.width}")
     if cfg.optimizer.name not in OPTIMIZERS:
         raise ConfigError(
             f"optimizer.name: unknown optimizer {cfg.optimizer.name!r}; choose one of {', '.join(OPTIMIZERS)}"
         )
-    if not cfg.optimizer.lr > 0:
-        raise ConfigError(f"optimizer.lr: must be a positive number, got {cfg.optimizer.lr}")
+    if not (cfg.optimizer.lr > 0 and math.isfinite(cfg.optimizer.lr)):
+        raise ConfigError(f"optimizer.lr: must be a positive number (finite), got {cfg.optimizer.lr}")
     if not 0 <= cfg.optimizer.momentum < 1:
         raise ConfigError(f"optimizer.momentum: must be in [0, 1), got {cfg.optimizer.momentum}")
     if cfg.optimizer.nesterov and cfg.optimizer.momentum == 0:
         raise ConfigError("optimizer.nesterov: needs optimizer.momentum > 0")
-    if cfg.optimizer.weight_decay < 0:
-        raise ConfigError(f"optimizer.weight_decay: must be >= 0, got {cfg.optimizer.weight_decay}")
+    if not (cfg.optimizer.weight_decay >= 0 and math.isfinite(cfg.optimizer.weight_decay)):
+        raise ConfigError(f"optimizer.weight_decay: must be a finite number >= 0, got {cfg.optimizer.weight_decay}")
+    for key in ("beta1", "beta2"):
+        beta = getattr(cfg.optimizer, key)
+        if not 0 <= beta < 1:
+            raise ConfigError(f"optimizer.{key}: must be in [0, 1), got {beta}")
+    if not (cfg.optimizer.eps >= 0 and math.isfinite(cfg.optimizer.eps)):
+        raise ConfigError(f"optimizer.eps: must be a finite number >= 0, got {cfg.optimizer.eps}")
     if cfg.schedule.kind not in SCHEDULES:
         raise ConfigError(f"schedule.kind: unknown schedule {cfg.schedule.kind!r}; choose one of {', '.join(SCHEDULES)}")
+    if not (cfg.schedule.gamma >= 0 and math.isfinite(cfg.schedule.gamma)):
+        raise ConfigError(f"schedule.gamma: must be a finite number >= 0, got {cfg.schedule.gamma}")
     if cfg.training.batch_size < 1:
         raise ConfigError(f"training.batch_size: must be >= 1, got {cfg.training.batch_size}")
     if cfg.dataset.val_size < 0:
@@ -321,6 +350,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"runtime.device: unknown device {cfg.runtime.device!r}; choose one of {', '.join(DEVICES)}")
     if cfg.runtime.threads < 0:
         raise ConfigError(f"runtime.threads: must be >= 0, got {cfg.runtime.threads}")
+    if cfg.runtime.eval_batch_size < 1:
+        raise ConfigError(f"runtime.eval_batch_size: must be >= 1, got {cfg.runtime.eval_batch_size}")
     for key in ("steps", "eval_every", "checkpoint_every"):
         Step.parse(getattr(cfg.training, key), f"training.{key}")
     for point in cfg.training.rewind_points:
@@ -328,7 +359,32 @@ def validate(cfg: Config) -> Config:
     for point in cfg.schedule.milestones:
         Step.parse(point, "schedule.milestones")
     Step.parse(cfg.schedule.warmup, "schedule.warmup")
+    check_results_root(cfg.runtime.results_root)
     return cfg
+
+
+def check_results_root(root: str) -> None:
+    """Refuse a results root that cannot hold run directories, before anything is created.
+
+    It must be a writable directory, or not exist yet with its nearest existing parent a
+    writable directory (it is created on the first write).
+    """
+    name = "runtime.results_root"
+    if not root:
+        raise ConfigError(f"{name}: must name a directory (existing or to be created), got ''")
+    path = Path(os.path.abspath(root))
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot inspect {root!r}: {exc.strerror or exc}") from None
+    if not existing.is_dir():
+        what = f"{root!r} is" if existing == path else f"{root!r} cannot be created: {str(existing)!r} is"
+        kind = "a broken symbolic link" if not existing.exists() else "an existing file"
+        raise ConfigError(f"{name}: {what} {kind}, not a directory; give a directory (existing or to be created)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = f"directory {root!r} is" if existing == path else \
+            f"{root!r} cannot be created: its nearest existing parent {str(existing)!r} is"
+        raise ConfigError(f"{name}: {what} not writable; give a directory you can write to")
 
 
 def settings_help() -> str:

@@ -33,7 +33,7 @@ from torch.func import functional_call, vmap
 
 from .config import Config
 from .data import DataSplits, augment_batch
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .steps import to_iterations
 
 
@@ -594,6 +594,16 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
             out = model.logits(members.params, members.buffers, x, train=True, shared_input=False)
             loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
             loss.sum().backward()
+        # One host sync a step (the progress hook needs the value anyway): the mean is finite only when
+        # every member's loss is. A non-finite loss stops training before it touches the weights.
+        loss_mean = float(loss.detach().mean())
+        if not math.isfinite(loss_mean):
+            member = int((~torch.isfinite(loss.detach())).nonzero()[0, 0])
+            bad = first_nonfinite(members, member)
+            tensor = bad[1] if bad is not None else "loss"
+            _stop(members, opt, plist)
+            raise TrainingDiverged(f"training diverged: member {member}'s {tensor} is not finite at step "
+                                   f"{members.step}", step=members.step, member=member, tensor=tensor)
         if spec.masks:
             # Pruned coordinates get no gradient, so momentum/Adam moments stay exactly zero there.
             for p, m in zip(plist, masks):
@@ -611,12 +621,41 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
                         p.mul_(m)
         members.step += 1
         if spec.after_step is not None:
-            spec.after_step(members, float(loss.detach().mean()))
+            spec.after_step(members, loss_mean)
+    if end_step > 0:
+        bad = first_nonfinite(members)
+        if bad is not None:
+            _stop(members, opt, plist)
+            raise TrainingDiverged(f"training diverged: member {bad[0]}'s {bad[1]} is not finite at step "
+                                   f"{members.step}", step=members.step, member=bad[0], tensor=bad[1])
     members.optimizer_state = {"state": opt.state_dict()["state"]}
     members.optimizer = None
     for p in plist:
         p.requires_grad_(False)
     return members
+
+
+def first_nonfinite(members: Members, member: int | None = None) -> tuple[int, str] | None:
+    """(member, tensor name) of the first parameter or buffer holding NaN or inf, or None when all are finite."""
+    for kind, tensors in (("parameter", members.params), ("buffer", members.buffers)):
+        for name, t in tensors.items():
+            if not t.is_floating_point():
+                continue
+            finite = torch.isfinite(t.detach()).flatten(1).all(1)
+            if member is not None:
+                if not bool(finite[member]):
+                    return member, f"{kind} {name}"
+            elif not bool(finite.all()):
+                return int((~finite).nonzero()[0, 0]), f"{kind} {name}"
+    return None
+
+
+def _stop(members: Members, opt: torch.optim.Optimizer, plist: Sequence[Tensor]) -> None:
+    """Leave members in their plain state after training stopped early."""
+    members.optimizer = None
+    for p in plist:
+        p.grad = None
+        p.requires_grad_(False)
 
 
 # ---------------------------------------------------------------- reference path

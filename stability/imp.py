@@ -21,6 +21,7 @@ safetensors file per replicate and level) and ``imp.json``.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -32,9 +33,10 @@ from torch import Tensor
 
 from .config import Config, settings_hash
 from .engine import Members, derive_seed
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
+from .health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
 from .instability import InstabilitySettings, instability_settings, instability_sweep
-from .metrics import ticket_summary, trajectory_length, trajectory_length_gain
+from .metrics import lts_score, ticket_summary, trajectory_length, trajectory_length_gain
 from .models import output_layer_name
 from .pruning import (
     STRATEGIES,
@@ -47,13 +49,24 @@ from .pruning import (
 from .pruning import density as mask_density
 from .siblings import train_branch
 from .steps import format_step, to_iterations
-from .store import RunDir, load_tensors, read_csv, read_json, save_tensors, write_csv, write_json
-from .trunk import Context, checkpoint_path, load_members, prepare, train_trunk, trunk_dir
+from .store import (
+    RunDir,
+    load_tensors,
+    quarantine,
+    read_csv,
+    read_json,
+    save_tensors,
+    write_csv,
+    write_json,
+)
+from .trunk import Context, load_members, prepare, train_trunk, trunk_checkpoint
 
 BASELINES = ("reinit", "random")
 LEVEL_COLUMNS = ["replicate", "level", "kind", "density", "final_test_accuracy", "final_test_loss",
                  "early_stop_step", "early_stop_test_accuracy", "early_stop_val_loss", "trajectory_length",
-                 "instability", "rewind_step"]
+                 "instability", "rewind_step", "status"]
+# status of a level row: ok; untrained (final test error within chance_margin of chance: never matching);
+# diverged (training went non-finite: no accuracy, never matching; the replicate stops there)
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,7 @@ class ImpSettings:
     rate_overrides: tuple[tuple[str, float], ...] = ()  # layerwise per-layer rates; "output" allowed
     conv_fraction: float = 0.0  # layerwise: rate for convolution weights (0 = prune_fraction)
     pruning_seed: int = 0  # random strategy and random-mask baseline
+    chance_margin: float = DEFAULT_CHANCE_MARGIN  # networks this close to chance error are flagged untrained
 
     def validate(self) -> ImpSettings:
         if self.levels < 1:
@@ -87,6 +101,10 @@ class ImpSettings:
             raise ConfigError(f"imp.replicates: must be at least 1, got {self.replicates}")
         if not 0 <= self.conv_fraction < 1:
             raise ConfigError(f"imp.conv_fraction: must be in [0, 1), got {self.conv_fraction}")
+        for layer, rate in self.rate_overrides:
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+                raise ConfigError(f"imp.rate_overrides: rate for {layer!r} must be a number in [0, 1) (the fraction "
+                                  f"of that layer's surviving weights pruned per level), got {rate!r}")
         if self.rewind != "auto":
             from .steps import Step
 
@@ -105,10 +123,21 @@ def imp_settings(table: Mapping[str, Any] | None = None, **overrides: Any) -> Im
         default = getattr(ImpSettings(), key)
         if key == "rate_overrides":
             items = value.items() if isinstance(value, Mapping) else value
-            value = tuple(sorted((str(k), float(v)) for k, v in items))
+            try:
+                pairs = [(str(k), v) for k, v in items]
+            except (TypeError, ValueError):
+                raise ConfigError(f"imp.rate_overrides: expected a table of layer = rate, e.g. "
+                                  f"{{ output = 0.1 }}, got {value!r}") from None
+            for layer, rate in pairs:
+                if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+                    raise ConfigError(f"imp.rate_overrides: rate for {layer!r} must be a number in [0, 1), "
+                                      f"got {rate!r}")
+            value = tuple(sorted((k, float(v)) for k, v in pairs))
         elif isinstance(default, tuple):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"imp.{key}: expected a list, got {value!r}")
             value = tuple(str(v) for v in value)
         elif key == "rewind":
             value = str(value)
@@ -116,10 +145,14 @@ def imp_settings(table: Mapping[str, Any] | None = None, **overrides: Any) -> Im
             if not isinstance(value, bool):
                 raise ConfigError(f"imp.{key}: expected true or false, got {value!r}")
         elif isinstance(default, (int, float)):
+            kind = "an integer" if isinstance(default, int) else "a number"
             try:
+                if isinstance(value, bool) or (isinstance(default, int) and isinstance(value, float)
+                                               and not value.is_integer()):
+                    raise ValueError
                 value = type(default)(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"imp.{key}: expected a number, got {value!r}") from None
+            except (TypeError, ValueError, OverflowError):
+                raise ConfigError(f"imp.{key}: expected {kind}, got {value!r}") from None
         kwargs[key] = value
     return ImpSettings(**kwargs).validate()
 
@@ -156,9 +189,14 @@ def _rate_overrides(ctx: Context, settings: ImpSettings, names: list[str]) -> di
     if settings.conv_fraction:
         shapes = dict(ctx.model.named_parameters())
         rates.update({n: settings.conv_fraction for n in names if shapes[n].dim() > 2})
+    every = prunable_names(ctx.model)  # a layer left dense by imp.exclude may still be named
     for key, rate in settings.rate_overrides:
-        key = _resolve_layer(key, ctx)
-        rates.update({n: rate for n in names if n == key or n.rsplit(".", 1)[0] == key})
+        layer = _resolve_layer(key, ctx)
+        if not any(n == layer or n.rsplit(".", 1)[0] == layer for n in every):
+            layers = sorted({"output", *every, *(n.rsplit(".", 1)[0] for n in every if "." in n)})
+            raise ConfigError(f"imp.rate_overrides: {key!r} names no prunable layer of model "
+                              f"{ctx.cfg.model.name!r}; layers are {', '.join(layers)}")
+        rates.update({n: rate for n in names if n == layer or n.rsplit(".", 1)[0] == layer})
     return rates or None
 
 
@@ -213,9 +251,10 @@ def _single(members: Members, i: int) -> Members:
 # ---------------------------------------------------------------- the driver
 def imp_dir(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> RunDir:
     """Where the IMP run of these settings lives."""
-    key = {"trunk": cfg.run_hash(), "imp": asdict(settings)}
+    # chance margins only classify results: they do not name the run
+    key = {"trunk": cfg.run_hash(), "imp": _without(asdict(settings), "chance_margin")}
     if settings.rewind == "auto" or settings.instability:
-        key["instability"] = asdict(sweep)
+        key["instability"] = _without(asdict(sweep), "chance_margin")
     return RunDir(cfg.runtime.results_root, "imp", settings_hash(key))
 
 
@@ -226,17 +265,35 @@ def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(), sweep: Instabili
     ctx = prepare(cfg)
     run = imp_dir(cfg, settings, sweep)
     if run.is_complete():
-        return _load_result(run)
+        with run.claim():
+            try:
+                result = _load_result(run)
+                run.check_reuse(cfg.runtime.accept_other_versions)
+                return result
+            except (RecordError, FileNotFoundError, KeyError) as exc:
+                print(f"warning: finished IMP run {run.path.name} lacks a readable imp.json or levels.csv ({exc}); "
+                      "rebuilding them from the stored levels", file=sys.stderr)
     if settings.rewind != "auto":
         resolve_rewind(cfg, ctx, settings, sweep)  # check the step before anything is written
-    _prunable(ctx, settings)
+    _rate_overrides(ctx, settings, _prunable(ctx, settings))  # layer names, before anything is written
     t0 = time.perf_counter()
     rewind_step, rewind_info = resolve_rewind(cfg, ctx, settings, sweep)
+    train_trunk(cfg, extra_checkpoints=[rewind_step], ctx=ctx)  # a diverged dense trunk stops here, before any record
+    with run.claim():
+        return _imp(cfg, ctx, settings, sweep, run, rewind_step, rewind_info, t0)
+
+
+def _imp(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySettings, run: RunDir,
+         rewind_step: int, rewind_info: dict[str, Any], t0: float) -> ImpResult:
     run.start({"training": cfg.to_dict(), "imp": asdict(settings), "instability": asdict(sweep)},
               {"trunk": cfg.run_hash()}, {"rewind_step": rewind_step})
     rows: list[dict[str, Any]] = []
     for r in range(settings.replicates):
-        rows.extend(_run_replicate(cfg, ctx, settings, sweep, run, r, rewind_step))
+        try:
+            rows.extend(_run_replicate(cfg, ctx, settings, sweep, run, r, rewind_step))
+        except TrainingDiverged as exc:  # the dense trunk of replicate r: no reference, no IMP
+            run.update(status="diverged", divergence={**exc.info(), "replicate": r})
+            raise
         write_csv(run / "levels.csv", rows, LEVEL_COLUMNS)
     summary = _summarize(rows, settings, rewind_step, rewind_info, cfg)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -244,6 +301,10 @@ def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(), sweep: Instabili
     write_json(run / "imp.json", summary)
     run.update(status="complete")
     return ImpResult(run.path, rewind_step, rows, summary)
+
+
+def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != key}
 
 
 def _load_result(run: RunDir) -> ImpResult:
@@ -258,8 +319,9 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
     # The replicate's own template model: its trunk starts from init seed init_seed + r.
     rctx = Context(rcfg, ctx.device, ctx.data, ctx.new_model(seed=rcfg.training.init_seed), ctx.ipe, ctx.total_steps)
     trunk = train_trunk(rcfg, extra_checkpoints=[rewind_step], ctx=rctx)
-    rewind = load_members(checkpoint_path(trunk_dir(rcfg), rewind_step), rctx)
-    dense_final = load_members(checkpoint_path(trunk_dir(rcfg), ctx.total_steps), rctx)
+    rewind = trunk_checkpoint(rctx, rewind_step)
+    dense_final = trunk_checkpoint(rctx, ctx.total_steps)
+    chance = chance_error(ctx.data.split("test")[1])
     names = _prunable(rctx, settings)
     rates = _rate_overrides(rctx, settings, names)
     dense_state = dense_final.member_state_dict(0)
@@ -268,6 +330,7 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
     # Level 0: the dense trunk itself.
     level0 = {"replicate": r, "level": 0, "kind": "imp", "density": 1.0, "rewind_step": rewind_step,
               **_early_stop(trunk.metrics, 0), "trajectory_length": _trajectory(rctx, dense_state), "instability": ""}
+    level0["status"] = _status(level0, chance, settings.chance_margin)
     masks = dense_masks(dense_state, names)
     if settings.instability:
         level0["instability"] = _sparse_instability(rcfg, rctx, sweep, rewind, None, rewind_step, f"r{r}-dense")
@@ -279,12 +342,22 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
         record_path = ldir / "record.json"
         mask_path = run / "masks" / f"replicate_{r}_level_{level}.safetensors"
         if record_path.is_file():
-            # Finished before a restart: read it back instead of redoing it.
-            record = read_json(record_path)
-            rows.extend(record["rows"])
-            masks, _ = load_tensors(mask_path, ctx.device)
-            previous_final = load_members(ldir / "final.safetensors", rctx).member_state_dict(0)
-            continue
+            # Finished before a restart: read it back instead of redoing it (a damaged record is redone).
+            try:
+                record = read_json(record_path)
+                if any(row.get("status") == "diverged" for row in record["rows"]):
+                    rows.extend(record["rows"])
+                    break  # this replicate stopped at a diverged level
+                masks, _ = load_tensors(mask_path, ctx.device)
+                previous_final = load_members(ldir / "final.safetensors", rctx).member_state_dict(0)
+                for row in record["rows"]:  # records written before statuses existed
+                    row.setdefault("status", _status(row, chance, settings.chance_margin))
+                rows.extend(record["rows"])
+                continue
+            except (RecordError, CheckpointError, KeyError, TypeError) as exc:
+                print(f"warning: level {level} of replicate {r} in {run.path.name} cannot be read back ({exc}); "
+                      "training it again", file=sys.stderr)
+                _forget_level(ldir, record_path, mask_path)
         gen = torch.Generator().manual_seed(derive_seed(settings.pruning_seed, "prune", r, level))
         if settings.one_shot:
             fraction = 1 - (1 - settings.prune_fraction) ** level
@@ -310,8 +383,20 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
         rewound_imp = _single(start, 0)  # kept apart: training advances ``start`` in place
         ldir.path.mkdir(parents=True, exist_ok=True)
         eval_every = to_iterations(cfg.training.eval_every, ctx.ipe)
-        members = train_branch(rctx, ldir, start, ctx.total_steps, masks=stacked_masks,
-                               desc=f"imp r{r} level {level}", eval_every=eval_every)
+        try:
+            members = train_branch(rctx, ldir, start, ctx.total_steps, masks=stacked_masks,
+                                   desc=f"imp r{r} level {level}", eval_every=eval_every)
+        except TrainingDiverged as exc:
+            print(f"warning: IMP replicate {r} level {level} diverged ({exc}); no later level of this replicate "
+                  "is trained", file=sys.stderr)
+            nan = float("nan")
+            level_rows = [{"replicate": r, "level": level, "kind": kind, "density": mask_density(member_masks[kind]),
+                           "rewind_step": rewind_step, "final_test_accuracy": nan, "final_test_loss": nan,
+                           "early_stop_step": "", "early_stop_test_accuracy": nan, "early_stop_val_loss": nan,
+                           "trajectory_length": nan, "instability": "", "status": "diverged"} for kind in kinds]
+            write_json(record_path, {"rows": level_rows, "diverged": exc.info()})
+            rows.extend(level_rows)
+            break
         metrics = read_csv(ldir / "metrics.csv")
         level_rows = []
         for i, kind in enumerate(kinds):
@@ -322,11 +407,24 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
             if settings.instability and kind == "imp":
                 row["instability"] = _sparse_instability(rcfg, rctx, sweep, rewound_imp, masks, rewind_step,
                                                          f"r{r}-level{level}-{ldir.hash}")
+            row["status"] = _status(row, chance, settings.chance_margin)
             level_rows.append(row)
         write_json(record_path, {"rows": level_rows, "layer_densities": layer_densities(masks)})
         rows.extend(level_rows)
         previous_final = members.member_state_dict(0)
     return rows
+
+
+def _status(row: Mapping[str, Any], chance: float, margin: float) -> str:
+    """ok, or untrained when the final test error is within ``margin`` of chance."""
+    return "untrained" if is_untrained(1 - row["final_test_accuracy"], chance, margin) else "ok"
+
+
+def _forget_level(ldir: RunDir, record_path: Path, mask_path: Path) -> None:
+    """Move a level's unreadable records aside so it is trained again from its start."""
+    for path in (record_path, mask_path, ldir / "final.safetensors"):
+        if path.is_file():
+            quarantine(path, f"level record {str(path)!r} belongs to a level that is redone")
 
 
 def _scaled_rates(rates: dict[str, float] | None, level: int) -> dict[str, float] | None:
@@ -347,15 +445,48 @@ def _sparse_instability(cfg: Config, ctx: Context, sweep: InstabilitySettings, s
     return result.table[0]["instability_mean"]
 
 
+def _tickets(frame, accuracy: str) -> dict[str, Any]:
+    """``ticket_summary`` over the replicates whose dense network is a result (trained, finite).
+
+    A replicate whose dense network diverged or never learned has no reference to match: it finds
+    no winning ticket (it counts in the success rate's denominator) and is listed as excluded.
+    """
+    replicates = sorted(set(frame["replicate"]))
+    dense = frame[(frame["kind"] == "imp") & (frame["level"] == 0)]
+    usable = sorted(set(dense.loc[dense[accuracy].notna(), "replicate"]))
+    excluded = [r for r in replicates if r not in usable]
+    if not usable:
+        return {"accuracy_column": accuracy, "n_replicates": len(replicates), "dense_accuracy": float("nan"),
+                "tolerance": float("nan"), "success_rate": 0.0, "replicates": [], "excluded_replicates": excluded,
+                "aggregate": {"matching_levels": [], "best_sparse": None, "sparsest_matching": None},
+                "baselines": {}, "note": "no dense network is a result (diverged or untrained): nothing can match"}
+    tickets = ticket_summary(frame[frame["replicate"].isin(usable)], accuracy=accuracy)
+    if excluded:
+        tickets["success_rate"] = tickets["success_rate"] * len(usable) / len(replicates)
+        for key in ("best_sparse", "sparsest_matching"):
+            point = tickets["aggregate"].get(key)
+            if point is not None:
+                point["lts_score"] = lts_score(point["a_gain"], tickets["success_rate"])
+        tickets["n_replicates"] = len(replicates)
+    tickets["excluded_replicates"] = excluded
+    return tickets
+
+
 def _summarize(rows: list[dict[str, Any]], settings: ImpSettings, rewind_step: int, rewind_info: dict[str, Any],
                cfg: Config) -> dict[str, Any]:
     import pandas as pd
 
     frame = pd.DataFrame(rows).rename(columns={"final_test_accuracy": "test_accuracy"})
+    # Diverged and untrained networks are not results: no accuracy, so never matching and never best.
+    bad = frame["status"] != "ok" if "status" in frame else pd.Series(False, index=frame.index)
+    frame.loc[bad, ["test_accuracy", "early_stop_test_accuracy"]] = float("nan")
+    flagged = [{"replicate": row["replicate"], "level": row["level"], "kind": row["kind"], "status": row["status"]}
+               for row in rows if row.get("status", "ok") != "ok"]
     summary: dict[str, Any] = {"settings": asdict(settings), "rewind_step": rewind_step, "rewind": rewind_info,
+                               "flagged": flagged,
                                "config": cfg.to_dict(), "target_density": (1 - settings.prune_fraction) ** settings.levels}
-    summary["tickets"] = ticket_summary(frame)
-    summary["tickets_early_stop"] = ticket_summary(frame, accuracy="early_stop_test_accuracy")
+    summary["tickets"] = _tickets(frame, "test_accuracy")
+    summary["tickets_early_stop"] = _tickets(frame, "early_stop_test_accuracy")
     # Trajectory-length gains of Best Sparse and Sparsest Matching (aggregate), against the dense network.
     imp = frame[frame["kind"] == "imp"]
     tl = imp.groupby("level")["trajectory_length"].mean()

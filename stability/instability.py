@@ -11,6 +11,7 @@ and ``instability.json``.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -21,17 +22,21 @@ from torch import Tensor
 
 from .config import Config, settings_hash
 from .engine import StackedModel
-from .errors import ConfigError
+from .errors import ConfigError, RecordError, TrainingDiverged
+from .health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
 from .interpolation import BN_MODES, CurveSettings, curve_rows, error_barrier
 from .siblings import NOISE_KINDS, OPTIMIZER_STATES, SiblingSettings, siblings_info, train_siblings
 from .steps import format_step
-from .store import RunDir, read_csv, read_json, write_csv, write_json
+from .store import RunDir, quarantine, read_csv, read_json, write_csv, write_json
 from .trunk import Context, prepare, train_trunk
 
 SPLITS = ("test", "train", "val")
-CURVE_COLUMNS = ["rewind_step", "pair", "split", "alpha", "error", "loss"]
+CURVE_COLUMNS = ["rewind_step", "pair", "split", "alpha", "error", "loss", "flag"]
 SWEEP_COLUMNS = ["rewind_step", "split", "instability_mean", "instability_std", "loss_barrier_mean",
-                 "loss_barrier_std", "pairs", "stable"]
+                 "loss_barrier_std", "pairs", "stable", "status"]
+# status of a sweep point: ok; untrained (an endpoint within chance_margin of chance error: never stable);
+# diverged (a sibling's loss or weights went non-finite: never stable, and the first stable step skips it)
+STATUSES = ("ok", "untrained", "diverged")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class InstabilitySettings:
     bn_batches: int = 20
     splits: tuple[str, ...] = ("test",)
     threshold: float = 0.02
+    chance_margin: float = DEFAULT_CHANCE_MARGIN  # endpoints this close to chance error are flagged untrained
 
     def sibling_settings(self) -> SiblingSettings:
         return SiblingSettings(self.siblings, self.noise, self.optimizer_state, self.sibling_seed)
@@ -62,6 +68,9 @@ class InstabilitySettings:
         self.curve_settings().validate()
         if not 0 < self.threshold < 1:
             raise ConfigError(f"instability.threshold: must be in (0, 1) (a fraction of examples), got {self.threshold}")
+        if self.bn_batches < 1:
+            raise ConfigError(f"instability.bn_batches: must be at least 1 (training batches for BatchNorm "
+                              f"statistics), got {self.bn_batches}")
         if not self.splits or any(s not in SPLITS for s in self.splits):
             raise ConfigError(f"instability.splits: unknown split in {list(self.splits)}; choose from {', '.join(SPLITS)}")
         return self
@@ -79,14 +88,29 @@ def instability_settings(table: Mapping[str, Any] | None = None, **overrides: An
         if isinstance(default, tuple):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
-            value = tuple(float(v) for v in value) if key == "alpha_grid" else tuple(str(v) for v in value)
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"instability.{key}: expected a list, got {value!r}")
+            if key == "alpha_grid":
+                try:
+                    if any(isinstance(v, bool) for v in value):
+                        raise ValueError
+                    value = tuple(float(v) for v in value)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"instability.alpha_grid: expected a list of numbers in [0, 1] "
+                                      f"(e.g. [0, 0.5, 1]), got {list(value)!r}") from None
+            else:
+                value = tuple(str(v) for v in value)
         elif isinstance(default, bool) or not isinstance(default, (int, float)):
             pass
         else:
+            kind = "an integer" if isinstance(default, int) else "a number"
             try:
+                if isinstance(value, bool) or (isinstance(default, int) and isinstance(value, float)
+                                               and not value.is_integer()):
+                    raise ValueError
                 value = type(default)(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"instability.{key}: expected a number, got {value!r}") from None
+            except (TypeError, ValueError, OverflowError):
+                raise ConfigError(f"instability.{key}: expected {kind}, got {value!r}") from None
         kwargs[key] = value
     return InstabilitySettings(**kwargs).validate()
 
@@ -111,11 +135,18 @@ class SweepResult:
         return pd.DataFrame(self.table)
 
 
-def first_stable_step(steps: Sequence[int], instabilities: Sequence[float], threshold: float) -> int | None:
-    """First k below threshold that stays below it at every later k (steps ascending)."""
+def first_stable_step(steps: Sequence[int], instabilities: Sequence[float], threshold: float,
+                      statuses: Sequence[str] | None = None) -> int | None:
+    """First k below threshold that stays below it at every later k (steps ascending).
+
+    With ``statuses``, diverged points are skipped and untrained points count as not stable.
+    """
     first = None
-    for k, value in zip(steps, instabilities):
-        if value < threshold:
+    for i, (k, value) in enumerate(zip(steps, instabilities)):
+        status = statuses[i] if statuses is not None else "ok"
+        if status == "diverged":
+            continue
+        if status == "ok" and value < threshold:
             if first is None:
                 first = k
         else:
@@ -135,30 +166,61 @@ def pair_barriers(curves: Sequence[Mapping[str, Any]]) -> dict[tuple[int, str, s
     return out
 
 
-def sweep_table(curves: Sequence[Mapping[str, Any]], threshold: float) -> list[dict[str, Any]]:
-    """sweep.csv rows: mean/std over pairs of the error and loss barriers per (rewind step, split)."""
+def untrained_pairs(curves: Sequence[Mapping[str, Any]], chance: Mapping[str, float],
+                    margin: float) -> set[tuple[int, str, str]]:
+    """(rewind_step, split, pair) whose endpoint (α = 0 or 1) error is within ``margin`` of chance."""
+    out = set()
+    for row in curves:
+        if row["alpha"] in (0.0, 1.0) and is_untrained(row["error"], chance[row["split"]], margin):
+            out.add((row["rewind_step"], row["split"], row["pair"]))
+    return out
+
+
+def flag_curves(curves: Sequence[dict[str, Any]], chance: Mapping[str, float], margin: float) -> None:
+    """Set each curve row's ``flag``: ``untrained`` for pairs with an endpoint at chance, else empty."""
+    bad = untrained_pairs(curves, chance, margin)
+    for row in curves:
+        row["flag"] = "untrained" if (row["rewind_step"], row["split"], row["pair"]) in bad else ""
+
+
+def sweep_table(curves: Sequence[Mapping[str, Any]], threshold: float, *, chance: Mapping[str, float] | None = None,
+                margin: float = DEFAULT_CHANCE_MARGIN, diverged: Mapping[int, Any] | None = None,
+                splits: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """sweep.csv rows: mean/std over pairs of the error and loss barriers per (rewind step, split).
+
+    With ``chance`` (split -> chance error), a point with an untrained endpoint is ``untrained`` and not
+    stable; points in ``diverged`` (rewind step -> info) get a ``diverged`` row per split in ``splits``.
+    """
     by_point: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for (k, split, _), barriers in pair_barriers(curves).items():
         by_point.setdefault((k, split), []).append(barriers)
+    bad = {(k, split) for k, split, _ in untrained_pairs(curves, chance, margin)} if chance else set()
     rows = []
     for (k, split), values in sorted(by_point.items()):
         errs = [v[0] for v in values]
         losses = [v[1] for v in values]
         mean = statistics.fmean(errs)
+        status = "untrained" if (k, split) in bad else "ok"
         rows.append({
             "rewind_step": k, "split": split, "instability_mean": mean,
             "instability_std": statistics.stdev(errs) if len(errs) > 1 else 0.0,
             "loss_barrier_mean": statistics.fmean(losses),
             "loss_barrier_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-            "pairs": len(values), "stable": bool(mean < threshold),
+            "pairs": len(values), "stable": bool(status == "ok" and mean < threshold), "status": status,
         })
-    return rows
+    nan = float("nan")
+    for k in diverged or {}:
+        for split in splits:
+            rows.append({"rewind_step": k, "split": split, "instability_mean": nan, "instability_std": nan,
+                         "loss_barrier_mean": nan, "loss_barrier_std": nan, "pairs": 0, "stable": False,
+                         "status": "diverged"})
+    return sorted(rows, key=lambda r: (r["rewind_step"], r["split"]))
 
 
 def sweep_dir(cfg: Config, settings: InstabilitySettings, steps: Sequence[int]) -> RunDir:
     """Where the sweep of these settings lives."""
     key = {"trunk": cfg.run_hash(), "steps": list(steps),
-           **{k: v for k, v in asdict(settings).items() if k not in ("rewind_points", "threshold")}}
+           **{k: v for k, v in asdict(settings).items() if k not in ("rewind_points", "threshold", "chance_margin")}}
     return RunDir(cfg.runtime.results_root, "instability", settings_hash(key))
 
 
@@ -183,20 +245,36 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
     run = sweep_dir(cfg, settings, steps) if masks is None and label is None else RunDir(
         cfg.runtime.results_root, "instability",
         settings_hash({"base": sweep_dir(cfg, settings, steps).hash, "label": label}))
+    with run.claim():
+        return _sweep(cfg, settings, ctx, run, steps, masks, start_states, label, t0)
+
+
+def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir, steps: list[int],
+           masks: Mapping[str, Tensor] | None, start_states: Mapping[int, Any] | None, label: str | None,
+           t0: float) -> SweepResult:
     run.start({"training": cfg.to_dict(), "instability": asdict(settings)},
               {"trunk": cfg.run_hash(), "steps": steps}, {"label": label})
     sm = StackedModel(ctx.model)
     curve_settings = settings.curve_settings(cfg.runtime.eval_batch_size)
     # Curves of rewind points measured by an earlier (finished or interrupted) run of these settings
     # are read back, not measured again: the siblings, and so the curves, are the same.
-    stored = read_csv(run / "curves.csv") if (run / "curves.csv").is_file() else []
+    stored = _stored_curves(run)
+    chance = {split: chance_error(ctx.data.split(split)[1]) for split in settings.splits}
     curves: list[dict[str, Any]] = []
     siblings_runs = []
+    diverged: dict[int, dict[str, Any]] = {}
     measured = 0  # rewind points whose curves this call measures
     for k in steps:
         start = start_states.get(k) if start_states else None
-        sib = train_siblings(ctx, k, settings.sibling_settings(), masks=masks, start=start,
-                             label=None if start is None else f"{label}@{k}")
+        try:
+            sib = train_siblings(ctx, k, settings.sibling_settings(), masks=masks, start=start,
+                                 label=None if start is None else f"{label}@{k}")
+        except TrainingDiverged as exc:
+            diverged[k] = exc.info()
+            siblings_runs.append({"rewind_step": k, "diverged": exc.info()})
+            print(f"warning: siblings at {format_step(k)} diverged ({exc}); the point is marked diverged",
+                  file=sys.stderr)
+            continue
         siblings_runs.append(siblings_info(sib))
         done = [r for r in stored if r["rewind_step"] == k]
         if done:
@@ -204,14 +282,22 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
             continue
         curves.extend(curve_rows(sm, sib.members, settings.splits, ctx.data, curve_settings, k))
         measured += 1
+        flag_curves(curves, chance, settings.chance_margin)
         write_csv(run / "curves.csv", curves, CURVE_COLUMNS)  # after every rewind point: a rerun resumes here
-    table = sweep_table(curves, settings.threshold)
+    flag_curves(curves, chance, settings.chance_margin)  # flags follow the margin asked for now
+    table = sweep_table(curves, settings.threshold, chance=chance, margin=settings.chance_margin,
+                        diverged=diverged, splits=settings.splits)
     by_split = {}
     for split in settings.splits:
         rows = [r for r in table if r["split"] == split]
         by_split[split] = first_stable_step([r["rewind_step"] for r in rows], [r["instability_mean"] for r in rows],
-                                            settings.threshold)
+                                            settings.threshold, [r["status"] for r in rows])
     primary = settings.splits[0]
+    warnings = [f"{format_step(k)}: siblings diverged at step {info['step']} ({info.get('tensor')}); "
+                "not a result" for k, info in diverged.items()]
+    warnings += [f"{format_step(r['rewind_step'])} ({r['split']}): an endpoint's error is within "
+                 f"{settings.chance_margin} of chance ({chance[r['split']]:.3f}): the siblings did not learn, "
+                 "so a small barrier does not mean stable" for r in table if r["status"] == "untrained"]
     summary = {
         "settings": {**asdict(settings), "rewind_points": [format_step(s) for s in steps]},
         "bn_mode": settings.bn,
@@ -225,16 +311,37 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
         "per_split": {s: [{k: r[k] for k in SWEEP_COLUMNS if k != "split"} for r in table if r["split"] == s]
                       for s in settings.splits},
         "siblings": siblings_runs,
+        "chance_error": chance,
+        "chance_margin": settings.chance_margin,
+        "diverged": {str(k): v for k, v in diverged.items()},
+        "untrained": sorted({r["rewind_step"] for r in table if r["status"] == "untrained"}),
+        "warnings": warnings,
         "label": label,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if measured == 0 and (run / "instability.json").is_file():
         # every curve was read back: the time is the one of the run that measured them
         summary["seconds"] = read_json(run / "instability.json").get("seconds", summary["seconds"])
+    write_csv(run / "curves.csv", curves, CURVE_COLUMNS)
     write_csv(run / "sweep.csv", table, SWEEP_COLUMNS)
     write_json(run / "instability.json", summary)
     run.update(status="complete")
     return SweepResult(run.path, steps, table, curves, by_split[primary], by_split, settings.threshold, summary)
+
+
+def _stored_curves(run: RunDir) -> list[dict[str, Any]]:
+    """Curves measured by an earlier run of these settings; a damaged file is moved aside (and remeasured)."""
+    path = run / "curves.csv"
+    if not path.is_file():
+        return []
+    try:
+        rows = read_csv(path)
+        if rows and not set(CURVE_COLUMNS[:-1]) <= set(rows[0]):
+            raise RecordError(f"record {str(path)!r} lacks columns")
+        return rows
+    except RecordError as exc:
+        quarantine(path, str(exc))
+        return []
 
 
 def load_sweep(run_dir: str | Path) -> dict[str, Any]:

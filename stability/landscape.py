@@ -27,16 +27,25 @@ from .interpolation import CurveSettings, interpolate_stacks, reset_bn_stats
 from .siblings import SiblingSettings, train_siblings
 from .steps import to_iterations
 from .store import RunDir, read_csv, write_csv, write_json
-from .trunk import Context, checkpoint_path, load_members, prepare, train_trunk, trunk_dir
+from .trunk import Context, prepare, train_trunk, trunk_checkpoint, trunk_dir
 
 
 def hessian_settings(table: Mapping[str, Any] | None = None, **overrides: Any) -> HessianSettings:
     """HessianSettings from a TOML ``[hessian]`` table plus keyword overrides (None = not given)."""
     values = {**(table or {}), **{k: v for k, v in overrides.items() if v is not None}}
     names = {f.name for f in fields(HessianSettings)}
-    for key in values:
+    defaults = HessianSettings()
+    for key, value in values.items():
         if key not in names:
             raise ConfigError(f"hessian.{key}: unknown setting; settings are {', '.join(sorted(names))}")
+        # integers, dtype and engine are checked by HessianSettings itself; floats and flags here
+        default = getattr(defaults, key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"hessian.{key}: expected true or false, got {value!r}")
+        if isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"hessian.{key}: expected a number, got {value!r}")
+            values[key] = float(value)
     return HessianSettings(**values)
 
 
@@ -98,6 +107,11 @@ def hessian_track(cfg: Config, settings: HessianSettings, *, at: str | Sequence[
     run = RunDir(cfg.runtime.results_root, "hessian",
                  settings_hash({"trunk": cfg.run_hash(), "hessian": asdict(settings), "steps": steps}))
     train_trunk(cfg, extra_checkpoints=[s for s in steps if s < ctx.total_steps], ctx=ctx)
+    with run.claim():
+        return _track(cfg, settings, ctx, run, steps)
+
+
+def _track(cfg: Config, settings: HessianSettings, ctx: Context, run: RunDir, steps: list[int]) -> HessianTrack:
     new_run = not run.exists()
     run.start({"training": cfg.to_dict(), "hessian": asdict(settings)}, {"trunk": cfg.run_hash(), "steps": steps},
               {"target": "trunk", "trunk": str(trunk_dir(cfg).path)})
@@ -105,12 +119,11 @@ def hessian_track(cfg: Config, settings: HessianSettings, *, at: str | Sequence[
     done_density = read_csv(run / "density.csv") if (run / "density.csv").is_file() else []
     done = {r["step"] for r in done_rows}
     t0 = time.perf_counter()
-    trunk = trunk_dir(cfg)
     for step in steps:
         if step in done:
             continue
         try:
-            members = load_members(checkpoint_path(trunk, step), ctx)
+            members = trunk_checkpoint(ctx, step)  # a damaged checkpoint is replayed, never used
         except CheckpointError:
             if new_run and not done_rows:
                 shutil.rmtree(run.path)  # a bad checkpoint before any finished probe: leave nothing behind
@@ -146,6 +159,12 @@ def hessian_path(cfg: Config, settings: HessianSettings, rewind_step: int | str,
         {"trunk": cfg.run_hash(), "hessian": asdict(settings), "path": step, "alphas": alphas,
          "siblings": asdict(siblings), "bn_batches": bn_batches}))
     sib = train_siblings(ctx, step, siblings)
+    with run.claim():
+        return _path(cfg, settings, ctx, run, sib, step, alphas, bn_batches)
+
+
+def _path(cfg: Config, settings: HessianSettings, ctx: Context, run: RunDir, sib: Any, step: int,
+          alphas: list[float], bn_batches: int) -> HessianTrack:
     run.start({"training": cfg.to_dict(), "hessian": asdict(settings)}, {"trunk": cfg.run_hash(), "path": step},
               {"target": "path", "siblings": str(sib.run_dir)})
     done_rows = read_csv(run / "hessian.csv") if (run / "hessian.csv").is_file() else []

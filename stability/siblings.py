@@ -22,11 +22,14 @@ import torch
 from torch import Tensor
 
 from .config import settings_hash
-from .engine import Members, StackedModel, TrainSpec, derive_seed, train_members
-from .errors import ConfigError
+from .engine import Members, TrainSpec, derive_seed
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .steps import format_step
-from .store import RunDir, save_tensors
-from .trunk import Context, Progress, checkpoint_path, load_members, train_trunk, trunk_dir
+from .store import RunDir, quarantine
+from .training import load_members, read_metrics, resumable_train, save_state
+from .trunk import Context, trunk_checkpoint, trunk_dir
+
+FINAL_FILE = "final.safetensors"
 
 NOISE_KINDS = ("both", "data_order", "augmentation")
 OPTIMIZER_STATES = ("fresh", "restore")
@@ -105,57 +108,22 @@ def start_members(ctx: Context, source: Members, n: int, order: Sequence[int], a
 
 def train_branch(ctx: Context, run: RunDir, start: Members, end_step: int, *,
                  masks: Mapping[str, Tensor] | None = None, desc: str = "branch", eval_every: int = 0) -> Members:
-    """Train members from their step to ``end_step`` with rolling resumable saves in ``run``.
+    """Train members from their step to ``end_step`` in ``run`` (resumable); writes ``run/final.safetensors``.
 
-    Resumes from ``run/state/latest.safetensors`` when present; writes ``run/final.safetensors``.
-    With ``eval_every`` > 0, evaluates every member at the start, every ``eval_every`` steps and
-    at the end into ``run/metrics.csv`` (rows kept consistent with the resumed state).
+    A damaged ``final.safetensors`` is moved aside and the branch trained again from its newest intact
+    state. With ``eval_every`` > 0, every member is evaluated at the start, every ``eval_every`` steps
+    and at the end into ``run/metrics.csv``. Divergence marks ``run`` diverged (TrainingDiverged).
     """
-    final = run / "final.safetensors"
+    final = run / FINAL_FILE
     if final.is_file():
-        return load_members(final, ctx)
-    latest = run / "state" / "latest.safetensors"
-    members = load_members(latest, ctx) if latest.is_file() else start
-    if masks:
-        from .pruning import apply_masks_
-
-        apply_masks_(members.params, masks)
-    sm = StackedModel(ctx.model)
-    from .engine import Schedule
-    from .steps import to_iterations
-    from .store import read_csv, write_csv
-    from .trunk import METRIC_COLUMNS, evaluate_rows
-
-    every = to_iterations(ctx.cfg.training.checkpoint_every, ctx.ipe)
-    schedule = Schedule(ctx.cfg, ctx.ipe)
-    metrics_path = run / "metrics.csv"
-    rows: list[dict[str, Any]] = []
-    if eval_every:
-        if metrics_path.is_file() and latest.is_file():
-            rows = [r for r in read_csv(metrics_path) if r["step"] <= members.step]
-        else:
-            rows = evaluate_rows(ctx, sm, members, schedule.lr(members.step))
-            write_csv(metrics_path, rows, METRIC_COLUMNS)
-    progress = Progress(end_step, members.step, desc, ctx.cfg.runtime.quiet)
-
-    def after_step(m: Members, loss: float) -> None:
-        progress.update(loss)
-        if eval_every and (m.step % eval_every == 0 or m.step == end_step):
-            new_rows = evaluate_rows(ctx, sm, m, schedule.lr(m.step - 1))
-            progress.evaluated(new_rows)
-            rows.extend(new_rows)
-            write_csv(metrics_path, rows, METRIC_COLUMNS)
-        if m.step % every == 0 and m.step != end_step:
-            tensors, meta = m.to_tensors()
-            save_tensors(latest, tensors, meta)
-
-    spec = TrainSpec(ctx.data, ctx.cfg, ctx.ipe, masks=masks, after_step=after_step, augmentation=ctx.augmentation)
-    try:
-        train_members(sm, members, spec, end_step)
-    finally:
-        progress.close()
-    tensors, meta = members.to_tensors()
-    save_tensors(final, tensors, meta)
+        try:
+            members = load_members(final, ctx)
+            if not eval_every or read_metrics(run) is not None:
+                return members
+        except CheckpointError as exc:
+            quarantine(final, str(exc))
+    members = resumable_train(ctx, run, start, end_step, masks=masks, eval_every=eval_every, desc=desc)
+    save_state(final, members)
     return members
 
 
@@ -181,21 +149,29 @@ def train_siblings(ctx: Context, rewind_step: int, settings: SiblingSettings = S
     key = {"trunk": trunk.hash, "rewind_step": rewind_step, "order_seeds": order, "aug_seeds": aug,
            "optimizer_state": settings.optimizer_state, "masks": mask_digest(masks), "start": label}
     run = RunDir(cfg.runtime.results_root, "siblings", settings_hash(key))
-    reused = (run / "final.safetensors").is_file()
-    if not reused:
-        if start is None:
-            if not checkpoint_path(trunk, rewind_step).is_file():
-                train_trunk(cfg, extra_checkpoints=[rewind_step], ctx=ctx)
-            start = load_members(checkpoint_path(trunk, rewind_step), ctx)
-        run.start({"training": cfg.to_dict(), "siblings": asdict(settings)}, key,
-                  {"rewind_step": rewind_step, "final_step": ctx.total_steps, "trunk": str(trunk.path)})
-        members0 = start_members(ctx, start, len(order), order, aug, settings.optimizer_state)
-        t0 = time.perf_counter()
-        members = train_branch(ctx, run, members0, ctx.total_steps, masks=masks,
-                               desc=f"siblings @{format_step(rewind_step)}")
-        run.update(status="complete", seconds=round(time.perf_counter() - t0, 3))
-    else:
-        members = load_members(run / "final.safetensors", ctx)
+    with run.claim():
+        status = run.status()
+        if status == "diverged":
+            raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
+        members = None
+        if status == "complete" and (run / FINAL_FILE).is_file():
+            try:
+                members = load_members(run / FINAL_FILE, ctx)
+                run.check_reuse(cfg.runtime.accept_other_versions)
+            except CheckpointError as exc:
+                quarantine(run / FINAL_FILE, str(exc))
+                members = None
+        reused = members is not None
+        if not reused:
+            if start is None:
+                start = trunk_checkpoint(ctx, rewind_step)
+            run.start({"training": cfg.to_dict(), "siblings": asdict(settings)}, key,
+                      {"rewind_step": rewind_step, "final_step": ctx.total_steps, "trunk": str(trunk.path)})
+            members0 = start_members(ctx, start, len(order), order, aug, settings.optimizer_state)
+            t0 = time.perf_counter()
+            members = train_branch(ctx, run, members0, ctx.total_steps, masks=masks,
+                                   desc=f"siblings @{format_step(rewind_step)}")
+            run.update(status="complete", seconds=round(time.perf_counter() - t0, 3))
     return SiblingsResult(run.path, rewind_step, ctx.total_steps, members, order, aug, reused)
 
 
@@ -204,8 +180,7 @@ def train_siblings_reference(ctx: Context, rewind_step: int, order: Sequence[int
     """The plain one-at-a-time path (fresh optimizer), for checking the batched one."""
     from .engine import train_reference
 
-    trunk = trunk_dir(ctx.cfg)
-    source = load_members(checkpoint_path(trunk, rewind_step), ctx)
+    source = trunk_checkpoint(ctx, rewind_step)
     state = source.member_state_dict(0)
     spec = TrainSpec(ctx.data, ctx.cfg, ctx.ipe, augmentation=ctx.augmentation)
     out = []
@@ -219,7 +194,7 @@ def train_siblings_reference(ctx: Context, rewind_step: int, order: Sequence[int
 
 def load_siblings(path: str | Path, ctx: Context) -> Members:
     """Final weights of a siblings run directory."""
-    return load_members(Path(path) / "final.safetensors", ctx)
+    return load_members(Path(path) / FINAL_FILE, ctx)
 
 
 def siblings_info(result: SiblingsResult) -> dict[str, Any]:

@@ -26,19 +26,32 @@ from .engine import (
     Members,
     StackedModel,
     TrainSpec,
-    check_matches_model,
     configure_threads,
     derive_seed,
     iterations_per_epoch,
     resolve_device,
     train_members,
 )
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
+from .health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
 from .models import build_model
 from .steps import format_step, to_iterations
-from .store import RunDir, load_tensors, read_csv, save_tensors, write_csv, write_json
+from .store import RunDir, load_tensors, quarantine, read_json, write_json
+from .training import (
+    METRIC_COLUMNS,
+    Progress,
+    checkpoint_path,
+    evaluate_rows,
+    load_members,
+    read_metrics,
+    resumable_train,
+    save_state,
+    saved_checkpoints,
+)
 
-METRIC_COLUMNS = ["step", "member", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error"]
+__all__ = ["METRIC_COLUMNS", "Context", "Progress", "TrainResult", "checkpoint_path", "evaluate_rows",
+           "initial_members", "load_members", "load_weights", "prepare", "produce_checkpoints", "saved_checkpoints",
+           "train_trunk", "trunk_checkpoint", "trunk_dir"]
 
 
 @dataclass
@@ -104,42 +117,20 @@ def trunk_dir(cfg: Config) -> RunDir:
     return RunDir(cfg.runtime.results_root, "train", cfg.run_hash())
 
 
-def checkpoint_path(run: RunDir, step: int) -> Path:
-    return run / "checkpoints" / f"step_{step}.safetensors"
-
-
-def saved_checkpoints(run: RunDir) -> list[int]:
-    """Steps with a saved checkpoint, ascending."""
-    folder = run / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.safetensors"))
-
-
-def load_members(path: Path, ctx: Context) -> Members:
-    """A saved state, checked against the model."""
-    tensors, meta = load_tensors(path, ctx.device)
-    members = Members.from_tensors(tensors, meta, ctx.device)
-    sm = StackedModel(ctx.model)
-    check_matches_model(sm.param_names, sm.buffer_names, members, str(path))
-    for k, v in members.params.items():
-        expected = dict(ctx.model.named_parameters())[k].shape
-        if tuple(v.shape[1:]) != tuple(expected):
-            raise CheckpointError(f"checkpoint {str(path)!r} does not match the model: {k} has shape "
-                                  f"{tuple(v.shape[1:])}, the model expects {tuple(expected)}")
-    return members
-
-
 def load_weights(run: RunDir | str | Path, step: int, member: int = 0) -> dict[str, torch.Tensor]:
     """A model ``state_dict`` from a run's checkpoint at ``step`` (CPU tensors)."""
     run_path = run.path if isinstance(run, RunDir) else Path(run)
-    tensors, _ = load_tensors(run_path / "checkpoints" / f"step_{step}.safetensors")
+    path = run_path / "checkpoints" / f"step_{step}.safetensors"
+    tensors, _ = load_tensors(path)
     out = {}
     for k, v in tensors.items():
         if k.startswith("param/"):
             out[k[6:]] = v[member]
         elif k.startswith("buffer/"):
             out[k[7:]] = v[member]
+    bad = [k for k, v in out.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite values ({bad[0]}); it is not a trained network")
     return out
 
 
@@ -149,51 +140,6 @@ def initial_members(ctx: Context) -> Members:
     noise = ctx.cfg.training.noise_seed
     return Members.from_model_states([ctx.model.state_dict()], sm.param_names, 0,
                                      [derive_seed(noise, "order")], [derive_seed(noise, "augment")], ctx.device)
-
-
-class Progress:
-    """A tqdm bar on stderr with loss and accuracy; silent when quiet or not a terminal."""
-
-    def __init__(self, total: int, initial: int, desc: str, quiet: bool):
-        self.bar = None
-        if not quiet and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="it", leave=False, dynamic_ncols=True)
-        self.losses: list[float] = []
-        self.accuracy: str = "-"
-
-    def evaluated(self, rows: list[dict[str, Any]]) -> None:
-        """Show the test accuracy of the latest evaluation (mean over members)."""
-        errors = [r["test_error"] for r in rows]
-        if errors:
-            self.accuracy = f"{1 - sum(errors) / len(errors):.3f}"
-
-    def update(self, loss: float) -> None:
-        if self.bar is None:
-            return
-        self.losses.append(loss)
-        self.bar.update(1)
-        if self.bar.n % 10 == 0:
-            recent = self.losses[-10:]
-            self.bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", test_acc=self.accuracy)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def evaluate_rows(ctx: Context, sm: StackedModel, members: Members, lr: float) -> list[dict[str, Any]]:
-    """One metrics row per member at the members' current step."""
-    bs = ctx.cfg.runtime.eval_batch_size
-    rows = [{"step": members.step, "member": i, "lr": lr} for i in range(members.n)]
-    for split in ("train", "val", "test"):
-        x, y = ctx.data.split(split)
-        loss, err = sm.evaluate(members.params, members.buffers, x, y, bs)
-        for i, row in enumerate(rows):
-            row[f"{split}_loss"] = float(loss[i])
-            row[f"{split}_error"] = float(err[i])
-    return rows
 
 
 @dataclass
@@ -207,6 +153,7 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(repr=False)
     reused: bool = False
     seconds: float = 0.0
+    chance_test_error: float = float("nan")  # error of always predicting the most frequent test class
 
     @property
     def final(self) -> dict[str, Any]:
@@ -214,99 +161,121 @@ class TrainResult:
 
     def summary(self) -> dict[str, Any]:
         f = self.final
+        test_error = f.get("test_error", float("nan"))
         return {
             "run_dir": str(self.run_dir), "hash": self.run_hash, "final_step": self.final_step,
             "final_test_accuracy": 1 - f.get("test_error", float("nan")),
             "final_test_loss": f.get("test_loss"), "final_train_loss": f.get("train_loss"),
             "checkpoints": [format_step(s) for s in self.checkpoints], "reused": self.reused,
-            "seconds": round(self.seconds, 3),
+            "seconds": round(self.seconds, 3), "chance_test_error": self.chance_test_error,
+            "chance_margin": DEFAULT_CHANCE_MARGIN,
+            "untrained": is_untrained(test_error, self.chance_test_error, DEFAULT_CHANCE_MARGIN),
         }
 
 
 def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Context | None = None) -> TrainResult:
-    """Train (or resume, or reuse) the trunk run of ``cfg``; checkpoints at 0, rewind points and T."""
+    """Train (or resume, or reuse) the trunk run of ``cfg``; checkpoints at 0, rewind points and T.
+
+    A run that diverged (non-finite loss or weight) raises TrainingDiverged, now and on every rerun.
+    """
     ctx = ctx or prepare(cfg)
     t0 = time.perf_counter()
     run = trunk_dir(cfg)
     T = ctx.total_steps
     wanted = sorted({0, T, *ctx.steps(cfg.training.rewind_points, "training.rewind_points"), *extra_checkpoints})
-    if run.is_complete():
-        missing = [s for s in wanted if s not in saved_checkpoints(run)]
-        if missing:
-            produce_checkpoints(ctx, run, missing)
-        return _result(run, T, reused=True, seconds=time.perf_counter() - t0)
-
-    run.start(cfg.to_dict(), cfg.hashed_dict(), {"iterations_per_epoch": ctx.ipe, "final_step": T})
-    sm = StackedModel(ctx.model)
-    members, rows = _resume_point(ctx, run)
-    eval_every = to_iterations(cfg.training.eval_every, ctx.ipe)
-    ckpt_every = to_iterations(cfg.training.checkpoint_every, ctx.ipe)
-    from .engine import Schedule
-
-    schedule = Schedule(cfg, ctx.ipe)
-    if members.step == 0:
-        _save_state(checkpoint_path(run, 0), members)
-        rows = evaluate_rows(ctx, sm, members, schedule.lr(0))
-        write_csv(run / "metrics.csv", rows, METRIC_COLUMNS)
-    progress = Progress(T, members.step, f"train {run.hash}", cfg.runtime.quiet)
-
-    def after_step(m: Members, loss: float) -> None:
-        progress.update(loss)
-        s = m.step
-        if s in wanted:
-            _save_state(checkpoint_path(run, s), m)
-        if s % eval_every == 0 or s == T:
-            new_rows = evaluate_rows(ctx, sm, m, schedule.lr(s - 1))
-            progress.evaluated(new_rows)
-            rows.extend(new_rows)
-            write_csv(run / "metrics.csv", rows, METRIC_COLUMNS)
-        if s % ckpt_every == 0 and s != T:
-            _save_state(run / "state" / "latest.safetensors", m)
-
-    spec = TrainSpec(ctx.data, cfg, ctx.ipe, after_step=after_step, augmentation=ctx.augmentation)
-    try:
-        train_members(sm, members, spec, T)
-    finally:
-        progress.close()
-    result = _result(run, T, reused=False, seconds=time.perf_counter() - t0)
-    write_json(run / "summary.json", result.summary())
-    run.update(status="complete")
+    with run.claim():
+        status = run.status()
+        if status == "diverged":
+            raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
+        if status == "complete":
+            problem = _records_problem(run)
+            if problem is None:
+                run.check_reuse(cfg.runtime.accept_other_versions)
+                ensure_checkpoints(ctx, run, wanted)
+                return _result(run, T, reused=True, seconds=time.perf_counter() - t0, ctx=ctx)
+            print(f"warning: finished run {run.path.name}: {problem}; training it again from its newest intact state",
+                  file=sys.stderr)
+        run.start(cfg.to_dict(), cfg.hashed_dict(), {"iterations_per_epoch": ctx.ipe, "final_step": T})
+        eval_every = to_iterations(cfg.training.eval_every, ctx.ipe)
+        resumable_train(ctx, run, initial_members(ctx), T, eval_every=eval_every, keep=wanted,
+                        desc=f"train {run.hash}")
+        result = _result(run, T, reused=False, seconds=time.perf_counter() - t0, ctx=ctx)
+        write_json(run / "summary.json", result.summary())
+        run.update(status="complete")
     return result
 
 
-def _save_state(path: Path, members: Members) -> None:
-    tensors, meta = members.to_tensors()
-    save_tensors(path, tensors, meta)
+def _records_problem(run: RunDir) -> str | None:
+    """What is wrong with a finished trunk's records (metrics.csv, summary.json), or None."""
+    if read_metrics(run) is None:
+        return "metrics.csv is missing or damaged"
+    try:
+        read_json(run / "summary.json")
+    except FileNotFoundError:
+        return "summary.json is missing"
+    except RecordError as exc:
+        quarantine(run / "summary.json", str(exc))
+        return "summary.json was damaged"
+    return None
 
 
-def _resume_point(ctx: Context, run: RunDir) -> tuple[Members, list[dict[str, Any]]]:
-    """The newest saved state (or step 0) and the metrics rows up to it."""
-    candidates = [(s, checkpoint_path(run, s)) for s in saved_checkpoints(run)]
-    latest = run / "state" / "latest.safetensors"
-    if latest.is_file():
-        _, meta = load_tensors(latest)
-        candidates.append((int(meta["step"]), latest))
-    if not candidates:
-        return initial_members(ctx), []
-    step, path = max(candidates, key=lambda c: c[0])
-    members = load_members(path, ctx)
-    rows = [r for r in read_csv(run / "metrics.csv") if r["step"] <= step] if (run / "metrics.csv").is_file() else []
-    return members, rows
+def ensure_checkpoints(ctx: Context, run: RunDir, steps: Iterable[int]) -> None:
+    """Make sure a finished trunk holds intact checkpoints at ``steps``: replay missing or damaged ones.
+
+    Every file is checked against the digest recorded when it was written (and for non-finite values).
+    """
+    todo = []
+    for s in steps:
+        path = checkpoint_path(run, s)
+        if not path.is_file():
+            todo.append(s)
+            continue
+        try:
+            load_members(path, ctx)
+        except CheckpointError as exc:
+            quarantine(path, str(exc))
+            todo.append(s)
+    if todo:
+        produce_checkpoints(ctx, run, todo)
+
+
+def trunk_checkpoint(ctx: Context, step: int) -> Members:
+    """The trunk's intact state at ``step``: trained, replayed or repaired as needed (never a damaged file)."""
+    run = trunk_dir(ctx.cfg)
+    path = checkpoint_path(run, step)
+    if not path.is_file() or not run.is_complete():
+        train_trunk(ctx.cfg, extra_checkpoints=[step], ctx=ctx)
+    try:
+        return load_members(path, ctx)
+    except CheckpointError as exc:
+        with run.claim():
+            if path.is_file():
+                quarantine(path, str(exc))
+            produce_checkpoints(ctx, run, [step])
+        return load_members(path, ctx)
 
 
 def produce_checkpoints(ctx: Context, run: RunDir, steps: Iterable[int]) -> None:
-    """Create missing checkpoints of a finished trunk by exact replay from the nearest earlier one."""
+    """Create missing checkpoints of a trunk by exact replay from the nearest earlier intact one (or step 0)."""
     sm = StackedModel(ctx.model)
     for target in sorted(steps):
-        have = [s for s in saved_checkpoints(run) if s <= target]
-        if target in have:
+        if checkpoint_path(run, target).is_file():
             continue
-        members = load_members(checkpoint_path(run, max(have)), ctx)
+        members = None
+        for have in sorted((s for s in saved_checkpoints(run) if s < target), reverse=True):
+            try:
+                members = load_members(checkpoint_path(run, have), ctx)
+                break
+            except CheckpointError as exc:
+                quarantine(checkpoint_path(run, have), str(exc))
+        if members is None:
+            members = initial_members(ctx)  # step 0 is the seeded initialization: always reproducible
         spec = TrainSpec(ctx.data, ctx.cfg, ctx.ipe, augmentation=ctx.augmentation)
         train_members(sm, members, spec, target)
-        _save_state(checkpoint_path(run, target), members)
+        save_state(checkpoint_path(run, target), members)
 
 
-def _result(run: RunDir, T: int, reused: bool, seconds: float) -> TrainResult:
-    rows = read_csv(run / "metrics.csv") if (run / "metrics.csv").is_file() else []
-    return TrainResult(run.path, run.hash, T, saved_checkpoints(run), rows, reused, seconds)
+def _result(run: RunDir, T: int, reused: bool, seconds: float, ctx: Context) -> TrainResult:
+    rows = read_metrics(run) or []
+    return TrainResult(run.path, run.hash, T, saved_checkpoints(run), rows, reused, seconds,
+                       chance_error(ctx.data.split("test")[1]))
