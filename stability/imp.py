@@ -34,7 +34,7 @@ from torch import Tensor
 from .config import Config, settings_hash
 from .engine import Members, derive_seed
 from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
-from .health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
+from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
 from .instability import InstabilitySettings, instability_settings, instability_sweep
 from .metrics import lts_score, ticket_summary, trajectory_length, trajectory_length_gain
 from .models import output_layer_name
@@ -88,6 +88,7 @@ class ImpSettings:
     chance_margin: float = DEFAULT_CHANCE_MARGIN  # networks this close to chance error are flagged untrained
 
     def validate(self) -> ImpSettings:
+        check_margin(self.chance_margin, "imp.chance_margin")
         if self.levels < 1:
             raise ConfigError(f"imp.levels: must be at least 1, got {self.levels}")
         if not 0 < self.prune_fraction < 1:

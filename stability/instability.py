@@ -23,7 +23,7 @@ from torch import Tensor
 from .config import Config, settings_hash
 from .engine import StackedModel
 from .errors import ConfigError, RecordError, TrainingDiverged
-from .health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
+from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
 from .interpolation import BN_MODES, CurveSettings, curve_rows, error_barrier
 from .siblings import NOISE_KINDS, OPTIMIZER_STATES, SiblingSettings, siblings_info, train_siblings
 from .steps import format_step
@@ -73,6 +73,7 @@ class InstabilitySettings:
                               f"statistics), got {self.bn_batches}")
         if not self.splits or any(s not in SPLITS for s in self.splits):
             raise ConfigError(f"instability.splits: unknown split in {list(self.splits)}; choose from {', '.join(SPLITS)}")
+        check_margin(self.chance_margin, "instability.chance_margin")
         return self
 
 

@@ -30,6 +30,10 @@ CASES = [
     _case("imp", match="imp.levles: unknown setting; settings are", toml="[imp]\nlevles = 2\n", id="toml-imp-key"),
     _case("hessian", match="hessian.topk: unknown setting; settings are", toml="[hessian]\ntopk = 2\n",
           id="toml-hessian-key"),
+    _case("instability", match="instability.chance_margin: must be a number in [0, 1)",
+          toml="[instability]\nchance_margin = 1.5\n", id="chance-margin-instability"),
+    _case("imp", match="imp.chance_margin: must be a number in [0, 1)", toml="[imp]\nchance_margin = -0.1\n",
+          id="chance-margin-imp"),
     # ---- optimizer, schedule, runtime, model numbers
     _case("train", ["--set", "optimizer.beta1=1.0"], "optimizer.beta1: must be in [0, 1)", id="beta1-one"),
     _case("train", ["--set", "optimizer.beta1=-0.1"], "optimizer.beta1: must be in [0, 1)", id="beta1-negative"),
