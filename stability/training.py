@@ -201,7 +201,8 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
         train_members(sm, members, spec, end_step)
     except TrainingDiverged as exc:
         exc.run_dir = str(run.path)
-        run.update(status="diverged", divergence=exc.info())
+        if run.exists():  # IMP level directories have no manifest: their record.json says it
+            run.update(status="diverged", divergence=exc.info())
         raise
     finally:
         progress.close()

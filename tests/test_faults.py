@@ -452,3 +452,30 @@ def test_orphaned_temporary_files_are_removed_on_resume(tmp_path):
     train_trunk(cfg)
     assert not orphan.exists()
 
+
+
+def test_a_diverged_imp_level_is_marked_never_matching_and_stops_its_replicate(tmp_path, monkeypatch, capsys):
+    import stability.imp as imp_module
+
+    real_branch = imp_module.train_branch
+
+    def branch(ctx, run, start, end_step, **kw):
+        if run.hash == "2":  # level 2 starts from blown-up weights: its loss overflows in the real loop
+            for v in start.params.values():
+                v.mul_(1e30)
+        return real_branch(ctx, run, start, end_step, **kw)
+
+    monkeypatch.setattr(imp_module, "train_branch", branch)
+    cfg = tiny_config(tmp_path)
+    settings = imp_settings(levels=3, rewind="5it", baselines=["reinit"])
+    result = run_imp(cfg, settings)
+    rows = {(r["level"], r["kind"]): r for r in result.levels}
+    assert {rows[(2, k)]["status"] for k in ("imp", "reinit")} == {"diverged"}
+    assert math.isnan(rows[(2, "imp")]["final_test_accuracy"])
+    assert (3, "imp") not in rows  # the replicate stops at the diverged level
+    assert 2 not in result.summary["tickets"]["aggregate"]["matching_levels"]
+    assert {(f["level"], f["status"]) for f in result.summary["flagged"]} == {(2, "diverged")}
+    # the CLI reads the finished run back and exits 3 (a diverged level is in it)
+    code = main(["imp", "--preset", "lenet300_mnist5k", *TINY_ARGS, "--out", str(tmp_path), "--quiet",
+                 "--levels", "3", "--rewind", "5it", "--baselines", "reinit"])
+    assert code == 3 and "diverged" in capsys.readouterr().err
