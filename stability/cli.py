@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import Config, load_toml, settings_help
+from .config import Config, settings_help
 from .errors import ConfigError, StabilityError, TrainingDiverged
 
 EXIT_BAD_INPUT = 2
@@ -33,23 +33,20 @@ def _parse_sets(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def load_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any], str | None]:
+def load_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
     """Config from CONFIG.toml or --preset, then --set, --out, --device, --threads, --quiet.
 
-    Returns the run config, the other TOML tables (stage settings) and the preset name.
+    Returns the run config and the stage tables (the preset's, overridden by the file's).
     """
-    from .presets import get_preset, preset_tables
+    from .presets import get_preset, load_toml, stage_tables
 
-    extra: dict[str, Any] = {}
     preset = getattr(args, "preset", None)
     if args.config and preset:
         raise ConfigError("give either CONFIG.toml or --preset, not both")
     if args.config:
         cfg, extra = load_toml(args.config)
-        preset = extra.pop("preset", None)
     elif preset:
-        cfg = get_preset(preset)
-        extra = {k: v for k, v in preset_tables(preset).items() if k not in ("description",) and not hasattr(cfg, k)}
+        cfg, extra = get_preset(preset), stage_tables(preset)
     else:
         raise ConfigError("give a CONFIG.toml or --preset NAME (see `stability presets`)")
     overrides: dict[str, Any] = _parse_sets(args.set or [])
@@ -61,7 +58,7 @@ def load_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any], str |
         overrides["runtime.threads"] = str(args.threads)
     if getattr(args, "quiet", False):
         overrides["runtime.quiet"] = "true"
-    return cfg.with_overrides(overrides), extra, preset
+    return cfg.with_overrides(overrides), extra
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -95,7 +92,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .trunk import train_trunk
 
-    cfg, _, _ = load_config(args)
+    cfg, _ = load_config(args)
     result = train_trunk(cfg)
     summary = result.summary()
     if args.json:
@@ -117,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_instability(args: argparse.Namespace) -> int:
     from .instability import instability_settings, instability_sweep
 
-    cfg, extra, _ = load_config(args)
+    cfg, extra = load_config(args)
     if args.rewind:
         # The swept points are the trunk's rewind points; they do not name the trunk run.
         cfg = cfg.with_overrides({"training.rewind_points": args.rewind})
@@ -149,7 +146,7 @@ def cmd_imp(args: argparse.Namespace) -> int:
     from .imp import imp_settings, run_imp
     from .instability import instability_settings
 
-    cfg, extra, _ = load_config(args)
+    cfg, extra = load_config(args)
     settings = imp_settings(
         extra.get("imp"), levels=args.levels, prune_fraction=args.prune_fraction, strategy=args.strategy,
         rewind=args.rewind, one_shot=True if args.one_shot else None, baselines=args.baselines,
@@ -208,7 +205,7 @@ def cmd_hessian(args: argparse.Namespace) -> int:
             overrides["runtime.quiet"] = "true"
         cfg = cfg.with_overrides(overrides)
     else:
-        cfg, extra, _ = load_config(args)
+        cfg, extra = load_config(args)
     if args.trace_probes < 1:
         raise ConfigError(f"hessian --trace-probes: must be at least 1 (Rademacher probes for --trace), "
                           f"got {args.trace_probes}")

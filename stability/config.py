@@ -7,7 +7,6 @@ device, threads, checkpoint cadence) are never hashed.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -21,7 +20,6 @@ from typing import Any
 from .errors import ConfigError
 from .steps import Step
 
-INIT_SCHEMES = ("default", "kaiming_normal", "glorot_normal")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
@@ -266,11 +264,11 @@ def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
     return (base or Config()).with_overrides(overrides)
 
 
-def load_toml(path: str | Path) -> tuple[Config, dict[str, Any]]:
-    """Read a TOML config: sections of the training run, plus the stage tables (returned raw).
+def read_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """Read a TOML config file: (run sections, stage tables, preset name or None), all raw.
 
-    A top-level ``preset = "name"`` starts from that preset. Any other table (a misspelt
-    section such as ``[trainng]``) is refused, naming the allowed ones.
+    Any table other than the run sections and the stage tables (a misspelt section such as
+    ``[trainng]``) is refused, naming the allowed ones. ``presets.load_toml`` builds the Config.
     """
     path = Path(path)
     if not path.is_file():
@@ -291,33 +289,17 @@ def load_toml(path: str | Path) -> tuple[Config, dict[str, Any]]:
             )
         elif not isinstance(value, Mapping):
             raise ConfigError(f"config file {str(path)!r}: [{key}] must be a table of settings, got {value!r}")
-    base = None
     preset = data.pop("preset", None)
     data.pop("description", None)
-    if preset is not None:
-        from .presets import get_preset
-
-        base = get_preset(preset)
     run_sections = {k: v for k, v in data.items() if k in SECTIONS}
-    extra = {k: v for k, v in data.items() if k not in SECTIONS}
-    return from_dict(run_sections, base), extra
+    stage_tables = {k: v for k, v in data.items() if k not in SECTIONS}
+    return run_sections, stage_tables, preset
 
 
 def validate(cfg: Config) -> Config:
     """Check every setting a run needs, raising ConfigError with the allowed values."""
-    from .data import DATASETS
-    from .models import MODELS
-
-    if cfg.dataset.name not in DATASETS:
-        raise ConfigError(
-            f"dataset.name: unknown dataset {cfg.dataset.name!r}; choose one of {', '.join(sorted(DATASETS))}"
-        )
-    if cfg.model.name not in MODELS:
-        raise ConfigError(
-            f"model.name: unknown model {cfg.model.name!r}; choose one of {', '.join(sorted(MODELS))}"
-        )
-    if cfg.model.init not in INIT_SCHEMES:
-        raise ConfigError(f"model.init: unknown scheme {cfg.model.init!r}; choose one of {', '.join(INIT_SCHEMES)}")
+    # Names of datasets, models and init schemes are checked where they are looked up (``registry``,
+    # ``models.build_model``), which ``trunk.prepare`` does before anything is written.
     if not (cfg.model.width > 0 and math.isfinite(cfg.model.width)):
         raise ConfigError(f"model.width: must be a positive finite number, got {cfg.model.width}")
     if cfg.optimizer.name not in OPTIMIZERS:
@@ -397,6 +379,4 @@ def settings_help() -> str:
     return "\n".join(lines)
 
 
-def section_replace(cfg: Config, section: str, **changes: Any) -> Config:
-    """A copy of ``cfg`` with fields of one section replaced (already typed)."""
-    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+

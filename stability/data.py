@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .config import DatasetConfig
 from .errors import ConfigError, DatasetError
+from .registry import Registry
 
 __all__ = ["DATASETS", "DataSplits", "DatasetSpec", "augment_batch", "load_dataset"]
 
@@ -103,7 +104,7 @@ class DatasetSpec:
 # normalize after slicing, so CIFAR's 50,000 images are never held twice as float32.
 _Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]
 
-DATASETS: dict[str, DatasetSpec] = {
+DATASETS: Registry[DatasetSpec] = Registry("dataset", "dataset.name", {
     spec.name: spec
     for spec in (
         DatasetSpec(
@@ -136,7 +137,7 @@ DATASETS: dict[str, DatasetSpec] = {
             augmentation="cifar", description="CIFAR-100 (50,000 / 10,000) through torchvision",
         ),
     )
-}
+})
 
 
 # ---- public API ---------------------------------------------------------------------
@@ -144,11 +145,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def load_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> DataSplits:
     """Load ``cfg.name`` with ``cfg.val_size`` examples held out of train, on ``device``."""
-    spec = DATASETS.get(cfg.name)
-    if spec is None:
-        raise ConfigError(
-            f"dataset.name: unknown dataset {cfg.name!r}; choose one of {', '.join(DATASETS)}"
-        )
+    spec = DATASETS[cfg.name]  # an unknown name is a ConfigError listing the known ones
     if cfg.val_size < 0:
         raise ConfigError(f"dataset.val_size: must be >= 0, got {cfg.val_size}")
     if cfg.split_seed < 0:

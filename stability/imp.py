@@ -47,6 +47,17 @@ from .pruning import (
     random_masks_like,
 )
 from .pruning import density as mask_density
+from .schema import (
+    FINAL_STATE,
+    IMP,
+    IMP_SUMMARY,
+    LEVEL_COLUMNS,
+    LEVEL_RECORD,
+    LEVELS,
+    METRICS,
+    level_dir,
+    mask_name,
+)
 from .siblings import train_branch
 from .steps import format_step, to_iterations
 from .store import (
@@ -62,11 +73,7 @@ from .store import (
 from .trunk import Context, load_members, prepare, train_trunk, trunk_checkpoint
 
 BASELINES = ("reinit", "random")
-LEVEL_COLUMNS = ["replicate", "level", "kind", "density", "final_test_accuracy", "final_test_loss",
-                 "early_stop_step", "early_stop_test_accuracy", "early_stop_val_loss", "trajectory_length",
-                 "instability", "rewind_step", "status"]
-# status of a level row: ok; untrained (final test error within chance_margin of chance: never matching);
-# diverged (training went non-finite: no accuracy, never matching; the replicate stops there)
+
 
 
 @dataclass(frozen=True)
@@ -256,7 +263,7 @@ def imp_dir(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> R
     key = {"trunk": cfg.run_hash(), "imp": _without(asdict(settings), "chance_margin")}
     if settings.rewind == "auto" or settings.instability:
         key["instability"] = _without(asdict(sweep), "chance_margin")
-    return RunDir(cfg.runtime.results_root, "imp", settings_hash(key))
+    return RunDir(cfg.runtime.results_root, IMP, settings_hash(key))
 
 
 def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(), sweep: InstabilitySettings | None = None) -> ImpResult:
@@ -295,11 +302,11 @@ def _imp(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySet
         except TrainingDiverged as exc:  # the dense trunk of replicate r: no reference, no IMP
             run.update(status="diverged", divergence={**exc.info(), "replicate": r})
             raise
-        write_csv(run / "levels.csv", rows, LEVEL_COLUMNS)
+        write_csv(run / LEVELS, rows, LEVEL_COLUMNS)
     summary = _summarize(rows, settings, rewind_step, rewind_info, cfg)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    write_csv(run / "levels.csv", rows, LEVEL_COLUMNS)
-    write_json(run / "imp.json", summary)
+    write_csv(run / LEVELS, rows, LEVEL_COLUMNS)
+    write_json(run / IMP_SUMMARY, summary)
     run.update(status="complete")
     return ImpResult(run.path, rewind_step, rows, summary)
 
@@ -309,8 +316,8 @@ def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def _load_result(run: RunDir) -> ImpResult:
-    summary = read_json(run / "imp.json")
-    return ImpResult(run.path, summary["rewind_step"], read_csv(run / "levels.csv"), summary)
+    summary = read_json(run / IMP_SUMMARY)
+    return ImpResult(run.path, summary["rewind_step"], read_csv(run / LEVELS), summary)
 
 
 def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySettings, run: RunDir,
@@ -339,9 +346,9 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
 
     previous_final = dense_state
     for level in range(1, settings.levels + 1):
-        ldir = RunDir(run.path / f"replicate_{r}", "level", str(level))
-        record_path = ldir / "record.json"
-        mask_path = run / "masks" / f"replicate_{r}_level_{level}.safetensors"
+        ldir = RunDir(run.path / level_dir(r), "level", str(level))
+        record_path = ldir / LEVEL_RECORD
+        mask_path = run / mask_name(r, level)
         if record_path.is_file():
             # Finished before a restart: read it back instead of redoing it (a damaged record is redone).
             try:
@@ -350,7 +357,7 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
                     rows.extend(record["rows"])
                     break  # this replicate stopped at a diverged level
                 masks, _ = load_tensors(mask_path, ctx.device)
-                previous_final = load_members(ldir / "final.safetensors", rctx).member_state_dict(0)
+                previous_final = load_members(ldir / FINAL_STATE, rctx).member_state_dict(0)
                 for row in record["rows"]:  # records written before statuses existed
                     row.setdefault("status", _status(row, chance, settings.chance_margin))
                 rows.extend(record["rows"])
@@ -398,7 +405,7 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
             write_json(record_path, {"rows": level_rows, "diverged": exc.info()})
             rows.extend(level_rows)
             break
-        metrics = read_csv(ldir / "metrics.csv")
+        metrics = read_csv(ldir / METRICS)
         level_rows = []
         for i, kind in enumerate(kinds):
             kind_masks = member_masks[kind]
@@ -423,7 +430,7 @@ def _status(row: Mapping[str, Any], chance: float, margin: float) -> str:
 
 def _forget_level(ldir: RunDir, record_path: Path, mask_path: Path) -> None:
     """Move a level's unreadable records aside so it is trained again from its start."""
-    for path in (record_path, mask_path, ldir / "final.safetensors"):
+    for path in (record_path, mask_path, ldir / FINAL_STATE):
         if path.is_file():
             quarantine(path, f"level record {str(path)!r} belongs to a level that is redone")
 

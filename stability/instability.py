@@ -25,18 +25,22 @@ from .engine import StackedModel
 from .errors import ConfigError, RecordError, TrainingDiverged
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
 from .interpolation import BN_MODES, CurveSettings, curve_rows, error_barrier
+from .schema import (
+    CURVE_COLUMNS,
+    CURVES,
+    INSTABILITY,
+    INSTABILITY_SUMMARY,
+    SWEEP,
+    SWEEP_COLUMNS,
+    TRAIN,
+)
 from .siblings import NOISE_KINDS, OPTIMIZER_STATES, SiblingSettings, siblings_info, train_siblings
 from .steps import format_step
 from .store import RunDir, quarantine, read_csv, read_json, write_csv, write_json
 from .trunk import Context, prepare, train_trunk
 
 SPLITS = ("test", "train", "val")
-CURVE_COLUMNS = ["rewind_step", "pair", "split", "alpha", "error", "loss", "flag"]
-SWEEP_COLUMNS = ["rewind_step", "split", "instability_mean", "instability_std", "loss_barrier_mean",
-                 "loss_barrier_std", "pairs", "stable", "status"]
-# status of a sweep point: ok; untrained (an endpoint within chance_margin of chance error: never stable);
-# diverged (a sibling's loss or weights went non-finite: never stable, and the first stable step skips it)
-STATUSES = ("ok", "untrained", "diverged")
+
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,7 @@ def sweep_dir(cfg: Config, settings: InstabilitySettings, steps: Sequence[int]) 
     """Where the sweep of these settings lives."""
     key = {"trunk": cfg.run_hash(), "steps": list(steps),
            **{k: v for k, v in asdict(settings).items() if k not in ("rewind_points", "threshold", "chance_margin")}}
-    return RunDir(cfg.runtime.results_root, "instability", settings_hash(key))
+    return RunDir(cfg.runtime.results_root, INSTABILITY, settings_hash(key))
 
 
 def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySettings(), *,
@@ -244,7 +248,7 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
     if start_states is None:
         train_trunk(cfg, extra_checkpoints=steps, ctx=ctx)
     run = sweep_dir(cfg, settings, steps) if masks is None and label is None else RunDir(
-        cfg.runtime.results_root, "instability",
+        cfg.runtime.results_root, INSTABILITY,
         settings_hash({"base": sweep_dir(cfg, settings, steps).hash, "label": label}))
     with run.claim():
         return _sweep(cfg, settings, ctx, run, steps, masks, start_states, label, t0)
@@ -284,7 +288,7 @@ def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir
         curves.extend(curve_rows(sm, sib.members, settings.splits, ctx.data, curve_settings, k))
         measured += 1
         flag_curves(curves, chance, settings.chance_margin)
-        write_csv(run / "curves.csv", curves, CURVE_COLUMNS)  # after every rewind point: a rerun resumes here
+        write_csv(run / CURVES, curves, CURVE_COLUMNS)  # after every rewind point: a rerun resumes here
     flag_curves(curves, chance, settings.chance_margin)  # flags follow the margin asked for now
     table = sweep_table(curves, settings.threshold, chance=chance, margin=settings.chance_margin,
                         diverged=diverged, splits=settings.splits)
@@ -302,7 +306,7 @@ def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir
     summary = {
         "settings": {**asdict(settings), "rewind_points": [format_step(s) for s in steps]},
         "bn_mode": settings.bn,
-        "trunk": {"hash": cfg.run_hash(), "run_dir": str(RunDir(cfg.runtime.results_root, "train", cfg.run_hash()).path)},
+        "trunk": {"hash": cfg.run_hash(), "run_dir": str(RunDir(cfg.runtime.results_root, TRAIN, cfg.run_hash()).path)},
         "config": cfg.to_dict(),
         "rewind_points": steps,
         "threshold": settings.threshold,
@@ -320,19 +324,19 @@ def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir
         "label": label,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    if measured == 0 and (run / "instability.json").is_file():
+    if measured == 0 and (run / INSTABILITY_SUMMARY).is_file():
         # every curve was read back: the time is the one of the run that measured them
-        summary["seconds"] = read_json(run / "instability.json").get("seconds", summary["seconds"])
-    write_csv(run / "curves.csv", curves, CURVE_COLUMNS)
-    write_csv(run / "sweep.csv", table, SWEEP_COLUMNS)
-    write_json(run / "instability.json", summary)
+        summary["seconds"] = read_json(run / INSTABILITY_SUMMARY).get("seconds", summary["seconds"])
+    write_csv(run / CURVES, curves, CURVE_COLUMNS)
+    write_csv(run / SWEEP, table, SWEEP_COLUMNS)
+    write_json(run / INSTABILITY_SUMMARY, summary)
     run.update(status="complete")
     return SweepResult(run.path, steps, table, curves, by_split[primary], by_split, settings.threshold, summary)
 
 
 def _stored_curves(run: RunDir) -> list[dict[str, Any]]:
     """Curves measured by an earlier run of these settings; a damaged file is moved aside (and remeasured)."""
-    path = run / "curves.csv"
+    path = run / CURVES
     if not path.is_file():
         return []
     try:
@@ -347,7 +351,7 @@ def _stored_curves(run: RunDir) -> list[dict[str, Any]]:
 
 def load_sweep(run_dir: str | Path) -> dict[str, Any]:
     """instability.json of a finished sweep."""
-    return read_json(Path(run_dir) / "instability.json")
+    return read_json(Path(run_dir) / INSTABILITY_SUMMARY)
 
 
 __all__ = [

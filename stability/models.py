@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import INIT_SCHEMES, ModelConfig
+from .config import ModelConfig
 from .errors import ConfigError
+from .registry import Registry
 
 RESNET_DEPTHS = (8, 14, 20, 32, 56)
 
@@ -325,7 +326,7 @@ def _vgg(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn
     return CifarVGG(cfg.name, input_shape, num_classes, _VGG_PLANS[cfg.name], cfg.width)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "model.name", {
     "lenet_300_100": _lenet_300_100,
     "lenet5": _lenet5,
     "conv2": _convn,
@@ -335,7 +336,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg11": _vgg,
     "vgg16": _vgg,
     "mlp": _mlp,
-}
+})
+# Initialization schemes for conv and linear weights (``model.init``).
+INIT_SCHEMES = ("default", "kaiming_normal", "glorot_normal")
 
 
 def _initialize(model: nn.Module, scheme: str) -> None:
@@ -357,10 +360,7 @@ def build_model(
     cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> nn.Module:
     """Build and initialize ``cfg.name`` for ``[B, *input_shape]`` inputs, seeded, on CPU."""
-    if cfg.name not in MODELS:
-        raise ConfigError(
-            f"model.name: unknown model {cfg.name!r}; choose one of {', '.join(sorted(MODELS))}"
-        )
+    factory = MODELS[cfg.name]  # an unknown name is a ConfigError listing the known ones
     if cfg.init not in INIT_SCHEMES:
         raise ConfigError(
             f"model.init: unknown scheme {cfg.init!r}; choose one of {', '.join(INIT_SCHEMES)}"
@@ -381,7 +381,7 @@ def build_model(
     # CPU regardless of the default device makes a seed mean the same weights everywhere.
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(seed)
-        model = MODELS[cfg.name](cfg, shape, num_classes)
+        model = factory(cfg, shape, num_classes)
         _initialize(model, cfg.init)
     return model
 

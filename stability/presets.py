@@ -7,9 +7,10 @@ the later stages for that preset.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
-from .config import Config, from_dict
+from .config import STAGE_TABLES, Config, from_dict, read_toml
 from .errors import ConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -117,11 +118,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_names() -> list[str]:
-    """Names of all presets."""
-    return list(PRESETS)
-
-
 def preset_tables(name: str) -> dict[str, Any]:
     """The raw nested settings of a preset (a copy)."""
     if name not in PRESETS:
@@ -137,8 +133,22 @@ def get_preset(name: str) -> Config:
     return from_dict({k: v for k, v in tables.items() if k in SECTIONS})
 
 
-def stage_defaults(name: str | None, stage: str) -> dict[str, Any]:
-    """A preset's defaults for a later stage (``imp``, ``instability``, ``hessian``), or {}."""
+def stage_tables(name: str | None) -> dict[str, dict[str, Any]]:
+    """A preset's tables for the later stages (``instability``, ``imp``, ``hessian``), or {}."""
     if not name:
         return {}
-    return dict(preset_tables(name).get(stage, {}))
+    return {k: dict(v) for k, v in preset_tables(name).items() if k in STAGE_TABLES}
+
+
+def load_toml(path: str | Path) -> tuple[Config, dict[str, dict[str, Any]]]:
+    """A TOML config file as (run Config, stage tables).
+
+    A top-level ``preset = "name"`` starts from that preset: its run sections, and its stage
+    tables, each overridden key by key by the file's own tables.
+    """
+    run_sections, tables, preset = read_toml(path)
+    base = get_preset(preset) if preset is not None else None
+    merged = stage_tables(preset)
+    for stage, values in tables.items():
+        merged[stage] = {**merged.get(stage, {}), **values}
+    return from_dict(run_sections, base), merged

@@ -27,6 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import CheckpointError, RecordError, StabilityError
+from .schema import MANIFEST
 
 # Bumped when the layout of a run directory changes incompatibly.
 FORMAT_VERSION = 1
@@ -255,7 +256,7 @@ class RunDir:
 
     @property
     def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
+        return self.path / MANIFEST
 
     def exists(self) -> bool:
         return self.manifest_path.is_file()
@@ -385,7 +386,7 @@ def iter_runs(root: str | Path, kind: str | None = None) -> Iterable[RunDir]:
     if not root.is_dir():
         return
     for child in sorted(root.iterdir()):
-        if (child / "manifest.json").is_file() and "_" in child.name:
+        if (child / MANIFEST).is_file() and "_" in child.name:
             k, h = child.name.rsplit("_", 1)
             if kind is None or k == kind:
                 yield RunDir(root, k, h)

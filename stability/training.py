@@ -33,24 +33,22 @@ from .engine import (
     train_members,
 )
 from .errors import CheckpointError, RecordError, TrainingDiverged
+from .schema import CHECKPOINTS, LATEST_STATE, METRIC_COLUMNS, METRICS, checkpoint_name
 from .steps import to_iterations
 from .store import RunDir, load_tensors, quarantine, read_csv, save_tensors, write_csv
 
 if TYPE_CHECKING:
     from .trunk import Context
 
-METRICS_FILE = "metrics.csv"
-LATEST_FILE = "state/latest.safetensors"
-METRIC_COLUMNS = ["step", "member", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error"]
 
 
 def checkpoint_path(run: RunDir, step: int) -> Path:
-    return run / "checkpoints" / f"step_{step}.safetensors"
+    return run / checkpoint_name(step)
 
 
 def saved_checkpoints(run: RunDir) -> list[int]:
     """Steps with a saved checkpoint, ascending."""
-    folder = run / "checkpoints"
+    folder = run / CHECKPOINTS
     if not folder.is_dir():
         return []
     return sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.safetensors"))
@@ -134,7 +132,7 @@ def evaluate_rows(ctx: Context, sm: StackedModel, members: Members, lr: float) -
 
 def read_metrics(run: RunDir) -> list[dict[str, Any]] | None:
     """metrics.csv of a run, or None when it is missing or damaged (a damaged one is moved aside)."""
-    path = run / METRICS_FILE
+    path = run / METRICS
     if not path.is_file():
         return None
     try:
@@ -161,7 +159,7 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
     schedule = Schedule(cfg, ctx.ipe)
     keep = set(keep)
     state_every = to_iterations(cfg.training.checkpoint_every, ctx.ipe)
-    latest = run / LATEST_FILE
+    latest = run / LATEST_STATE
     first = start.step
 
     def eval_due(s: int) -> bool:
@@ -177,7 +175,7 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
         new = evaluate_rows(ctx, sm, m, schedule.lr(m.step - 1 if m.step > first else m.step))
         progress.evaluated(new)
         rows.extend(new)
-        write_csv(run / METRICS_FILE, rows, METRIC_COLUMNS)
+        write_csv(run / METRICS, rows, METRIC_COLUMNS)
 
     progress = Progress(end_step, members.step, desc, cfg.runtime.quiet)
     try:
@@ -212,7 +210,7 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
 def _resume(ctx: Context, run: RunDir, start: Members, end_step: int, keep: set[int],
             eval_due) -> tuple[Members, list[dict[str, Any]]]:
     """The newest intact saved state whose metrics rows are on disk, and those rows (else ``start``, [])."""
-    latest = run / LATEST_FILE
+    latest = run / LATEST_STATE
     rows_disk = read_metrics(run) if eval_due(start.step) else []
     n = start.n
     counts: dict[int, int] = {}

@@ -35,6 +35,7 @@ from .engine import (
 from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
 from .models import build_model
+from .schema import SUMMARY, TRAIN, checkpoint_name
 from .steps import format_step, to_iterations
 from .store import RunDir, load_tensors, quarantine, read_json, write_json
 from .training import (
@@ -114,13 +115,13 @@ def prepare(cfg: Config) -> Context:
 
 def trunk_dir(cfg: Config) -> RunDir:
     """Where the trunk run of these settings lives."""
-    return RunDir(cfg.runtime.results_root, "train", cfg.run_hash())
+    return RunDir(cfg.runtime.results_root, TRAIN, cfg.run_hash())
 
 
 def load_weights(run: RunDir | str | Path, step: int, member: int = 0) -> dict[str, torch.Tensor]:
     """A model ``state_dict`` from a run's checkpoint at ``step`` (CPU tensors)."""
     run_path = run.path if isinstance(run, RunDir) else Path(run)
-    path = run_path / "checkpoints" / f"step_{step}.safetensors"
+    path = run_path / checkpoint_name(step)
     tensors, _ = load_tensors(path)
     out = {}
     for k, v in tensors.items():
@@ -200,7 +201,7 @@ def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Cont
         resumable_train(ctx, run, initial_members(ctx), T, eval_every=eval_every, keep=wanted,
                         desc=f"train {run.hash}")
         result = _result(run, T, reused=False, seconds=time.perf_counter() - t0, ctx=ctx)
-        write_json(run / "summary.json", result.summary())
+        write_json(run / SUMMARY, result.summary())
         run.update(status="complete")
     return result
 
@@ -210,11 +211,11 @@ def _records_problem(run: RunDir) -> str | None:
     if read_metrics(run) is None:
         return "metrics.csv is missing or damaged"
     try:
-        read_json(run / "summary.json")
+        read_json(run / SUMMARY)
     except FileNotFoundError:
         return "summary.json is missing"
     except RecordError as exc:
-        quarantine(run / "summary.json", str(exc))
+        quarantine(run / SUMMARY, str(exc))
         return "summary.json was damaged"
     return None
 

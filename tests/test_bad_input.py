@@ -7,8 +7,9 @@ import pytest
 from helpers import TINY_ARGS
 
 from stability.cli import main
-from stability.config import check_results_root, load_toml
+from stability.config import check_results_root
 from stability.errors import ConfigError
+from stability.presets import load_toml
 
 PRESET = ["--preset", "lenet300_mnist5k"]
 
@@ -182,4 +183,7 @@ def test_toml_with_every_allowed_table_loads(tmp_path):
                     "[instability]\nsiblings = 3\n[imp]\nlevels = 2\n[hessian]\ntop_k = 2\n")
     cfg, extra = load_toml(path)
     assert cfg.optimizer.lr == 0.01
-    assert extra == {"instability": {"siblings": 3}, "imp": {"levels": 2}, "hessian": {"top_k": 2}}
+    # the preset's own [imp] table comes along, the file's keys on top
+    assert extra == {"instability": {"siblings": 3}, "hessian": {"top_k": 2},
+                     "imp": {"strategy": "layerwise", "prune_fraction": 0.2, "rate_overrides": {"output": 0.1},
+                             "levels": 2}}

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from stability.config import Config, from_dict, load_toml, validate
+from stability.config import Config, from_dict, validate
 from stability.errors import ConfigError
-from stability.presets import PRESETS, get_preset
+from stability.presets import PRESETS, get_preset, load_toml
+from stability.trunk import prepare
 
 
 def test_pinned_hashes_never_change_by_accident():
@@ -71,9 +72,13 @@ def test_bad_overrides_name_the_setting(key, value, match):
     ("training.steps", "'ten'", "training.steps"),
     ("training.rewind_points", "'0it,5x'", "training.rewind_points"),
 ])
-def test_validation_names_setting_and_allowed_values(key, value, match):
+def test_validation_names_setting_and_allowed_values(key, value, match, tmp_path):
+    # settings are checked by validate; model, dataset and init names by their registries when looked
+    # up: prepare does both before anything is written
+    cfg = Config().with_overrides({key: value, "runtime.results_root": str(tmp_path / "runs")})
     with pytest.raises(ConfigError, match=match):
-        validate(Config().with_overrides({key: value}))
+        prepare(cfg)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_every_preset_is_valid():
@@ -91,7 +96,9 @@ def test_toml_round_trip_with_preset_and_extra_tables(tmp_path):
     path.write_text('preset = "lenet300_mnist5k"\n[optimizer]\nlr = 0.01\n[imp]\nlevels = 3\n')
     cfg, extra = load_toml(path)
     assert cfg.optimizer.lr == 0.01 and cfg.model.name == "lenet_300_100"
-    assert extra == {"imp": {"levels": 3}}
+    # the preset's stage tables come along (as with --preset), the file's keys on top of them
+    assert extra == {"imp": {"strategy": "layerwise", "prune_fraction": 0.2, "rate_overrides": {"output": 0.1},
+                             "levels": 3}}
 
 
 def test_toml_syntax_error_names_the_line(tmp_path):

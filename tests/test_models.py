@@ -288,7 +288,7 @@ def test_resnet_rejects_other_depths(depth):
 
 
 def test_unknown_model_names_the_setting_and_choices():
-    with pytest.raises(ConfigError, match=r"model\.name.*'resnet18'.*conv2.*lenet_300_100"):
+    with pytest.raises(ConfigError, match=r"model\.name.*'resnet18'.*lenet_300_100.*conv2"):
         build_model(ModelConfig(name="resnet18"), CIFAR, 10, 0)
 
 
