@@ -27,24 +27,21 @@ from typing import Any, Union
 
 import pandas as pd
 
+from stability import schema
 from stability.errors import ConfigError
 
 Source = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
 
 RUN_COLUMNS = ["kind", "hash", "status", "path", "label"]
 META_COLUMNS = ["run_kind", "run_hash"]
-TRAINING_COLUMNS = ["step", "member", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss",
-                    "test_error"]
-CURVE_COLUMNS = ["rewind_step", "pair", "split", "alpha", "error", "loss", "label"]
-SWEEP_COLUMNS = ["rewind_step", "split", "instability_mean", "instability_std", "loss_barrier_mean",
-                 "loss_barrier_std", "pairs", "stable", "first_stable_step", "split_first_stable_step", "threshold",
+# The records' own columns (stability.schema) plus what the loaders add from the run's summary.
+TRAINING_COLUMNS = list(schema.METRIC_COLUMNS)
+CURVE_COLUMNS = [*schema.CURVE_COLUMNS, "label"]
+SWEEP_COLUMNS = [*schema.SWEEP_COLUMNS, "first_stable_step", "split_first_stable_step", "threshold",
                  "primary_split", "bn_mode", "label"]
-LEVEL_COLUMNS = ["replicate", "level", "kind", "density", "final_test_accuracy", "final_test_loss",
-                 "early_stop_step", "early_stop_test_accuracy", "early_stop_val_loss", "trajectory_length",
-                 "instability", "rewind_step", "rewind", "first_stable_step"]
-HESSIAN_COLUMNS = ["track", "step", "alpha", "rewind_step", "lambda_1", "lambda_min", "trace", "trace_stderr",
-                   "n_hvp", "seconds"]
-DENSITY_COLUMNS = ["track", "step", "alpha", "x", "density"]
+LEVEL_COLUMNS = [*schema.LEVEL_COLUMNS, "rewind", "first_stable_step"]
+HESSIAN_COLUMNS = ["track", "step", "alpha", "rewind_step", *schema.HESSIAN_COLUMNS]
+DENSITY_COLUMNS = ["track", "step", "alpha", *schema.DENSITY_COLUMNS]
 
 # How deep below a given path run directories are looked for: results/demo/runs/<run> is three levels.
 _MAX_DEPTH = 4
@@ -82,7 +79,7 @@ def _paths(source: Source) -> list[Path]:
 
 
 def _walk(path: Path, depth: int) -> Iterator[Path]:
-    if (path / "manifest.json").is_file():
+    if (path / schema.MANIFEST).is_file():
         yield path
         return  # never descend into a run: IMP keeps per-level sub-runs inside its own directory
     if depth >= _MAX_DEPTH or not path.is_dir():
@@ -132,7 +129,7 @@ def find_runs(source: Source, kind: str | None = None) -> list[Run]:
                 continue
             seen.add(resolved)
             try:
-                manifest = json.loads((path / "manifest.json").read_text())
+                manifest = json.loads((path / schema.MANIFEST).read_text())
             except (OSError, ValueError) as exc:
                 warnings.warn(f"skipping {str(path)!r}: unreadable manifest ({exc})", stacklevel=2)
                 continue
@@ -203,7 +200,7 @@ def training_curves(source: Source) -> pd.DataFrame:
     """metrics.csv of every run that has one (trunks): step, member, lr, {train,val,test}_{loss,error}."""
     frames = []
     for run in find_runs(source):
-        df = _read_csv(run.path / "metrics.csv")
+        df = _read_csv(run.path / schema.METRICS)
         if df is not None:
             frames.append(_with_run(df, run, TRAINING_COLUMNS))
     return _combine(frames, TRAINING_COLUMNS)
@@ -219,7 +216,7 @@ def interpolation_curves(source: Source, include_sparse: bool = True) -> pd.Data
     for run in find_runs(source, "instability"):
         if run.label is not None and not include_sparse:
             continue
-        df = _read_csv(run.path / "curves.csv")
+        df = _read_csv(run.path / schema.CURVES)
         if df is not None:
             df["pair"] = df["pair"].astype(str)
             df["label"] = run.label
@@ -237,10 +234,10 @@ def sweeps(source: Source, include_sparse: bool = True) -> pd.DataFrame:
     for run in find_runs(source, "instability"):
         if run.label is not None and not include_sparse:
             continue
-        df = _read_csv(run.path / "sweep.csv")
+        df = _read_csv(run.path / schema.SWEEP)
         if df is None:
             continue
-        info = _read_json(run.path / "instability.json")
+        info = _read_json(run.path / schema.INSTABILITY_SUMMARY)
         by_split = info.get("first_stable_step_by_split") or {}
         df["first_stable_step"] = _number(info.get("first_stable_step"))
         df["split_first_stable_step"] = [_number(by_split.get(s)) for s in df["split"]]
@@ -264,10 +261,10 @@ def imp_levels(source: Source) -> pd.DataFrame:
     """
     frames = []
     for run in find_runs(source, "imp"):
-        df = _read_csv(run.path / "levels.csv")
+        df = _read_csv(run.path / schema.LEVELS)
         if df is None:
             continue
-        info = _read_json(run.path / "imp.json").get("rewind") or {}
+        info = _read_json(run.path / schema.IMP_SUMMARY).get("rewind") or {}
         df["rewind"] = str(info.get("rewind", run.settings.get("imp.rewind", "")))
         df["first_stable_step"] = _number(info.get("first_stable_step"))
         frames.append(_with_run(df, run, LEVEL_COLUMNS))
@@ -280,7 +277,7 @@ def _track_kind(df: pd.DataFrame) -> str:
 
 def _hessian_run_settings(run: Run) -> None:
     """Add hessian.json's settings to the run's when the manifest does not carry them."""
-    info = _read_json(run.path / "hessian.json")
+    info = _read_json(run.path / schema.HESSIAN_SUMMARY)
     settings = info.get("settings")
     if isinstance(settings, Mapping):
         for key, value in flatten_settings({"hessian": settings}).items():
@@ -295,7 +292,7 @@ def hessian_tracks(source: Source) -> pd.DataFrame:
     """
     frames = []
     for run in find_runs(source, "hessian"):
-        df = _read_csv(run.path / "hessian.csv")
+        df = _read_csv(run.path / schema.HESSIAN_TABLE)
         if df is None:
             continue
         _hessian_run_settings(run)
@@ -313,7 +310,7 @@ def hessian_densities(source: Source) -> pd.DataFrame:
     """density.csv of every Hessian run: the spectral density on an eigenvalue grid ``x`` per step or α."""
     frames = []
     for run in find_runs(source, "hessian"):
-        df = _read_csv(run.path / "density.csv")
+        df = _read_csv(run.path / schema.DENSITY_TABLE)
         if df is None:
             continue
         _hessian_run_settings(run)

@@ -8,7 +8,7 @@ measured on the test split (1,000 examples) at every α of the grid:
 
 - batched: ``interpolation.evaluate_path`` (all α as stacked members, in chunks of
   ``max_members``);
-- per-α:   ``interpolation.evaluate_path_naive`` (deep-copy the model, ``load_state_dict``,
+- per-α:   ``reference.evaluate_path_naive`` (deep-copy the model, ``load_state_dict``,
   evaluate; BatchNorm statistics recomputed per α with bn = reset).
 
 Both are timed in this process, interleaved, best of ``--repeats``; the ratio is per-α / batched.
@@ -39,8 +39,9 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stability.engine import StackedModel, TrainSpec, train_members
-from stability.interpolation import CurveSettings, evaluate_path, evaluate_path_naive
+from stability.interpolation import CurveSettings, evaluate_path
 from stability.presets import get_preset
+from stability.reference import evaluate_path_naive
 from stability.siblings import SiblingSettings, sibling_seeds, start_members
 from stability.trunk import Context, initial_members, prepare
 

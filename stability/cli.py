@@ -94,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, _ = load_config(args)
     result = train_trunk(cfg)
-    summary = result.summary()
+    summary = result.summary
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -133,7 +133,7 @@ def cmd_instability(args: argparse.Namespace) -> int:
         print(f"{row['rewind_step']:>6}it {row['split']:>6} {row['instability_mean']:>7.4f}±{row['instability_std']:<6.4f}"
               f" {row['loss_barrier_mean']:>7.4f}±{row['loss_barrier_std']:<6.4f} {row['stable']!s:>7}"
               f" {row['status']:>9}")
-    for split, step in result.first_stable_by_split.items():
+    for split, step in result.first_stable_step_by_split.items():
         shown = f"{step}it" if step is not None else "none (not stable at any swept step)"
         print(f"first stable step ({split}): {shown}")
     print(f"results: {result.run_dir}")

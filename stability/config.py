@@ -7,11 +7,13 @@ device, threads, checkpoint cadence) are never hashed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -52,6 +54,7 @@ class ModelConfig:
     depth: int = 20  # resnet only: 8, 14, 20, 32, 56
     hidden: tuple[int, ...] = ()  # mlp only: hidden widths (empty = (100, 100))
     init: str = "default"  # default | kaiming_normal | glorot_normal
+    bn_init: str = "ones"  # BatchNorm weights: ones | uniform (in [0, 1), as open_lth's ResNets and VGGs)
 
     UNHASHED = ()
 
@@ -214,39 +217,100 @@ def _parse_cli_value(text: str) -> Any:
 
 def coerce(section_name: str, key: str, value: Any) -> Any:
     """Convert ``value`` to the type of ``[section_name].key`` or raise ConfigError naming it."""
-    default = getattr(SECTIONS[section_name](), key)
-    name = f"{section_name}.{key}"
-    if isinstance(value, str) and not isinstance(default, str):
+    return coerce_field(SECTIONS[section_name], section_name, key, value)
+
+
+# Settings whose values are steps ("500it", "2ep"): a bare number is taken as written.
+_STEP_KEYS = ("steps", "warmup", "eval_every", "checkpoint_every", "rewind")
+
+
+def coerce_field(cls: type, section: str, key: str, value: Any) -> Any:
+    """Convert ``value`` (from TOML, a keyword or a CLI string) to the declared type of ``cls.key``.
+
+    The one converter for run sections and stage tables alike: booleans, integers, numbers,
+    strings, and tuples of those (``tuple[tuple[str, float], ...]`` also from a table
+    ``{name = number}``). A CLI string is read as a TOML literal first. Errors name the setting.
+    """
+    name = f"{section}.{key}"
+    hint = _field_types(cls)[key]
+    if isinstance(value, str) and hint is not str:
         value = _parse_cli_value(value)
-    if isinstance(default, bool):
+    return _convert(name, hint, value, key)
+
+
+def _convert(name: str, hint: Any, value: Any, key: str) -> Any:
+    if hint is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if isinstance(default, int):
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if isinstance(default, float):
+    if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{name}: expected a number, got {value!r}")
-    if isinstance(default, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        if key == "hidden":
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-                raise ConfigError(f"{name}: expected a list of positive integers, got {value!r}")
-            return tuple(value)
-        return tuple(str(v) for v in value)
-    if isinstance(default, str):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("steps", "warmup", "eval_every", "checkpoint_every"):
+    if hint is str:
+        if key in _STEP_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return value
-    raise ConfigError(f"{name}: cannot set a value of type {type(default).__name__}")
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if typing.get_origin(item) is tuple:  # pairs, e.g. per-layer rates: a table or a list of pairs
+            return _pairs(name, typing.get_args(item), value)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        if item is str:
+            return tuple(str(v) for v in value)
+        if item is int and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise ConfigError(f"{name}: expected a list of positive integers, got {list(value)!r}")
+        if item is float:
+            try:
+                return tuple(_convert(name, float, _parse_cli_value(v) if isinstance(v, str) else v, key)
+                             for v in value)
+            except ConfigError:
+                raise ConfigError(f"{name}: expected a list of numbers, got {list(value)!r}") from None
+        return tuple(value)
+    raise ConfigError(f"{name}: cannot set a value of type {hint!r}")
+
+
+def _pairs(name: str, types: tuple[Any, ...], value: Any) -> tuple[tuple[Any, ...], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = [(k, v) for k, v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a table of name = value, e.g. {{ output = 0.1 }}, got {value!r}") from None
+    out = []
+    for k, v in pairs:
+        if types[1] is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{name}: value for {str(k)!r} must be a number, got {v!r}")
+        out.append((str(k), float(v) if types[1] is float else v))
+    return tuple(sorted(out))
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def settings_from_table(cls: type, section: str, table: Mapping[str, Any] | None = None, **overrides: Any) -> Any:
+    """A stage's settings (``[instability]``, ``[imp]``, ``[hessian]``) from its TOML table and keyword
+    overrides (None = not given), converted by ``coerce_field`` and checked by the class's ``validate``."""
+    values = {**(table or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{section}.{key}: unknown setting; settings are {', '.join(names)}")
+        kwargs[key] = coerce_field(cls, section, key, value)
+    return cls(**kwargs).validate()
 
 
 def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:

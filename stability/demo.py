@@ -149,7 +149,7 @@ def summary_markdown(out: Path, info: dict[str, Any]) -> str:
              f"Total time {info['seconds']:.0f} s."), ""]
     lines += ["## Instability (error barrier between siblings) and the first stable step", ""]
     for name, sweep in info["sweeps"].items():
-        fss = {k: (f"{v}it" if v is not None else "none") for k, v in sweep.first_stable_by_split.items()}
+        fss = {k: (f"{v}it" if v is not None else "none") for k, v in sweep.first_stable_step_by_split.items()}
         lines += [f"### {name}", "",
                   f"{s.siblings} siblings per rewind point, 30 α, BatchNorm mode {sweep.summary['bn_mode']}, "
                   f"threshold {sweep.threshold:.0%}. First stable step: "

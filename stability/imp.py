@@ -24,14 +24,14 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .config import Config, settings_hash
+from .config import Config, settings_from_table, settings_hash
 from .engine import Members, derive_seed
 from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
@@ -54,6 +54,7 @@ from .schema import (
     LEVEL_COLUMNS,
     LEVEL_RECORD,
     LEVELS,
+    MASKS,
     METRICS,
     level_dir,
     mask_name,
@@ -94,6 +95,9 @@ class ImpSettings:
     pruning_seed: int = 0  # random strategy and random-mask baseline
     chance_margin: float = DEFAULT_CHANCE_MARGIN  # networks this close to chance error are flagged untrained
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> ImpSettings:
         check_margin(self.chance_margin, "imp.chance_margin")
         if self.levels < 1:
@@ -122,47 +126,7 @@ class ImpSettings:
 
 def imp_settings(table: Mapping[str, Any] | None = None, **overrides: Any) -> ImpSettings:
     """Settings from a TOML ``[imp]`` table plus keyword overrides (None = not given)."""
-    values = {**(table or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    names = {f.name for f in fields(ImpSettings)}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"imp.{key}: unknown setting; settings are {', '.join(sorted(names))}")
-        default = getattr(ImpSettings(), key)
-        if key == "rate_overrides":
-            items = value.items() if isinstance(value, Mapping) else value
-            try:
-                pairs = [(str(k), v) for k, v in items]
-            except (TypeError, ValueError):
-                raise ConfigError(f"imp.rate_overrides: expected a table of layer = rate, e.g. "
-                                  f"{{ output = 0.1 }}, got {value!r}") from None
-            for layer, rate in pairs:
-                if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-                    raise ConfigError(f"imp.rate_overrides: rate for {layer!r} must be a number in [0, 1), "
-                                      f"got {rate!r}")
-            value = tuple(sorted((k, float(v)) for k, v in pairs))
-        elif isinstance(default, tuple):
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"imp.{key}: expected a list, got {value!r}")
-            value = tuple(str(v) for v in value)
-        elif key == "rewind":
-            value = str(value)
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"imp.{key}: expected true or false, got {value!r}")
-        elif isinstance(default, (int, float)):
-            kind = "an integer" if isinstance(default, int) else "a number"
-            try:
-                if isinstance(value, bool) or (isinstance(default, int) and isinstance(value, float)
-                                               and not value.is_integer()):
-                    raise ValueError
-                value = type(default)(value)
-            except (TypeError, ValueError, OverflowError):
-                raise ConfigError(f"imp.{key}: expected {kind}, got {value!r}") from None
-        kwargs[key] = value
-    return ImpSettings(**kwargs).validate()
+    return settings_from_table(ImpSettings, "imp", table, **overrides)
 
 
 @dataclass
@@ -257,19 +221,29 @@ def _single(members: Members, i: int) -> Members:
 
 
 # ---------------------------------------------------------------- the driver
-def imp_dir(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> RunDir:
-    """Where the IMP run of these settings lives."""
+def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> dict[str, Any]:
+    """The settings that name an IMP run (its hash is ``settings_hash`` of this, recorded in its manifest)."""
     # chance margins only classify results: they do not name the run
     key = {"trunk": cfg.run_hash(), "imp": _without(asdict(settings), "chance_margin")}
     if settings.rewind == "auto" or settings.instability:
         key["instability"] = _without(asdict(sweep), "chance_margin")
-    return RunDir(cfg.runtime.results_root, IMP, settings_hash(key))
+    return key
 
 
-def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(), sweep: InstabilitySettings | None = None) -> ImpResult:
-    """Run (or resume, or reuse) iterative magnitude pruning with rewinding and baselines."""
+def imp_dir(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> RunDir:
+    """Where the IMP run of these settings lives."""
+    return RunDir(cfg.runtime.results_root, IMP, settings_hash(imp_key(cfg, settings, sweep)))
+
+
+def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(),
+            sweep_settings: InstabilitySettings | None = None) -> ImpResult:
+    """Run (or resume, or reuse) iterative magnitude pruning with rewinding and baselines.
+
+    ``sweep_settings`` are the instability settings used to find the first stable step
+    (``rewind = auto``) and to measure sparse networks' instability (``instability = true``).
+    """
     settings.validate()
-    sweep = (sweep or InstabilitySettings()).validate()
+    sweep = (sweep_settings or InstabilitySettings()).validate()
     ctx = prepare(cfg)
     run = imp_dir(cfg, settings, sweep)
     if run.is_complete():
@@ -294,7 +268,7 @@ def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(), sweep: Instabili
 def _imp(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySettings, run: RunDir,
          rewind_step: int, rewind_info: dict[str, Any], t0: float) -> ImpResult:
     run.start({"training": cfg.to_dict(), "imp": asdict(settings), "instability": asdict(sweep)},
-              {"trunk": cfg.run_hash()}, {"rewind_step": rewind_step})
+              imp_key(cfg, settings, sweep), {"rewind_step": rewind_step})
     rows: list[dict[str, Any]] = []
     for r in range(settings.replicates):
         try:
@@ -305,6 +279,7 @@ def _imp(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySet
         write_csv(run / LEVELS, rows, LEVEL_COLUMNS)
     summary = _summarize(rows, settings, rewind_step, rewind_info, cfg)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
+    summary.update(_where(run))
     write_csv(run / LEVELS, rows, LEVEL_COLUMNS)
     write_json(run / IMP_SUMMARY, summary)
     run.update(status="complete")
@@ -315,8 +290,13 @@ def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k != key}
 
 
+def _where(run: RunDir) -> dict[str, str]:
+    """Where an IMP run's records are (in its summary and ``imp --json``)."""
+    return {"run_dir": str(run.path), "levels_csv": str(run / LEVELS), "masks_dir": str(run / MASKS)}
+
+
 def _load_result(run: RunDir) -> ImpResult:
-    summary = read_json(run / IMP_SUMMARY)
+    summary = {**read_json(run / IMP_SUMMARY), **_where(run)}  # the run may have been moved since
     return ImpResult(run.path, summary["rewind_step"], read_csv(run / LEVELS), summary)
 
 

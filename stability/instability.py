@@ -14,15 +14,15 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from .config import Config, settings_hash
+from .config import Config, settings_from_table, settings_hash
 from .engine import StackedModel
-from .errors import ConfigError, RecordError, TrainingDiverged
+from .errors import ConfigError, TrainingDiverged
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
 from .interpolation import BN_MODES, CurveSettings, curve_rows, error_barrier
 from .schema import (
@@ -34,9 +34,16 @@ from .schema import (
     SWEEP_COLUMNS,
     TRAIN,
 )
-from .siblings import NOISE_KINDS, OPTIMIZER_STATES, SiblingSettings, siblings_info, train_siblings
+from .siblings import (
+    NOISE_KINDS,
+    OPTIMIZER_STATES,
+    SiblingSettings,
+    mask_digest,
+    siblings_info,
+    train_siblings,
+)
 from .steps import format_step
-from .store import RunDir, quarantine, read_csv, read_json, write_csv, write_json
+from .store import PointTable, RunDir, read_json, tensors_digest, write_csv, write_json
 from .trunk import Context, prepare, train_trunk
 
 SPLITS = ("test", "train", "val")
@@ -67,6 +74,9 @@ class InstabilitySettings:
         return CurveSettings(self.alphas, tuple(self.alpha_grid), self.bn, self.bn_batches,
                              eval_batch_size=eval_batch_size)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> InstabilitySettings:
         self.sibling_settings().validate()
         self.curve_settings().validate()
@@ -83,41 +93,7 @@ class InstabilitySettings:
 
 def instability_settings(table: Mapping[str, Any] | None = None, **overrides: Any) -> InstabilitySettings:
     """Build settings from a TOML ``[instability]`` table and keyword overrides, with clear errors."""
-    values = {**(table or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    names = {f.name: f for f in fields(InstabilitySettings)}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"instability.{key}: unknown setting; settings are {', '.join(names)}")
-        default = getattr(InstabilitySettings(), key)
-        if isinstance(default, tuple):
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"instability.{key}: expected a list, got {value!r}")
-            if key == "alpha_grid":
-                try:
-                    if any(isinstance(v, bool) for v in value):
-                        raise ValueError
-                    value = tuple(float(v) for v in value)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"instability.alpha_grid: expected a list of numbers in [0, 1] "
-                                      f"(e.g. [0, 0.5, 1]), got {list(value)!r}") from None
-            else:
-                value = tuple(str(v) for v in value)
-        elif isinstance(default, bool) or not isinstance(default, (int, float)):
-            pass
-        else:
-            kind = "an integer" if isinstance(default, int) else "a number"
-            try:
-                if isinstance(value, bool) or (isinstance(default, int) and isinstance(value, float)
-                                               and not value.is_integer()):
-                    raise ValueError
-                value = type(default)(value)
-            except (TypeError, ValueError, OverflowError):
-                raise ConfigError(f"instability.{key}: expected {kind}, got {value!r}") from None
-        kwargs[key] = value
-    return InstabilitySettings(**kwargs).validate()
+    return settings_from_table(InstabilitySettings, "instability", table, **overrides)
 
 
 @dataclass
@@ -129,7 +105,7 @@ class SweepResult:
     table: list[dict[str, Any]]  # sweep.csv rows
     curves: list[dict[str, Any]] = field(repr=False)
     first_stable_step: int | None = None
-    first_stable_by_split: dict[str, int | None] = field(default_factory=dict)
+    first_stable_step_by_split: dict[str, int | None] = field(default_factory=dict)
     threshold: float = 0.02
     summary: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -222,11 +198,34 @@ def sweep_table(curves: Sequence[Mapping[str, Any]], threshold: float, *, chance
     return sorted(rows, key=lambda r: (r["rewind_step"], r["split"]))
 
 
-def sweep_dir(cfg: Config, settings: InstabilitySettings, steps: Sequence[int]) -> RunDir:
-    """Where the sweep of these settings lives."""
+def sweep_key(cfg: Config, settings: InstabilitySettings, steps: Sequence[int], *,
+              masks: Mapping[str, Tensor] | None = None, start_states: Mapping[int, Any] | None = None,
+              label: str | None = None) -> dict[str, Any]:
+    """The settings that name a sweep (its run hash is ``settings_hash`` of this, recorded in its manifest).
+
+    Threshold and chance margin only classify the measured curves, so they stay out. A sparse sweep
+    is named by the masks' and start states' contents as well (and its label).
+    """
     key = {"trunk": cfg.run_hash(), "steps": list(steps),
            **{k: v for k, v in asdict(settings).items() if k not in ("rewind_points", "threshold", "chance_margin")}}
-    return RunDir(cfg.runtime.results_root, INSTABILITY, settings_hash(key))
+    if masks is None and start_states is None and label is None:
+        return key
+    return {"base": settings_hash(key), "label": label, "masks": mask_digest(masks),
+            "start_states": states_digest(start_states)}
+
+
+def states_digest(states: Mapping[int, Any] | None) -> str | None:
+    """A short content hash of start states (rewind step -> Members), or None."""
+    if not states:
+        return None
+    return tensors_digest({f"{k}/{kind}/{name}": v for k, m in states.items()
+                           for kind, tensors in (("param", m.params), ("buffer", m.buffers))
+                           for name, v in tensors.items()})[:16]
+
+
+def sweep_dir(cfg: Config, settings: InstabilitySettings, steps: Sequence[int], **sparse: Any) -> RunDir:
+    """Where the sweep of these settings lives (``sparse``: masks, start_states, label)."""
+    return RunDir(cfg.runtime.results_root, INSTABILITY, settings_hash(sweep_key(cfg, settings, steps, **sparse)))
 
 
 def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySettings(), *,
@@ -247,25 +246,22 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
     t0 = time.perf_counter()
     if start_states is None:
         train_trunk(cfg, extra_checkpoints=steps, ctx=ctx)
-    run = sweep_dir(cfg, settings, steps) if masks is None and label is None else RunDir(
-        cfg.runtime.results_root, INSTABILITY,
-        settings_hash({"base": sweep_dir(cfg, settings, steps).hash, "label": label}))
+    key = sweep_key(cfg, settings, steps, masks=masks, start_states=start_states, label=label)
+    run = RunDir(cfg.runtime.results_root, INSTABILITY, settings_hash(key))
     with run.claim():
-        return _sweep(cfg, settings, ctx, run, steps, masks, start_states, label, t0)
+        return _sweep(cfg, settings, ctx, run, key, steps, masks, start_states, label, t0)
 
 
-def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir, steps: list[int],
-           masks: Mapping[str, Tensor] | None, start_states: Mapping[int, Any] | None, label: str | None,
-           t0: float) -> SweepResult:
-    run.start({"training": cfg.to_dict(), "instability": asdict(settings)},
-              {"trunk": cfg.run_hash(), "steps": steps}, {"label": label})
+def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir, key: dict[str, Any],
+           steps: list[int], masks: Mapping[str, Tensor] | None, start_states: Mapping[int, Any] | None,
+           label: str | None, t0: float) -> SweepResult:
+    run.start({"training": cfg.to_dict(), "instability": asdict(settings)}, key, {"label": label})
     sm = StackedModel(ctx.model)
     curve_settings = settings.curve_settings(cfg.runtime.eval_batch_size)
     # Curves of rewind points measured by an earlier (finished or interrupted) run of these settings
     # are read back, not measured again: the siblings, and so the curves, are the same.
-    stored = _stored_curves(run)
+    stored = PointTable(run / CURVES, "rewind_step", CURVE_COLUMNS, required=CURVE_COLUMNS[:-1])
     chance = {split: chance_error(ctx.data.split(split)[1]) for split in settings.splits}
-    curves: list[dict[str, Any]] = []
     siblings_runs = []
     diverged: dict[int, dict[str, Any]] = {}
     measured = 0  # rewind points whose curves this call measures
@@ -281,14 +277,14 @@ def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir
                   file=sys.stderr)
             continue
         siblings_runs.append(siblings_info(sib))
-        done = [r for r in stored if r["rewind_step"] == k]
-        if done:
-            curves.extend(done)
+        if stored.done(k):
             continue
-        curves.extend(curve_rows(sm, sib.members, settings.splits, ctx.data, curve_settings, k))
+        new = curve_rows(sm, sib.members, settings.splits, ctx.data, curve_settings, k)
+        flag_curves(new, chance, settings.chance_margin)
+        stored.add(new)  # after every rewind point: a rerun resumes here
         measured += 1
-        flag_curves(curves, chance, settings.chance_margin)
-        write_csv(run / CURVES, curves, CURVE_COLUMNS)  # after every rewind point: a rerun resumes here
+    stored.keep(steps)
+    curves = stored.rows
     flag_curves(curves, chance, settings.chance_margin)  # flags follow the margin asked for now
     table = sweep_table(curves, settings.threshold, chance=chance, margin=settings.chance_margin,
                         diverged=diverged, splits=settings.splits)
@@ -327,31 +323,11 @@ def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir
     if measured == 0 and (run / INSTABILITY_SUMMARY).is_file():
         # every curve was read back: the time is the one of the run that measured them
         summary["seconds"] = read_json(run / INSTABILITY_SUMMARY).get("seconds", summary["seconds"])
-    write_csv(run / CURVES, curves, CURVE_COLUMNS)
+    stored.write()
     write_csv(run / SWEEP, table, SWEEP_COLUMNS)
     write_json(run / INSTABILITY_SUMMARY, summary)
     run.update(status="complete")
     return SweepResult(run.path, steps, table, curves, by_split[primary], by_split, settings.threshold, summary)
-
-
-def _stored_curves(run: RunDir) -> list[dict[str, Any]]:
-    """Curves measured by an earlier run of these settings; a damaged file is moved aside (and remeasured)."""
-    path = run / CURVES
-    if not path.is_file():
-        return []
-    try:
-        rows = read_csv(path)
-        if rows and not set(CURVE_COLUMNS[:-1]) <= set(rows[0]):
-            raise RecordError(f"record {str(path)!r} lacks columns")
-        return rows
-    except RecordError as exc:
-        quarantine(path, str(exc))
-        return []
-
-
-def load_sweep(run_dir: str | Path) -> dict[str, Any]:
-    """instability.json of a finished sweep."""
-    return read_json(Path(run_dir) / INSTABILITY_SUMMARY)
 
 
 __all__ = [
@@ -363,7 +339,6 @@ __all__ = [
     "first_stable_step",
     "instability_settings",
     "instability_sweep",
-    "load_sweep",
     "pair_barriers",
     "sweep_table",
 ]

@@ -48,6 +48,9 @@ class CurveSettings:
             raise ConfigError(f"instability.alphas: need at least 2 values (both ends 0 and 1), got {self.alphas}")
         return torch.linspace(0, 1, self.alphas, dtype=torch.float64).tolist()
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> CurveSettings:
         self.grid()
         if self.bn not in BN_MODES:
@@ -128,36 +131,6 @@ def evaluate_path(sm: StackedModel, a: Mapping[str, Tensor], b: Mapping[str, Ten
         loss, err = sm.evaluate(params, buffers, x, y, settings.eval_batch_size)
         errors.extend(err.tolist())
         losses.extend(loss.tolist())
-    return errors, losses
-
-
-def evaluate_path_naive(model: nn.Module, a: Mapping[str, Tensor], b: Mapping[str, Tensor], alphas: Sequence[float],
-                        x: Tensor, y: Tensor, settings: CurveSettings, x_train: Tensor | None = None) -> tuple[list[float], list[float]]:
-    """One model per α with ``load_state_dict``: the reference the batched path must match."""
-    import copy
-
-    errors, losses = [], []
-    for alpha in alphas:
-        m = copy.deepcopy(model)
-        state = {}
-        for k, va in a.items():
-            state[k] = (1 - alpha) * va + alpha * b[k] if va.is_floating_point() else va
-        m.load_state_dict(state)
-        if settings.bn == "reset" and _bn_modules(m):
-            for bn in _bn_modules(m):
-                bn.reset_running_stats()
-                bn.momentum = None  # PyTorch's own cumulative average
-            m.train()
-            g = torch.Generator().manual_seed(settings.bn_seed)
-            with torch.no_grad():
-                for _ in range(settings.bn_batches):
-                    idx = torch.randint(len(x_train), (min(settings.bn_batch_size, len(x_train)),), generator=g)
-                    m(x_train[idx])
-        m.eval()
-        with torch.no_grad():
-            out = m(x)
-            losses.append(float(torch.nn.functional.cross_entropy(out, y)))
-            errors.append(float((out.argmax(1) != y).double().mean()))
     return errors, losses
 
 

@@ -12,41 +12,24 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .config import Config, settings_hash
 from .engine import StackedModel
 from .errors import CheckpointError, ConfigError
-from .hessian import HessianSettings, probe
+from .hessian import HessianSettings, hessian_settings, probe
 from .interpolation import CurveSettings, interpolate_stacks, reset_bn_stats
+from .schema import DENSITY_TABLE, HESSIAN, HESSIAN_SUMMARY, HESSIAN_TABLE, MANIFEST
 from .siblings import SiblingSettings, train_siblings
 from .steps import to_iterations
-from .store import RunDir, read_csv, write_csv, write_json
+from .store import PointTable, RunDir, write_json
 from .trunk import Context, prepare, train_trunk, trunk_checkpoint, trunk_dir
-
-
-def hessian_settings(table: Mapping[str, Any] | None = None, **overrides: Any) -> HessianSettings:
-    """HessianSettings from a TOML ``[hessian]`` table plus keyword overrides (None = not given)."""
-    values = {**(table or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    names = {f.name for f in fields(HessianSettings)}
-    defaults = HessianSettings()
-    for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"hessian.{key}: unknown setting; settings are {', '.join(sorted(names))}")
-        # integers, dtype and engine are checked by HessianSettings itself; floats and flags here
-        default = getattr(defaults, key)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"hessian.{key}: expected true or false, got {value!r}")
-        if isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"hessian.{key}: expected a number, got {value!r}")
-            values[key] = float(value)
-    return HessianSettings(**values)
 
 
 def _check_dim(ctx: Context, settings: HessianSettings) -> None:
@@ -104,42 +87,27 @@ def hessian_track(cfg: Config, settings: HessianSettings, *, at: str | Sequence[
     ctx = ctx or prepare(cfg)
     _check_dim(ctx, settings)
     steps = _resolve_steps(ctx, at, every)
-    run = RunDir(cfg.runtime.results_root, "hessian",
-                 settings_hash({"trunk": cfg.run_hash(), "hessian": asdict(settings), "steps": steps}))
+    key = {"trunk": cfg.run_hash(), "hessian": asdict(settings), "steps": steps}
+    run = RunDir(cfg.runtime.results_root, HESSIAN, settings_hash(key))
     train_trunk(cfg, extra_checkpoints=[s for s in steps if s < ctx.total_steps], ctx=ctx)
     with run.claim():
-        return _track(cfg, settings, ctx, run, steps)
+        new_run = not run.exists()
+        run.start({"training": cfg.to_dict(), "hessian": asdict(settings)}, key,
+                  {"target": "trunk", "trunk": str(trunk_dir(cfg).path)})
 
+        def model_at(step: int) -> nn.Module:
+            try:
+                members = trunk_checkpoint(ctx, step)  # a damaged checkpoint is replayed, never used
+            except CheckpointError:
+                if new_run and not (run / HESSIAN_TABLE).is_file():
+                    shutil.rmtree(run.path)  # a bad checkpoint before any finished probe: leave nothing behind
+                raise
+            model = ctx.new_model()
+            model.load_state_dict(members.member_state_dict(0))
+            return model
 
-def _track(cfg: Config, settings: HessianSettings, ctx: Context, run: RunDir, steps: list[int]) -> HessianTrack:
-    new_run = not run.exists()
-    run.start({"training": cfg.to_dict(), "hessian": asdict(settings)}, {"trunk": cfg.run_hash(), "steps": steps},
-              {"target": "trunk", "trunk": str(trunk_dir(cfg).path)})
-    done_rows = read_csv(run / "hessian.csv") if (run / "hessian.csv").is_file() else []
-    done_density = read_csv(run / "density.csv") if (run / "density.csv").is_file() else []
-    done = {r["step"] for r in done_rows}
-    t0 = time.perf_counter()
-    for step in steps:
-        if step in done:
-            continue
-        try:
-            members = trunk_checkpoint(ctx, step)  # a damaged checkpoint is replayed, never used
-        except CheckpointError:
-            if new_run and not done_rows:
-                shutil.rmtree(run.path)  # a bad checkpoint before any finished probe: leave nothing behind
-            raise
-        model = ctx.new_model()
-        model.load_state_dict(members.member_state_dict(0))
-        result = probe(model, ctx.data.x_train, ctx.data.y_train, settings)
-        row, dens = _probe_rows({"step": step}, result)
-        done_rows.append(row)
-        done_density.extend(dens)
-        # Saved after every point: a crash loses at most the probe in progress.
-        write_csv(run / "hessian.csv", done_rows)
-        if done_density:
-            write_csv(run / "density.csv", done_density)
-    _write_summary(run, cfg, settings, done_rows, {"target": "trunk", "steps": steps}, time.perf_counter() - t0)
-    return HessianTrack(run.path, done_rows, done_density)
+        return _probe_points(run, cfg, settings, ctx, "step", steps, lambda step: {"step": step}, model_at,
+                             {"target": "trunk", "steps": steps})
 
 
 def hessian_path(cfg: Config, settings: HessianSettings, rewind_step: int | str, *,
@@ -155,51 +123,57 @@ def hessian_path(cfg: Config, settings: HessianSettings, rewind_step: int | str,
     alphas = [float(a) for a in alphas]
     if not alphas or any(not 0 <= a <= 1 for a in alphas):
         raise ConfigError(f"hessian --alphas: values must lie in [0, 1], got {alphas}")
-    run = RunDir(cfg.runtime.results_root, "hessian", settings_hash(
-        {"trunk": cfg.run_hash(), "hessian": asdict(settings), "path": step, "alphas": alphas,
-         "siblings": asdict(siblings), "bn_batches": bn_batches}))
+    key = {"trunk": cfg.run_hash(), "hessian": asdict(settings), "path": step, "alphas": alphas,
+           "siblings": asdict(siblings), "bn_batches": bn_batches}
+    run = RunDir(cfg.runtime.results_root, HESSIAN, settings_hash(key))
     sib = train_siblings(ctx, step, siblings)
     with run.claim():
-        return _path(cfg, settings, ctx, run, sib, step, alphas, bn_batches)
+        run.start({"training": cfg.to_dict(), "hessian": asdict(settings)}, key,
+                  {"target": "path", "siblings": str(sib.run_dir)})
+        sm = StackedModel(ctx.model)
+        a, b = sib.members.member_state_dict(0), sib.members.member_state_dict(1)
+
+        def model_at(alpha: float) -> nn.Module:
+            grid = torch.tensor([alpha], dtype=torch.float64)
+            params = interpolate_stacks({k: a[k] for k in sm.param_names}, {k: b[k] for k in sm.param_names}, grid)
+            buffers = interpolate_stacks({k: a[k] for k in sm.buffer_names}, {k: b[k] for k in sm.buffer_names},
+                                         grid)
+            if sm.buffer_names:
+                reset_bn_stats(sm, params, buffers, ctx.data.x_train, CurveSettings(bn="reset", bn_batches=bn_batches))
+            model = ctx.new_model()
+            model.load_state_dict({**{k: v[0] for k, v in params.items()}, **{k: v[0] for k, v in buffers.items()}})
+            return model
+
+        return _probe_points(run, cfg, settings, ctx, "alpha", sorted(alphas),
+                             lambda alpha: {"rewind_step": step, "alpha": alpha}, model_at,
+                             {"target": "path", "rewind_step": step, "alphas": alphas})
 
 
-def _path(cfg: Config, settings: HessianSettings, ctx: Context, run: RunDir, sib: Any, step: int,
-          alphas: list[float], bn_batches: int) -> HessianTrack:
-    run.start({"training": cfg.to_dict(), "hessian": asdict(settings)}, {"trunk": cfg.run_hash(), "path": step},
-              {"target": "path", "siblings": str(sib.run_dir)})
-    done_rows = read_csv(run / "hessian.csv") if (run / "hessian.csv").is_file() else []
-    done_density = read_csv(run / "density.csv") if (run / "density.csv").is_file() else []
-    done = {r["alpha"] for r in done_rows}
-    sm = StackedModel(ctx.model)
-    a, b = sib.members.member_state_dict(0), sib.members.member_state_dict(1)
+def _probe_points(run: RunDir, cfg: Config, settings: HessianSettings, ctx: Context, key: str, points: list[Any],
+                  label: Callable[[Any], dict[str, Any]], model_at: Callable[[Any], nn.Module],
+                  where: dict[str, Any]) -> HessianTrack:
+    """Probe every point not finished yet; each point's rows are written as soon as it is measured."""
+    rows = PointTable(run / HESSIAN_TABLE, key)
+    density = PointTable(run / DENSITY_TABLE, key)
     t0 = time.perf_counter()
-    for alpha in alphas:
-        if alpha in done:
+    for point in points:
+        if rows.done(point):
             continue
-        grid = torch.tensor([alpha], dtype=torch.float64)
-        params = interpolate_stacks({k: a[k] for k in sm.param_names}, {k: b[k] for k in sm.param_names}, grid)
-        buffers = interpolate_stacks({k: a[k] for k in sm.buffer_names}, {k: b[k] for k in sm.buffer_names}, grid)
-        if sm.buffer_names:
-            reset_bn_stats(sm, params, buffers, ctx.data.x_train, CurveSettings(bn="reset", bn_batches=bn_batches))
-        model = ctx.new_model()
-        model.load_state_dict({**{k: v[0] for k, v in params.items()}, **{k: v[0] for k, v in buffers.items()}})
-        result = probe(model, ctx.data.x_train, ctx.data.y_train, settings)
-        row, dens = _probe_rows({"rewind_step": step, "alpha": alpha}, result)
-        done_rows.append(row)
-        done_density.extend(dens)
-        write_csv(run / "hessian.csv", done_rows)
-        if done_density:
-            write_csv(run / "density.csv", done_density)
-    done_rows.sort(key=lambda r: r["alpha"])
-    write_csv(run / "hessian.csv", done_rows)
-    _write_summary(run, cfg, settings, done_rows, {"target": "path", "rewind_step": step, "alphas": alphas},
-                   time.perf_counter() - t0)
-    return HessianTrack(run.path, done_rows, done_density)
+        result = probe(model_at(point), ctx.data.x_train, ctx.data.y_train, settings)
+        row, dens = _probe_rows(label(point), result)
+        density.keep([p for p in points if p != point])  # rows a killed probe of this point left
+        if dens:
+            density.add(dens)
+        rows.add([row])  # the point counts as done once its row is written
+    rows.keep(points)
+    rows.write()
+    _write_summary(run, cfg, settings, rows.rows, where, time.perf_counter() - t0)
+    return HessianTrack(run.path, rows.rows, density.rows)
 
 
 def _write_summary(run: RunDir, cfg: Config, settings: HessianSettings, rows: list[dict[str, Any]],
                    where: dict[str, Any], seconds: float) -> None:
-    write_json(run / "hessian.json", {
+    write_json(run / HESSIAN_SUMMARY, {
         "settings": asdict(settings), **where, "points": len(rows), "seconds": round(seconds, 3),
         "optimizer": asdict(cfg.optimizer), "config": cfg.to_dict(),
         "edge_of_stability": _edge_of_stability(cfg),
@@ -221,7 +195,7 @@ def config_from_run(run_dir: str | Path) -> Config:
     from .store import read_json
 
     run_dir = Path(run_dir)
-    manifest_path = run_dir / "manifest.json"
+    manifest_path = run_dir / MANIFEST
     if not manifest_path.is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run directory (no manifest.json)")
     manifest = read_json(manifest_path)

@@ -337,12 +337,14 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "model.name", {
     "vgg16": _vgg,
     "mlp": _mlp,
 })
-# Initialization schemes for conv and linear weights (``model.init``).
+# Initialization schemes for conv and linear weights (``model.init``) and BatchNorm weights (``model.bn_init``).
 INIT_SCHEMES = ("default", "kaiming_normal", "glorot_normal")
+BN_INITS = ("ones", "uniform")
 
 
-def _initialize(model: nn.Module, scheme: str) -> None:
-    """Apply ``scheme`` to conv and linear layers; BatchNorm always starts at weight 1, bias 0."""
+def _initialize(model: nn.Module, scheme: str, bn_init: str = "ones") -> None:
+    """Apply ``scheme`` to conv and linear layers; BatchNorm starts at bias 0 and weight 1 (``ones``) or
+    uniform in [0, 1) (``uniform``, open_lth's default for its CIFAR ResNets and VGGs)."""
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             if scheme == "kaiming_normal":
@@ -352,7 +354,10 @@ def _initialize(model: nn.Module, scheme: str) -> None:
             if scheme != "default" and module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            nn.init.ones_(module.weight)
+            if bn_init == "uniform":
+                nn.init.uniform_(module.weight, 0.0, 1.0)
+            else:
+                nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
 
@@ -365,6 +370,8 @@ def build_model(
         raise ConfigError(
             f"model.init: unknown scheme {cfg.init!r}; choose one of {', '.join(INIT_SCHEMES)}"
         )
+    if cfg.bn_init not in BN_INITS:
+        raise ConfigError(f"model.bn_init: unknown scheme {cfg.bn_init!r}; choose one of {', '.join(BN_INITS)}")
     if not cfg.width > 0:
         raise ConfigError(f"model.width: must be positive, got {cfg.width}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -382,7 +389,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(seed)
         model = factory(cfg, shape, num_classes)
-        _initialize(model, cfg.init)
+        _initialize(model, cfg.init, cfg.bn_init)
     return model
 
 

@@ -51,7 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "resnet20_cifar10": {
         "description": "ResNet-20 on CIFAR-10 (Frankle et al. 2020, open_lth): SGD 0.1 m0.9 wd1e-4, batch 128, 160 epochs",
         "dataset": {"name": "cifar10", "val_size": 0},
-        "model": {"name": "resnet", "depth": 20, "init": "kaiming_normal"},
+        "model": {"name": "resnet", "depth": 20, "init": "kaiming_normal", "bn_init": "uniform"},
         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
         "schedule": {"kind": "step", "milestones": ["80ep", "120ep"], "gamma": 0.1},
         "training": {"steps": "160ep", "batch_size": 128, "eval_every": "1ep", "checkpoint_every": "1ep",
@@ -61,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vgg16_cifar10": {
         "description": "VGG-16 on CIFAR-10 (Frankle et al. 2020, open_lth): SGD 0.1 m0.9 wd1e-4, batch 128, 160 epochs",
         "dataset": {"name": "cifar10", "val_size": 0},
-        "model": {"name": "vgg16", "init": "kaiming_normal"},
+        "model": {"name": "vgg16", "init": "kaiming_normal", "bn_init": "uniform"},
         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
         "schedule": {"kind": "step", "milestones": ["80ep", "120ep"], "gamma": 0.1},
         "training": {"steps": "160ep", "batch_size": 128, "eval_every": "1ep", "checkpoint_every": "1ep",

@@ -22,14 +22,13 @@ import torch
 from torch import Tensor
 
 from .config import settings_hash
-from .engine import Members, TrainSpec, derive_seed
+from .engine import Members, derive_seed
 from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .schema import FINAL_STATE, SIBLINGS
 from .steps import format_step
-from .store import RunDir, quarantine
+from .store import RunDir, quarantine, tensors_digest
 from .training import load_members, read_metrics, resumable_train, save_state
 from .trunk import Context, trunk_checkpoint, trunk_dir
-
-FINAL_FILE = "final.safetensors"
 
 NOISE_KINDS = ("both", "data_order", "augmentation")
 OPTIMIZER_STATES = ("fresh", "restore")
@@ -43,6 +42,9 @@ class SiblingSettings:
     noise: str = "both"  # both | data_order | augmentation
     optimizer_state: str = "fresh"  # fresh | restore
     sibling_seed: int = 0  # a different value gives a different set of siblings
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> SiblingSettings:
         if self.siblings < 2:
@@ -114,7 +116,7 @@ def train_branch(ctx: Context, run: RunDir, start: Members, end_step: int, *,
     state. With ``eval_every`` > 0, every member is evaluated at the start, every ``eval_every`` steps
     and at the end into ``run/metrics.csv``. Divergence marks ``run`` diverged (TrainingDiverged).
     """
-    final = run / FINAL_FILE
+    final = run / FINAL_STATE
     if final.is_file():
         try:
             members = load_members(final, ctx)
@@ -148,18 +150,21 @@ def train_siblings(ctx: Context, rewind_step: int, settings: SiblingSettings = S
     trunk = trunk_dir(cfg)
     key = {"trunk": trunk.hash, "rewind_step": rewind_step, "order_seeds": order, "aug_seeds": aug,
            "optimizer_state": settings.optimizer_state, "masks": mask_digest(masks), "start": label}
-    run = RunDir(cfg.runtime.results_root, "siblings", settings_hash(key))
+    if start is not None:  # named by the start state's contents, not only by its label
+        key["start_state"] = tensors_digest({**{f"param/{k}": v for k, v in start.params.items()},
+                                             **{f"buffer/{k}": v for k, v in start.buffers.items()}})[:16]
+    run = RunDir(cfg.runtime.results_root, SIBLINGS, settings_hash(key))
     with run.claim():
         status = run.status()
         if status == "diverged":
             raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
         members = None
-        if status == "complete" and (run / FINAL_FILE).is_file():
+        if status == "complete" and (run / FINAL_STATE).is_file():
             try:
-                members = load_members(run / FINAL_FILE, ctx)
+                members = load_members(run / FINAL_STATE, ctx)
                 run.check_reuse(cfg.runtime.accept_other_versions)
             except CheckpointError as exc:
-                quarantine(run / FINAL_FILE, str(exc))
+                quarantine(run / FINAL_STATE, str(exc))
                 members = None
         reused = members is not None
         if not reused:
@@ -173,28 +178,6 @@ def train_siblings(ctx: Context, rewind_step: int, settings: SiblingSettings = S
                                    desc=f"siblings @{format_step(rewind_step)}")
             run.update(status="complete", seconds=round(time.perf_counter() - t0, 3))
     return SiblingsResult(run.path, rewind_step, ctx.total_steps, members, order, aug, reused)
-
-
-def train_siblings_reference(ctx: Context, rewind_step: int, order: Sequence[int], aug: Sequence[int],
-                             masks: Mapping[str, Tensor] | None = None) -> list[dict[str, Tensor]]:
-    """The plain one-at-a-time path (fresh optimizer), for checking the batched one."""
-    from .engine import train_reference
-
-    source = trunk_checkpoint(ctx, rewind_step)
-    state = source.member_state_dict(0)
-    spec = TrainSpec(ctx.data, ctx.cfg, ctx.ipe, augmentation=ctx.augmentation)
-    out = []
-    for o, a in zip(order, aug):
-        module = ctx.new_model()
-        if masks:
-            state = {k: (v * masks[k] if k in masks else v) for k, v in state.items()}
-        out.append(train_reference(module, state, spec, rewind_step, ctx.total_steps, o, a, masks))
-    return out
-
-
-def load_siblings(path: str | Path, ctx: Context) -> Members:
-    """Final weights of a siblings run directory."""
-    return load_members(Path(path) / FINAL_FILE, ctx)
 
 
 def siblings_info(result: SiblingsResult) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -355,6 +355,46 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
 
+class PointTable:
+    """The rows of a stage measured point by point (rewind steps, training steps, alphas).
+
+    Rows of points finished by an earlier (complete or interrupted) run of the same settings are
+    read back; each newly measured point is written at once, so a rerun resumes after the last
+    finished point. A damaged file is moved aside (with a warning) and its points measured again.
+    """
+
+    def __init__(self, path: str | Path, key: str, columns: Sequence[str] | None = None,
+                 required: Sequence[str] = ()):
+        self.path, self.key, self.columns = Path(path), key, list(columns) if columns else None
+        self.rows: list[dict[str, Any]] = []
+        if self.path.is_file():
+            try:
+                rows = read_csv(self.path)
+                missing = [c for c in required if rows and c not in rows[0]]
+                if missing:
+                    raise RecordError(f"record {str(self.path)!r} lacks columns {missing}")
+                self.rows = rows
+            except RecordError as exc:
+                quarantine(self.path, str(exc))
+
+    def done(self, point: Any) -> list[dict[str, Any]]:
+        """The stored rows of ``point`` (empty when it still has to be measured)."""
+        return [r for r in self.rows if r[self.key] == point]
+
+    def add(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Append one point's rows and write the table."""
+        self.rows.extend(dict(r) for r in rows)
+        self.write()
+
+    def keep(self, points: Sequence[Any]) -> None:
+        """Drop rows of points not in ``points`` and order the rest as ``points`` are."""
+        order = {p: i for i, p in enumerate(points)}
+        self.rows = sorted((r for r in self.rows if r[self.key] in order), key=lambda r: order[r[self.key]])
+
+    def write(self) -> None:
+        write_csv(self.path, self.rows, self.columns)
+
+
 class _Claim:
     def __init__(self, run: RunDir, wait: float | None):
         self.run, self.wait, self.inner = run, wait, None
@@ -378,15 +418,3 @@ class _Claim:
         self.inner.__exit__(*exc)
         if self.created and self.run.path.is_dir() and not any(self.run.path.iterdir()):
             self.run.path.rmdir()  # nothing was written: leave no trace
-
-
-def iter_runs(root: str | Path, kind: str | None = None) -> Iterable[RunDir]:
-    """Every run directory under ``root`` (optionally of one kind)."""
-    root = Path(root)
-    if not root.is_dir():
-        return
-    for child in sorted(root.iterdir()):
-        if (child / MANIFEST).is_file() and "_" in child.name:
-            k, h = child.name.rsplit("_", 1)
-            if kind is None or k == kind:
-                yield RunDir(root, k, h)

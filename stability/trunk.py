@@ -160,7 +160,9 @@ class TrainResult:
     def final(self) -> dict[str, Any]:
         return self.metrics[-1] if self.metrics else {}
 
+    @property
     def summary(self) -> dict[str, Any]:
+        """What ``summary.json`` holds (a dict, as on every result object)."""
         f = self.final
         test_error = f.get("test_error", float("nan"))
         return {
@@ -201,7 +203,7 @@ def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Cont
         resumable_train(ctx, run, initial_members(ctx), T, eval_every=eval_every, keep=wanted,
                         desc=f"train {run.hash}")
         result = _result(run, T, reused=False, seconds=time.perf_counter() - t0, ctx=ctx)
-        write_json(run / SUMMARY, result.summary())
+        write_json(run / SUMMARY, result.summary)
         run.update(status="complete")
     return result
 

@@ -10,6 +10,7 @@ from helpers import TINY_ARGS
 from stability.cli import main
 
 
+@pytest.mark.slow
 def test_train_end_to_end_in_a_subprocess(results_root):
     cmd = [sys.executable, "-m", "stability.cli", "train", "--preset", "lenet300_mnist5k", *TINY_ARGS,
            "--out", str(results_root), "--threads", "1"]

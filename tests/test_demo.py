@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from stability.demo import DemoSettings, main, run_demo
 
 SMALL = DemoSettings(siblings=2, lenet_rewind=("0it", "5it"), conv_rewind=("0it", "5it"), imp_levels=2,
@@ -11,6 +13,7 @@ SHRINK = {"model.width": "0.25", "training.steps": "20it", "training.batch_size"
           "training.eval_every": "10it", "runtime.threads": "2"}
 
 
+@pytest.mark.slow
 def test_demo_leaves_summary_figures_and_records(tmp_path):
     out = tmp_path / "demo"
     info = run_demo(out, SMALL, quiet=True, overrides=SHRINK)

@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config
 
+from stability.config import ModelConfig
 from stability.engine import StackedModel, TrainSpec, train_members
+from stability.engine.stacked import stack_states
+from stability.models import build_model
 from stability.trunk import initial_members, prepare
 
 
@@ -60,3 +63,39 @@ def test_hand_written_and_autograd_training_agree(results_root, optimizer):
     assert hand_l == pytest.approx(auto_l, rel=1e-4)
     for n in hand_p:
         torch.testing.assert_close(hand_p[n], auto_p[n], rtol=1e-4, atol=1e-5)
+
+
+def test_vmap_strategy_matches_member_loop_for_a_conv_net():
+    # The GPU's vmap(functional_call) path, forced on the CPU, against the CPU's per-member loop.
+    cfg = ModelConfig(name="lenet5", width=0.25)
+    model = build_model(cfg, (1, 28, 28), 10, seed=0)
+    states = [build_model(cfg, (1, 28, 28), 10, seed=s).state_dict() for s in range(3)]
+    stacked = stack_states(states)
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: stacked[n] for n in names}
+    buffers = {n: v for n, v in stacked.items() if n not in params}
+    assert not torch.equal(params["features.0.weight"][0], params["features.0.weight"][1])
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (3, 8), generator=gen)
+
+    results = {}
+    for strategy in ("auto", "vmap"):
+        sm = StackedModel(model, strategy=strategy)
+        p = {n: t.clone().requires_grad_(True) for n, t in params.items()}
+        out = sm.logits(p, buffers, x, train=True, shared_input=False)
+        F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(3, -1).mean(1).sum().backward()
+        train_strategy = sm.last_strategy
+        with torch.no_grad():
+            shared = sm.logits(params, buffers, x[0], train=False, shared_input=True)
+        assert sm.last_strategy == train_strategy
+        results[train_strategy] = (out.detach(), shared, {n: t.grad for n, t in p.items()})
+
+    assert set(results) == {"loop", "vmap"}  # auto takes the member loop for conv nets on the CPU
+    (loop_out, loop_shared, loop_grads), (vmap_out, vmap_shared, vmap_grads) = results["loop"], results["vmap"]
+    assert vmap_out.shape == (3, 8, 10)
+    torch.testing.assert_close(vmap_out, loop_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vmap_shared, loop_shared, rtol=1e-5, atol=1e-5)
+    for n in names:
+        assert vmap_grads[n].shape == params[n].shape
+        torch.testing.assert_close(vmap_grads[n], loop_grads[n], rtol=1e-5, atol=1e-5)

@@ -161,6 +161,7 @@ def _wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen, timeout: fl
     raise AssertionError(f"{pattern} did not appear")
 
 
+@pytest.mark.slow
 def test_sigkill_when_a_checkpoint_appears_then_rerun_gives_the_uninterrupted_records(tmp_path):
     """The issue's recipe: kill -9 the moment checkpoints/step_k appears (a real process, its lock left behind)."""
     args = ["train", "--preset", "lenet300_mnist5k", "--set=model.width=0.25", "--set=training.steps=400it",

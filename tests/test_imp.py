@@ -10,7 +10,7 @@ from stability.cli import main
 from stability.imp import imp_settings, run_imp
 from stability.pruning import layer_densities
 from stability.store import load_tensors, read_csv, read_json
-from stability.trunk import load_weights, trunk_dir
+from stability.trunk import load_weights, prepare, trunk_dir
 
 
 def _masks(result, level, replicate=0):
@@ -59,25 +59,45 @@ def test_pruned_weights_stay_zero_with_momentum_and_weight_decay(imp_run):
         assert torch.count_nonzero(final[name][m == 1]) == int(m.sum())
 
 
-def test_rewinding_resets_survivors_exactly_to_the_rewind_checkpoint(imp_run):
-    cfg, _, result = imp_run
-    masks = _masks(result, 2)
-    start_path = result.run_dir / "replicate_0" / "level_2"
-    # The level's rolling state at the start is the rewound network: rebuild it from the checkpoint.
+def test_the_driver_rewinds_survivors_exactly_to_the_rewind_checkpoint(tmp_path, monkeypatch):
+    import stability.imp as imp_module
+
+    seen = {}
+    real_branch = imp_module.train_branch
+
+    def spy(ctx, run, start, end_step, **kw):
+        # the driver's own start state of each level (member 0 = the IMP network); the loop zeroes the
+    # pruned coordinates before the first step
+        seen[int(run.hash)] = ({k: v[0].clone() for k, v in start.params.items()}, start.step,
+                               {k: v[0].clone() for k, v in kw["masks"].items()})
+        return real_branch(ctx, run, start, end_step, **kw)
+
+    monkeypatch.setattr(imp_module, "train_branch", spy)
+    cfg = tiny_config(tmp_path, optimizer__name="sgd", optimizer__lr="0.05", optimizer__momentum="0.9")
+    result = run_imp(cfg, imp_settings(levels=2, rewind="5it"))
     rewind = load_weights(trunk_dir(cfg), 5)
-    from stability.imp import Members  # the same constructor the driver uses
-
-    start = Members.from_model_states([rewind], list(masks), 5, [1], [1], torch.device("cpu"))
-    from stability.pruning import apply_masks_
-
-    apply_masks_(start.params, masks)
-    for name, m in masks.items():
-        got = start.params[name][0]
-        assert torch.equal(got[m == 1], rewind[name][m == 1])
-        assert torch.all(got[m == 0] == 0)
-    # And the driver's first evaluation row (step 5) is that network's accuracy, not the trained one's.
-    rows = read_csv(start_path / "metrics.csv")
-    assert rows[0]["step"] == 5
+    final_dense = load_weights(trunk_dir(cfg), 30)
+    assert sorted(seen) == [1, 2]
+    for level, (start, step, masks) in seen.items():
+        assert step == 5  # the rewind step, not 0 and not the end of the previous level
+        assert torch.equal(masks["fc.0.weight"], _masks(result, level)["fc.0.weight"])
+        for name, w in start.items():
+            m = masks.get(name)
+            if m is None:  # unpruned tensors (biases) are rewound too
+                assert torch.equal(w, rewind[name])
+                continue
+            assert torch.equal(w[m == 1], rewind[name][m == 1])  # survivors: their rewind values exactly
+            assert not torch.equal(w[m == 1], final_dense[name][m == 1])  # not the trained weights
+    # the level's first metrics row is the accuracy of that rewound sparse network, evaluated here by hand
+    start, _, masks = seen[2]
+    ctx = prepare(cfg)
+    model = ctx.new_model()
+    model.load_state_dict({**rewind, **{k: v * masks[k] if k in masks else v for k, v in start.items()}})
+    model.eval()
+    with torch.no_grad():
+        error = float((model(ctx.data.x_test).argmax(1) != ctx.data.y_test).double().mean())
+    row = next(r for r in read_csv(result.run_dir / "replicate_0" / "level_2" / "metrics.csv") if r["member"] == 0)
+    assert row["step"] == 5 and row["test_error"] == pytest.approx(error, abs=1e-12)
 
 
 def test_reinit_shares_the_mask_but_not_the_weights_and_random_matches_layer_densities(imp_run):

@@ -17,13 +17,13 @@ from stability.instability import (
     instability_sweep,
     sweep_table,
 )
-from stability.interpolation import CurveSettings, error_barrier, evaluate_path, evaluate_path_naive
+from stability.interpolation import CurveSettings, error_barrier, evaluate_path
+from stability.reference import evaluate_path_naive, train_siblings_reference
 from stability.siblings import (
     SiblingSettings,
     sibling_seeds,
     train_branch,
     train_siblings,
-    train_siblings_reference,
 )
 from stability.trunk import prepare, train_trunk
 
@@ -197,8 +197,11 @@ def test_sweep_writes_records_and_reuses_siblings(results_root):
     assert summary["bn_mode"] == "interpolate"
     assert set(summary["first_stable_step_by_split"]) == {"test", "train"}
     assert len(result.curves) == 3 * 1 * 2 * 5
+    finals = sorted(results_root.glob("siblings_*/final.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in finals]
     again = instability_sweep(cfg, settings)
     assert all(s["reused"] for s in again.summary["siblings"])
+    assert len(finals) == 3 and [p.stat().st_mtime_ns for p in finals] == stamps  # no sibling trained again
     assert again.table == result.table
     assert again.curves == result.curves  # read back from curves.csv, bit for bit
 

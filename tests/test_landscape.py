@@ -69,9 +69,23 @@ def test_masked_probe_has_no_component_on_pruned_coordinates(results_root):
     model = ctx.new_model()
     masks = {n: (torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) > 0.7).float()
              for n, p in model.named_parameters() if n.endswith("weight")}
-    op = HessianOperator(model, ctx.data.x_train[:50], ctx.data.y_train[:50], masks=masks)
+    x, y = ctx.data.x_train[:50], ctx.data.y_train[:50]
+    op = HessianOperator(model, x, y, masks=masks)
     assert op.dim == sum(int(m.sum()) for m in masks.values()) + sum(
         p.numel() for n, p in model.named_parameters() if not n.endswith("weight"))
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(1))
+    components = op.to_full(op.matvec(v))
+    for name, m in masks.items():
+        assert torch.all(components[name][m == 0] == 0)  # no component on pruned coordinates
+        assert torch.count_nonzero(components[name][m == 1]) > 0  # (zero where an input pixel is always 0)
+    # and on the survivors it is the survivor block of the full Hessian of the masked network
+    masked_model = ctx.new_model()
+    masked_model.load_state_dict({k: v * masks[k] if k in masks else v for k, v in model.state_dict().items()})
+    full = HessianOperator(masked_model, x, y)
+    embedded = op.to_full(v)
+    reference = full.to_full(full.matvec(torch.cat([embedded[n].flatten() for n in full.names])))
+    for name, m in masks.items():
+        assert torch.allclose(components[name][m == 1], reference[name][m == 1], rtol=1e-4, atol=1e-6)
 
 
 def test_cli_hessian_on_a_run_directory(results_root, capsys):

@@ -424,3 +424,19 @@ def test_fast_max_pool_gives_torchs_values_and_gradients(shape, channels_last):
 def test_lenet5_pools_with_the_fast_max_pool():
     model = build_model(ModelConfig(name="lenet5"), (1, 28, 28), 10, seed=0)
     assert sum(isinstance(m, MaxPool2d) for m in model.modules()) == 2
+
+
+def test_open_lth_style_presets_draw_batchnorm_weights_uniformly_like_open_lth():
+    from stability.presets import get_preset
+
+    for preset in ("resnet20_cifar10", "vgg16_cifar10"):
+        cfg = get_preset(preset).model
+        assert cfg.bn_init == "uniform"
+        model = build_model(ModelConfig(**{**cfg.__dict__, "width": 0.25}), CIFAR, 10, 0)
+        weights = torch.cat([m.weight.detach().flatten() for m in model.modules()
+                             if isinstance(m, torch.nn.BatchNorm2d)])
+        assert 0 <= weights.min() and weights.max() < 1 and weights.std() > 0.2  # U[0, 1): std 0.29
+    plain = build_model(ModelConfig(name="resnet", depth=8, width=0.25), CIFAR, 10, 0)
+    assert all(torch.all(m.weight == 1) for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with pytest.raises(ConfigError, match="model.bn_init"):
+        build_model(ModelConfig(name="resnet", depth=8, bn_init="normal"), CIFAR, 10, 0)

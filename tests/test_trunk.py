@@ -91,6 +91,7 @@ def test_resume_from_intermediate_state_is_bit_identical(tmp_path):
     assert read_csv(ref.run_dir / "metrics.csv") == read_csv(resumed.run_dir / "metrics.csv")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path):
     args = ["--set=training.steps=400it", "--set=training.checkpoint_every=10it", "--set=training.eval_every=100it"]
     cmd = [sys.executable, "-m", "stability.cli", "train", "--preset", "lenet300_mnist5k", *TINY_ARGS, *args,

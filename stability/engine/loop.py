@@ -1,0 +1,132 @@
+"""The training loop: all members trained in lockstep from ``members.step`` to an end step.
+
+Batches are indices into the dataset tensors already on the device. One epoch
+is ``n_train // batch_size`` iterations (the last partial batch is dropped).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import Config
+from ..data import DataSplits, augment_batch
+from ..errors import ConfigError, TrainingDiverged
+from .members import Members, first_nonfinite
+from .optim import Schedule, _MemberwiseFusedAdam, _stacked_optimizer
+from .stacked import StackedModel
+
+
+def iterations_per_epoch(n_train: int, batch_size: int) -> int:
+    """Iterations in one epoch: the last partial batch is dropped."""
+    if batch_size > n_train:
+        raise ConfigError(f"training.batch_size: {batch_size} exceeds the {n_train} training examples")
+    return n_train // batch_size
+
+
+@dataclass
+class TrainSpec:
+    """What the loop needs besides the members: data, settings and hooks."""
+
+    data: DataSplits
+    cfg: Config
+    ipe: int
+    masks: Mapping[str, Tensor] | None = None  # {name: [N, ...] or [...]} 0/1
+    after_step: Callable[[Members, float], None] | None = None  # called with the batch loss after each step
+    augmentation: str | None = None
+
+
+def draw_batch(members: Members, spec: TrainSpec) -> tuple[Tensor, Tensor]:
+    """Member batches ``[N, B, ...]`` for iteration ``members.step``, advancing their data streams."""
+    data, B = spec.data, spec.cfg.training.batch_size
+    pos = members.step % spec.ipe
+    if pos == 0 or members.perms is None:
+        # A fresh epoch (or a member starting mid-epoch with no order yet): new permutation per member.
+        members.perms = torch.stack([torch.randperm(data.n_train, generator=g) for g in members.order_gens]).to(data.x_train.device)
+    idx = members.perms[:, pos * B : (pos + 1) * B]
+    flat = idx.reshape(-1)  # index_select on the flat index: same values as x_train[idx], ~3x faster
+    x = data.x_train.index_select(0, flat).view(*idx.shape, *data.x_train.shape[1:])
+    y = data.y_train.index_select(0, flat).view(idx.shape)
+    if spec.augmentation:
+        x = torch.stack([augment_batch(x[i], spec.augmentation, g) for i, g in enumerate(members.aug_gens)])
+    return x, y
+
+
+def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_step: int) -> Members:
+    """Train all members from ``members.step`` to ``end_step`` in lockstep; returns the same object."""
+    schedule = Schedule(spec.cfg, spec.ipe)
+    plist = [members.params[n] for n in model.param_names]
+    for p in plist:
+        p.requires_grad_(True)
+    opt = _stacked_optimizer(plist, spec.cfg)
+    if members.optimizer_state:
+        opt.load_state_dict({"state": members.optimizer_state["state"], "param_groups": opt.state_dict()["param_groups"]})
+    masks = [spec.masks.get(n) if spec.masks else None for n in model.param_names]
+    n = members.n
+    members.optimizer = opt
+    fast_update = opt.update if isinstance(opt, _MemberwiseFusedAdam) else None
+    while members.step < end_step:
+        x, y = draw_batch(members, spec)
+        lr = schedule.lr(members.step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # The hand-written MLP backward overwrites the gradients in place. Otherwise set_to_none:
+        # backward hands its fresh gradient to each parameter instead of zero-filling the old one
+        # and adding into it (two extra passes over every weight).
+        loss = model.fc_loss_and_grads(members.params, x, y) if model.hand_written_backward else None
+        if loss is None:
+            opt.zero_grad(set_to_none=True)
+            out = model.logits(members.params, members.buffers, x, train=True, shared_input=False)
+            loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
+            loss.sum().backward()
+        # One host sync a step (the progress hook needs the value anyway): the mean is finite only when
+        # every member's loss is. A non-finite loss stops training before it touches the weights.
+        loss_mean = float(loss.detach().mean())
+        if not math.isfinite(loss_mean):
+            member = int((~torch.isfinite(loss.detach())).nonzero()[0, 0])
+            bad = first_nonfinite(members, member)
+            tensor = bad[1] if bad is not None else "loss"
+            _stop(members, opt, plist)
+            raise TrainingDiverged(f"training diverged: member {member}'s {tensor} is not finite at step "
+                                   f"{members.step}", step=members.step, member=member, tensor=tensor)
+        if spec.masks:
+            # Pruned coordinates get no gradient, so momentum/Adam moments stay exactly zero there.
+            for p, m in zip(plist, masks):
+                if m is not None:
+                    p.grad.mul_(m)
+        if fast_update is not None:
+            with torch.no_grad():
+                fast_update()
+        else:
+            opt.step()
+        if spec.masks:
+            with torch.no_grad():
+                for p, m in zip(plist, masks):
+                    if m is not None:
+                        p.mul_(m)
+        members.step += 1
+        if spec.after_step is not None:
+            spec.after_step(members, loss_mean)
+    if end_step > 0:
+        bad = first_nonfinite(members)
+        if bad is not None:
+            _stop(members, opt, plist)
+            raise TrainingDiverged(f"training diverged: member {bad[0]}'s {bad[1]} is not finite at step "
+                                   f"{members.step}", step=members.step, member=bad[0], tensor=bad[1])
+    members.optimizer_state = {"state": opt.state_dict()["state"]}
+    members.optimizer = None
+    for p in plist:
+        p.requires_grad_(False)
+    return members
+
+
+def _stop(members: Members, opt: torch.optim.Optimizer, plist: Sequence[Tensor]) -> None:
+    """Leave members in their plain state after training stopped early."""
+    members.optimizer = None
+    for p in plist:
+        p.grad = None
+        p.requires_grad_(False)
