@@ -20,6 +20,7 @@ from .config import Config, settings_help
 from .errors import ConfigError, StabilityError, TrainingDiverged
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1  # grid: some units failed (recorded for `stability status`; a rerun finishes them)
 EXIT_DIVERGED = 3  # training went non-finite: recorded as diverged, never reported as a result
 
 
@@ -254,6 +255,82 @@ def _parse_alphas(text: str | None, path: str | None) -> list[float]:
     return alphas
 
 
+def cmd_grid(args: argparse.Namespace) -> int:
+    from .grid import load_grid, make_plan, print_plan, run_grid
+
+    overrides: dict[str, Any] = _parse_sets(args.set or [])
+    if args.out:
+        overrides["runtime.results_root"] = args.out
+    if args.device:
+        overrides["runtime.device"] = args.device
+    grid = load_grid(args.grid, overrides)
+    options: dict[str, Any] = {}
+    if args.address:
+        if args.executor != "ray":
+            raise ConfigError("--address: only with --executor ray")
+        options["address"] = args.address
+    if args.executor == "slurm" and args.slurm_local:
+        options["local"] = True
+    plan = make_plan(grid)  # every point checked before anything is submitted
+    if args.dry_run:
+        if args.json:
+            from dataclasses import asdict
+
+            print(json.dumps({"grid": grid.hash, "units": [
+                {**{k: v for k, v in asdict(u).items() if k not in ("config",)},
+                 "complete": u.run_dir(grid.root).is_complete()} for u in plan.units]}, indent=2))
+        else:
+            print_plan(plan)
+        return 0
+    result = run_grid(grid, executor=args.executor, **options)
+    frame = result.dataframe()
+    if args.json:
+        print(json.dumps({"grid": grid.hash, "plan": str(result.plan.folder / "plan.json"),
+                          "outcomes": result.outcomes, "skipped": result.skipped, "blocked": result.blocked,
+                          "rows": json.loads(frame.to_json(orient="records"))}, indent=2, default=str))
+    else:
+        print(f"grid {grid.hash}: {len(result.outcomes)} units run, {len(result.skipped)} already complete, "
+              f"{len(result.failed)} failed, {len(result.blocked)} blocked by a failed dependency")
+        print(frame.drop(columns=[c for c in frame.columns if c.endswith(("_dir", "_dirs"))]).to_string(index=False))
+        for uid in result.failed:
+            print(f"failed: {uid}: {result.outcomes[uid]['error']}", file=sys.stderr)
+        if result.failed or result.blocked:
+            print("rerun the same command to run what is missing (see `stability status`)", file=sys.stderr)
+    if result.failed or result.blocked:
+        return EXIT_FAILED
+    return EXIT_DIVERGED if any(o["status"] == "diverged" for o in result.outcomes.values()) else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .grid import grid_status
+
+    if not Path(args.root).is_dir():
+        raise ConfigError(f"status: results root {args.root!r} is not a directory")
+    grids = grid_status(args.root)
+    if args.json:
+        print(json.dumps(grids, indent=2))
+        return 0
+    if not grids:
+        print(f"no grid has been planned under {args.root} (run `stability grid GRID.toml` first)")
+        return 0
+    for g in grids:
+        states: dict[str, dict[str, int]] = {}
+        for u in g["units"]:
+            states.setdefault(u["kind"], {}).setdefault(u["state"], 0)
+            states[u["kind"]][u["state"]] += 1
+        print(f"grid {g['grid']} ({g['plan']})")
+        for kind, counts in states.items():
+            print(f"  {kind:<12} " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+        for u in g["units"]:
+            if u["state"] == "failed":
+                print(f"  failed  {u['id']} {u['point']}: {u['error']}")
+            elif u["state"] == "running":
+                print(f"  running {u['id']} (pid {u['holder']['pid']} on {u['holder']['host']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     parser = argparse.ArgumentParser(prog="stability", description="Stability to SGD noise, linear mode connectivity, "
@@ -313,6 +390,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", help="native | pyhessian (default native)")
     p.add_argument("--dtype", help="float32 | float64 (default float32)")
     p.set_defaults(func=cmd_hessian)
+
+    p = sub.add_parser("grid", help="a grid of experiments (axes x stages) on this machine, Ray or Slurm")
+    p.add_argument("grid", help="a grid TOML file (see `stability.grid` and README: Running on a cluster)")
+    p.add_argument("--executor", default="local", choices=["local", "ray", "slurm"], help="who runs the units")
+    p.add_argument("--address", help="ray: the cluster to join (auto, or host:port); default a local Ray")
+    p.add_argument("--slurm-local", dest="slurm_local", action="store_true",
+                   help="slurm: run the job arrays through submitit's local executor (no Slurm needed)")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the plan and the work; run nothing")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a setting of every point")
+    p.add_argument("--out", metavar="DIR", help="results root (shared storage on a cluster)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where units train (default auto)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("status", help="progress of the grids planned under a results root, from what is on disk")
+    p.add_argument("root", help="the results root")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     from .plot_cli import add_parser as add_plot_parser
 

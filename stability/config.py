@@ -328,19 +328,24 @@ def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
     return (base or Config()).with_overrides(overrides)
 
 
+def read_toml_data(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; a missing file or a syntax error is a ConfigError naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r}: TOML syntax error: {exc}") from None
+
+
 def read_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], str | None]:
     """Read a TOML config file: (run sections, stage tables, preset name or None), all raw.
 
     Any table other than the run sections and the stage tables (a misspelt section such as
     ``[trainng]``) is refused, naming the allowed ones. ``presets.load_toml`` builds the Config.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r}: TOML syntax error: {exc}") from None
+    data = read_toml_data(path)
     allowed = [*SECTIONS, *STAGE_TABLES]
     for key, value in data.items():
         if key in TOP_LEVEL_KEYS:

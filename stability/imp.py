@@ -172,15 +172,20 @@ def _rate_overrides(ctx: Context, settings: ImpSettings, names: list[str]) -> di
     return rates or None
 
 
+def resolve_rewind_step(ctx: Context, settings: ImpSettings) -> int:
+    """A fixed rewind point (not ``auto``) as an iteration before the final step."""
+    step = to_iterations(settings.rewind, ctx.ipe, "imp.rewind")
+    if step >= ctx.total_steps:
+        raise ConfigError(f"imp.rewind: step {settings.rewind!r} = iteration {step} is at or past the final step "
+                          f"{ctx.total_steps}; rewind to an earlier step")
+    return step
+
+
 def resolve_rewind(cfg: Config, ctx: Context, settings: ImpSettings,
                    sweep: InstabilitySettings) -> tuple[int, dict[str, Any]]:
     """The rewind iteration, and how it was chosen."""
     if settings.rewind != "auto":
-        step = to_iterations(settings.rewind, ctx.ipe, "imp.rewind")
-        if step >= ctx.total_steps:
-            raise ConfigError(f"imp.rewind: step {settings.rewind!r} = iteration {step} is at or past the final step "
-                              f"{ctx.total_steps}; rewind to an earlier step")
-        return step, {"rewind": settings.rewind}
+        return resolve_rewind_step(ctx, settings), {"rewind": settings.rewind}
     points = sweep.rewind_points or cfg.training.rewind_points
     if not points:
         raise ConfigError("imp.rewind: 'auto' needs rewind points to sweep; set training.rewind_points or "

@@ -81,13 +81,23 @@ def _resolve_steps(ctx: Context, at: str | Sequence[str | int], every: str | Non
     return sorted(steps)
 
 
+def track_key(cfg: Config, settings: HessianSettings, steps: Sequence[int]) -> dict[str, Any]:
+    """The settings that name a Hessian track of a trunk (its run hash is ``settings_hash`` of this)."""
+    return {"trunk": cfg.run_hash(), "hessian": asdict(settings), "steps": list(steps)}
+
+
+def track_steps(ctx: Context, at: str | Sequence[str | int] = "all", every: str | None = None) -> list[int]:
+    """The iterations a track probes (``at``: 'all' saved checkpoints or a list; ``every``: also every k)."""
+    return _resolve_steps(ctx, at, every)
+
+
 def hessian_track(cfg: Config, settings: HessianSettings, *, at: str | Sequence[str | int] = "all",
                   every: str | None = None, ctx: Context | None = None) -> HessianTrack:
     """Probe the trunk of ``cfg`` at every chosen step; missing checkpoints are produced by exact replay."""
     ctx = ctx or prepare(cfg)
     _check_dim(ctx, settings)
     steps = _resolve_steps(ctx, at, every)
-    key = {"trunk": cfg.run_hash(), "hessian": asdict(settings), "steps": steps}
+    key = track_key(cfg, settings, steps)
     run = RunDir(cfg.runtime.results_root, HESSIAN, settings_hash(key))
     train_trunk(cfg, extra_checkpoints=[s for s in steps if s < ctx.total_steps], ctx=ctx)
     with run.claim():

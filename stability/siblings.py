@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import settings_hash
+from .config import Config, settings_hash
 from .engine import Members, derive_seed
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .schema import FINAL_STATE, SIBLINGS
@@ -129,6 +129,29 @@ def train_branch(ctx: Context, run: RunDir, start: Members, end_step: int, *,
     return members
 
 
+def siblings_key(cfg: Config, rewind_step: int, settings: SiblingSettings, *,
+                 masks: Mapping[str, Tensor] | None = None, noise_seeds: Sequence[tuple[int, int]] | None = None,
+                 start: Members | None = None, label: str | None = None) -> dict[str, Any]:
+    """The settings that name a sibling set (its run hash is ``settings_hash`` of this)."""
+    if noise_seeds is not None:
+        if len(noise_seeds) < 2:
+            raise ConfigError(f"instability.siblings: need at least 2 siblings to compare, got {len(noise_seeds)}")
+        order, aug = [s[0] for s in noise_seeds], [s[1] for s in noise_seeds]
+    else:
+        order, aug = sibling_seeds(cfg.training.noise_seed, settings)
+    key = {"trunk": cfg.run_hash(), "rewind_step": rewind_step, "order_seeds": order, "aug_seeds": aug,
+           "optimizer_state": settings.optimizer_state, "masks": mask_digest(masks), "start": label}
+    if start is not None:  # named by the start state's contents, not only by its label
+        key["start_state"] = tensors_digest({**{f"param/{k}": v for k, v in start.params.items()},
+                                             **{f"buffer/{k}": v for k, v in start.buffers.items()}})[:16]
+    return key
+
+
+def siblings_dir(cfg: Config, rewind_step: int, settings: SiblingSettings = SiblingSettings()) -> RunDir:
+    """Where the (dense) siblings of ``rewind_step`` live."""
+    return RunDir(cfg.runtime.results_root, SIBLINGS, settings_hash(siblings_key(cfg, rewind_step, settings)))
+
+
 def train_siblings(ctx: Context, rewind_step: int, settings: SiblingSettings = SiblingSettings(), *,
                    masks: Mapping[str, Tensor] | None = None, noise_seeds: Sequence[tuple[int, int]] | None = None,
                    start: Members | None = None, label: str | None = None) -> SiblingsResult:
@@ -141,18 +164,9 @@ def train_siblings(ctx: Context, rewind_step: int, settings: SiblingSettings = S
     cfg = ctx.cfg
     if not 0 <= rewind_step < ctx.total_steps:
         raise ConfigError(f"instability.rewind_points: step {rewind_step} is not before the final step {ctx.total_steps}")
-    if noise_seeds is not None:
-        if len(noise_seeds) < 2:
-            raise ConfigError(f"instability.siblings: need at least 2 siblings to compare, got {len(noise_seeds)}")
-        order, aug = [s[0] for s in noise_seeds], [s[1] for s in noise_seeds]
-    else:
-        order, aug = sibling_seeds(cfg.training.noise_seed, settings)
+    key = siblings_key(cfg, rewind_step, settings, masks=masks, noise_seeds=noise_seeds, start=start, label=label)
+    order, aug = key["order_seeds"], key["aug_seeds"]
     trunk = trunk_dir(cfg)
-    key = {"trunk": trunk.hash, "rewind_step": rewind_step, "order_seeds": order, "aug_seeds": aug,
-           "optimizer_state": settings.optimizer_state, "masks": mask_digest(masks), "start": label}
-    if start is not None:  # named by the start state's contents, not only by its label
-        key["start_state"] = tensors_digest({**{f"param/{k}": v for k, v in start.params.items()},
-                                             **{f"buffer/{k}": v for k, v in start.buffers.items()}})[:16]
     run = RunDir(cfg.runtime.results_root, SIBLINGS, settings_hash(key))
     with run.claim():
         status = run.status()

@@ -1,0 +1,515 @@
+"""Grids of experiments: a TOML file expands into a plan of units that any executor can run.
+
+A grid names a base (a preset or a config file), fixed settings, the axes to vary
+and the stages to run on every point::
+
+    preset = "lenet300_mnist5k"
+    stages = ["instability", "imp"]          # default: the stage tables present
+
+    [set]                                    # every point
+    "training.steps" = "300it"
+
+    [axes]                                   # the cartesian product of these
+    "optimizer.lr" = [6e-4, 1.2e-3]
+    "training.init_seed" = [0, 1]
+
+    [instability]                            # as in a config file
+    rewind_points = ["0it", "50it"]
+
+    [imp]
+    levels = 3
+
+    [hessian]                                # plus `at` (steps, or "all") and `every`
+    top_k = 1
+
+    [resources]                              # how executors size their work
+    cpus = 1                                 # per unit (torch threads too)
+    gpus = 0
+    units_per_task = 4                       # slurm: units packed into one array task
+    retries = 2                              # ray: retries of a unit whose worker died
+    partition = ""                           # slurm
+    time = 60                                # slurm: minutes per array task
+
+The plan's units are the run store's own runs (``train_<hash>``, ``siblings_<hash>``
+per rewind point, ``instability_<hash>``, ``imp_<hash>``, ``hessian_<hash>``), with
+their dependencies, so a unit that is complete on the results root is skipped and a
+rerun after any failure finishes only what is missing. Executors (``executors``) run
+the units stage by stage; the results root is the only shared state, and each run
+directory is claimed by one writer at a time (``runlock``). A unit's failure is
+written to ``<root>/grids/<grid>/failures/<unit>.json`` for ``stability status``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config, from_dict, read_toml_data, settings_hash, validate
+from .errors import ConfigError, RecordError, TrainingDiverged
+from .schema import HESSIAN, IMP, IMP_SUMMARY, INSTABILITY, INSTABILITY_SUMMARY, SUMMARY, TRAIN
+from .store import RunDir, read_json, write_json
+
+STAGES = ("instability", "imp", "hessian")
+GRID_KEYS = ("preset", "config", "description", "stages", "set", "axes", "resources", *STAGES)
+# units run in this order; a unit's dependencies are always in an earlier wave
+WAVES = ("train", "siblings", "instability", "imp", "hessian")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one unit needs and how executors pack units (the ``[resources]`` table)."""
+
+    cpus: int = 1
+    gpus: int = 0
+    units_per_task: int = 4
+    retries: int = 2
+    partition: str = ""
+    time: int = 60
+
+    def validate(self) -> Resources:
+        for name in ("cpus", "units_per_task"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"resources.{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("gpus", "retries"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"resources.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.time < 1:
+            raise ConfigError(f"resources.time: must be at least 1 minute, got {self.time}")
+        return self
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid: base config, axes, stage tables and resources."""
+
+    base: Config
+    axes: dict[str, list[Any]]
+    stages: tuple[str, ...]
+    tables: dict[str, dict[str, Any]]
+    resources: Resources
+    source: dict[str, Any] = field(repr=False)
+
+    @property
+    def hash(self) -> str:
+        return settings_hash(self.source)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.base.runtime.results_root)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of axis values, as ``{"section.key": value}``."""
+        names = list(self.axes)
+        return [dict(zip(names, values)) for values in itertools.product(*(self.axes[n] for n in names))]
+
+
+def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Grid:
+    """Read and check a grid file (``overrides``: ``{"section.key": value}`` for every point, e.g. runtime)."""
+    from .presets import get_preset, load_toml, stage_tables
+
+    path = Path(path)
+    data = read_toml_data(path)
+    unknown = [k for k in data if k not in GRID_KEYS]
+    if unknown:
+        raise ConfigError(f"grid {str(path)!r}: unknown key or table {unknown[0]!r}; a grid has "
+                          f"{', '.join(GRID_KEYS)}")
+    if "preset" in data and "config" in data:
+        raise ConfigError(f"grid {str(path)!r}: give either preset or config, not both")
+    tables: dict[str, dict[str, Any]] = {}
+    if "preset" in data:
+        base, tables = get_preset(str(data["preset"])), stage_tables(str(data["preset"]))
+    elif "config" in data:
+        config_path = Path(str(data["config"]))
+        base, tables = load_toml(config_path if config_path.is_absolute() else path.parent / config_path)
+    else:
+        raise ConfigError(f"grid {str(path)!r}: name a base with preset = \"name\" or config = \"file.toml\"")
+    for stage in STAGES:
+        if stage in data:
+            if not isinstance(data[stage], Mapping):
+                raise ConfigError(f"grid {str(path)!r}: [{stage}] must be a table of settings")
+            tables[stage] = {**tables.get(stage, {}), **data[stage]}
+    stages = data.get("stages", [s for s in STAGES if s in data])
+    if isinstance(stages, str) or not isinstance(stages, list) or any(s not in STAGES for s in stages):
+        raise ConfigError(f"grid.stages: a list drawn from {', '.join(STAGES)}, got {stages!r}")
+    fixed = dict(data.get("set", {}))
+    base = base.with_overrides(fixed).with_overrides(dict(overrides or {}))
+    axes = data.get("axes", {})
+    if not isinstance(axes, Mapping):
+        raise ConfigError("grid [axes]: must be a table of setting = [values]")
+    for name, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid axis {name!r}: must be a non-empty list of values, got {values!r}")
+        if name.split(".", 1)[0] == "runtime":
+            raise ConfigError(f"grid axis {name!r}: runtime settings do not change results; they cannot be an axis")
+    res = dict(data.get("resources", {}))
+    names = {f for f in Resources.__dataclass_fields__}
+    bad = [k for k in res if k not in names]
+    if bad:
+        raise ConfigError(f"resources.{bad[0]}: unknown setting; settings are {', '.join(names)}")
+    from .config import coerce_field
+
+    resources = Resources(**{k: coerce_field(Resources, "resources", k, v) for k, v in res.items()}).validate()
+    source = {k: v for k, v in data.items() if k != "description"}
+    source["base"] = base.hashed_dict()
+    return Grid(base, {k: list(v) for k, v in axes.items()}, tuple(stages), tables, resources, source)
+
+
+# ---------------------------------------------------------------- the plan
+@dataclass
+class Unit:
+    """One unit of work: a run of the store, what it needs first, and how to run it (JSON-able)."""
+
+    id: str  # the run directory's name, <kind>_<hash>
+    kind: str  # train | siblings | instability | imp | hessian
+    point: dict[str, Any]  # the axis values of the grid point
+    config: dict[str, Any]  # the point's full Config (to_dict)
+    args: dict[str, Any]  # what the stage function needs besides the config
+    deps: list[str]
+    iterations: int = 0  # training iterations summed over members
+    flops: float = 0.0  # estimated forward + backward FLOPs of its training and evaluation
+
+    def run_dir(self, root: Path) -> RunDir:
+        kind, _, run_hash = self.id.rpartition("_")
+        return RunDir(root, kind, run_hash)
+
+
+@dataclass
+class Plan:
+    grid: Grid
+    units: list[Unit]
+    points: list[dict[str, Any]]
+
+    def by_id(self) -> dict[str, Unit]:
+        return {u.id: u for u in self.units}
+
+    @property
+    def folder(self) -> Path:
+        return self.grid.root / "grids" / self.grid.hash
+
+    def save(self) -> None:
+        write_json(self.folder / "plan.json", {
+            "grid": self.grid.hash, "source": self.grid.source, "axes": self.grid.axes, "stages": self.grid.stages,
+            "resources": asdict(self.grid.resources), "points": self.points,
+            "units": [asdict(u) for u in self.units]})
+
+
+def make_plan(grid: Grid) -> Plan:
+    """Expand a grid into units; every point is checked (settings, names, steps) before anything runs."""
+    from .imp import imp_dir, imp_settings, resolve_rewind_step
+    from .instability import instability_settings, sweep_dir
+    from .landscape import hessian_settings, track_key, track_steps
+    from .siblings import siblings_dir
+    from .trunk import prepare, trunk_dir
+
+    units: dict[str, Unit] = {}
+
+    def add(unit: Unit) -> str:
+        units.setdefault(unit.id, unit)
+        return unit.id
+
+    tables = grid.tables
+    sweep = instability_settings(tables.get("instability"))
+    imp = imp_settings(tables.get("imp")) if "imp" in grid.stages else None
+    hessian_table = dict(tables.get("hessian", {}))
+    at, every = hessian_table.pop("at", "all"), hessian_table.pop("every", None)
+    hessian = hessian_settings(hessian_table) if "hessian" in grid.stages else None
+    for point in grid.points():
+        cfg = grid.base.with_overrides(point)
+        if sweep.rewind_points:
+            cfg = cfg.with_overrides({"training.rewind_points": list(sweep.rewind_points)})
+        # units use the threads they are given by the executors (the same number everywhere, so
+        # results do not depend on which executor ran them) and print no progress bars
+        cfg = cfg.with_overrides({"runtime.threads": str(grid.resources.cpus), "runtime.quiet": "true"})
+        validate(cfg)
+        ctx = prepare(cfg)
+        config = cfg.to_dict()
+        flops = _flops_per_example(ctx)
+        B, T = cfg.training.batch_size, ctx.total_steps
+        needs_sweep = "instability" in grid.stages or (imp is not None and imp.rewind == "auto")
+        steps = ctx.steps(sweep.rewind_points or cfg.training.rewind_points, "instability.rewind_points") \
+            if needs_sweep else []
+        extra: set[int] = set(steps)
+        if imp is not None and imp.rewind != "auto":
+            extra.add(resolve_rewind_step(ctx, imp))
+        hessian_steps = track_steps(ctx, at if isinstance(at, str) else list(at), every) if hessian else []
+        extra.update(s for s in hessian_steps if s < T)
+        trunk = add(Unit(trunk_dir(cfg).path.name, TRAIN, point, config, {"extra_checkpoints": sorted(extra)}, [],
+                         T, 3 * flops * B * T + _eval_flops(ctx, flops, T)))
+        sweep_id = None
+        if needs_sweep:
+            sibs = []
+            for k in steps:
+                n = sweep.siblings
+                sibs.append(add(Unit(siblings_dir(cfg, k, sweep.sibling_settings()).path.name, "siblings", point,
+                                     config, {"rewind_step": k, "settings": asdict(sweep.sibling_settings())},
+                                     [trunk], n * (T - k), 3 * flops * B * n * (T - k))))
+            pairs = sweep.siblings * (sweep.siblings - 1) // 2
+            examples = sum(len(ctx.data.split(s)[1]) for s in sweep.splits)
+            curve_flops = flops * len(sweep.curve_settings().grid()) * pairs * examples * len(steps)
+            sweep_id = add(Unit(sweep_dir(cfg, sweep, steps).path.name, INSTABILITY, point, config,
+                                {"settings": asdict(sweep)}, sibs, 0, curve_flops))
+        if imp is not None:
+            members = 1 + len(imp.baselines)
+            rewind = 0 if imp.rewind == "auto" else resolve_rewind_step(ctx, imp)
+            iters = imp.replicates * imp.levels * members * (T - rewind)
+            deps = [trunk] + ([sweep_id] if imp.rewind == "auto" and sweep_id else [])
+            add(Unit(imp_dir(cfg, imp, sweep).path.name, IMP, point, config,
+                     {"settings": asdict(imp), "sweep": asdict(sweep)}, deps, iters, 3 * flops * B * iters))
+        if hessian is not None:
+            key = track_key(cfg, hessian, hessian_steps)
+            hvps = len(hessian_steps) * (max(hessian.lanczos_steps, 2 * hessian.top_k + 20) * bool(hessian.top_k)
+                                         + hessian.trace_probes + hessian.density_steps * hessian.density)
+            add(Unit(f"{HESSIAN}_{settings_hash(key)}", HESSIAN, point, config,
+                     {"settings": asdict(hessian), "at": at, "every": every}, [trunk], 0,
+                     4 * flops * min(hessian.samples, ctx.data.n_train) * hvps))
+    ordered = sorted(units.values(), key=lambda u: WAVES.index(u.kind))
+    return Plan(grid, ordered, grid.points())
+
+
+def _flops_per_example(ctx: Any) -> float:
+    """Forward multiply-adds x 2 of one example through the model (Linear and Conv2d layers)."""
+    import torch
+    from torch import nn
+
+    total = 0.0
+
+    def count(module: nn.Module, inputs: Any, output: Any) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += 2 * module.in_features * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total += 2 * module.in_channels // module.groups * k * output[0].numel()
+
+    model = ctx.new_model()
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(ctx.data.x_test[:1].to("cpu"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def _eval_flops(ctx: Any, flops: float, T: int) -> float:
+    from .steps import to_iterations
+
+    evals = T // max(to_iterations(ctx.cfg.training.eval_every, ctx.ipe), 1) + 2
+    n = ctx.data.n_train + len(ctx.data.split("val")[1]) + len(ctx.data.split("test")[1])
+    return flops * n * evals
+
+
+# ---------------------------------------------------------------- running one unit
+def run_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one unit (a dict, as executors ship it); returns its outcome and never raises for the unit's own errors.
+
+    Outcome: ``{"id", "status": complete | diverged | failed, "error", "seconds", "host", "pid"}``.
+    A failure is also written to the grid's ``failures/`` folder (and removed once the unit completes).
+    """
+    from .imp import imp_settings, run_imp
+    from .instability import instability_settings, instability_sweep
+    from .landscape import hessian_settings, hessian_track
+    from .siblings import SiblingSettings, train_siblings
+    from .trunk import prepare, train_trunk
+
+    t0 = time.perf_counter()
+    cfg = from_dict(unit["config"])
+    failure = Path(unit["failures"]) / f"{unit['id']}.json" if unit.get("failures") else None
+    outcome = {"id": unit["id"], "kind": unit["kind"], "host": socket.gethostname(), "pid": os.getpid(),
+               "error": None}
+    try:
+        kind, args = unit["kind"], unit["args"]
+        if kind == TRAIN:
+            train_trunk(cfg, extra_checkpoints=args["extra_checkpoints"])
+        elif kind == "siblings":
+            train_siblings(prepare(cfg), args["rewind_step"], SiblingSettings(**args["settings"]))
+        elif kind == INSTABILITY:
+            instability_sweep(cfg, instability_settings(args["settings"]))
+        elif kind == IMP:
+            run_imp(cfg, imp_settings(args["settings"]), instability_settings(args["sweep"]))
+        elif kind == HESSIAN:
+            hessian_track(cfg, hessian_settings(args["settings"]), at=args["at"], every=args["every"])
+        else:
+            raise ConfigError(f"unknown unit kind {kind!r}")
+        outcome["status"] = "complete"
+        if failure is not None and failure.is_file():
+            failure.unlink()
+    except TrainingDiverged as exc:  # a result of its own: recorded in the run, not retried
+        outcome.update(status="diverged", error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - any error of the unit is recorded on disk and reported, not dropped
+        outcome.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if failure is not None:
+            write_json(failure, {**outcome, "traceback": traceback.format_exc(), "time": time.time()})
+    outcome["seconds"] = round(time.perf_counter() - t0, 3)
+    return outcome
+
+
+def run_units(units: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Several units one after another (a packed array task); each unit's outcome."""
+    return [run_unit(u) for u in units]
+
+
+# ---------------------------------------------------------------- running a grid
+@dataclass
+class GridResult:
+    plan: Plan
+    outcomes: dict[str, dict[str, Any]]  # unit id -> outcome (units run by this call)
+    skipped: list[str]  # complete before this call
+    blocked: list[str]  # not run: a dependency failed
+
+    @property
+    def failed(self) -> list[str]:
+        return [i for i, o in self.outcomes.items() if o["status"] == "failed"]
+
+    def dataframe(self):
+        return grid_frame(self.plan)
+
+
+def run_grid(grid: Grid | str | Path, executor: Any = "local", **executor_options: Any) -> GridResult:
+    """Run every unit of a grid that is not complete on its results root, wave by wave.
+
+    ``executor``: ``local`` | ``ray`` | ``slurm`` or an ``executors.Executor``. Returns the outcomes;
+    ``GridResult.dataframe()`` is one row per grid point and stage with the results.
+    """
+    from .executors import make_executor
+
+    grid = grid if isinstance(grid, Grid) else load_grid(grid)
+    plan = make_plan(grid)
+    plan.save()
+    runner = make_executor(executor, grid.resources, plan.folder, **executor_options) \
+        if isinstance(executor, str) else executor
+    failures = plan.folder / "failures"
+    outcomes: dict[str, dict[str, Any]] = {}
+    skipped, blocked = [], []
+    try:
+        for wave in WAVES:
+            todo = []
+            for unit in (u for u in plan.units if u.kind == wave):
+                if unit.run_dir(grid.root).is_complete():
+                    skipped.append(unit.id)
+                elif any(outcomes.get(d, {}).get("status") in ("failed", "diverged") or d in blocked
+                         for d in unit.deps):
+                    blocked.append(unit.id)
+                else:
+                    todo.append({**asdict(unit), "failures": str(failures)})
+            if todo:
+                for outcome in runner.run(todo):
+                    outcomes[outcome["id"]] = outcome
+    finally:
+        runner.close()
+    return GridResult(plan, outcomes, skipped, blocked)
+
+
+def grid_frame(plan: Plan):
+    """One row per grid point: its axis values and each stage's headline results (from the records)."""
+    import pandas as pd
+
+    root = plan.grid.root
+    rows = []
+    by_point: dict[str, list[Unit]] = {}
+    for unit in plan.units:
+        by_point.setdefault(json.dumps(unit.point, sort_keys=True), []).append(unit)
+    for key, units in by_point.items():
+        row: dict[str, Any] = dict(json.loads(key))
+        for unit in units:
+            run = unit.run_dir(root)
+            status = run.status() or "missing"
+            if unit.kind == TRAIN:
+                row["train_status"] = status
+                summary = _maybe_json(run / SUMMARY)
+                row["final_test_accuracy"] = summary.get("final_test_accuracy", math.nan)
+            elif unit.kind == INSTABILITY:
+                row["instability_status"] = status
+                summary = _maybe_json(run / INSTABILITY_SUMMARY)
+                row["first_stable_step"] = summary.get("first_stable_step")
+                for point in summary.get("per_split", {}).get(summary.get("primary_split", "test"), []):
+                    row[f"instability@{point['rewind_step']}"] = point["instability_mean"]
+            elif unit.kind == IMP:
+                row["imp_status"] = status
+                summary = _maybe_json(run / IMP_SUMMARY)
+                tickets = summary.get("tickets", {})
+                row["success_rate"] = tickets.get("success_rate", math.nan)
+                sparsest = (tickets.get("aggregate") or {}).get("sparsest_matching") or {}
+                row["sparsest_matching_density"] = sparsest.get("density", math.nan)
+            elif unit.kind == HESSIAN:
+                row["hessian_status"] = status
+            row[f"{unit.kind}_dir" if unit.kind != "siblings" else "siblings_dirs"] = (
+                str(run.path) if unit.kind != "siblings" else row.get("siblings_dirs", "") + str(run.path) + ";")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _maybe_json(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(path) if path.is_file() else {}
+    except RecordError:  # a damaged summary shows as missing values in the table (status says why)
+        return {}
+
+
+# ---------------------------------------------------------------- status from disk
+def grid_status(root: str | Path) -> list[dict[str, Any]]:
+    """Every grid planned under ``root``: each unit's state on disk and the failure message of failed ones."""
+    from .runlock import holder
+
+    root = Path(root)
+    out = []
+    for plan_path in sorted((root / "grids").glob("*/plan.json")):
+        plan = read_json(plan_path)
+        failures = plan_path.parent / "failures"
+        units = []
+        for u in plan["units"]:
+            kind, _, run_hash = u["id"].rpartition("_")
+            run = RunDir(root, kind, run_hash)
+            status = run.status()
+            lock = holder(run.path) if run.path.is_dir() else None
+            failure_path = failures / f"{u['id']}.json"
+            if status in ("complete", "diverged"):
+                state = status
+            elif lock:
+                state = "running"
+            elif failure_path.is_file():
+                state = "failed"
+            else:
+                state = "missing" if status is None else "interrupted"
+            entry = {"id": u["id"], "kind": u["kind"], "point": u["point"], "state": state}
+            if state == "failed":
+                entry["error"] = read_json(failure_path).get("error")
+            if lock:
+                entry["holder"] = {k: lock.get(k) for k in ("pid", "host", "started")}
+            units.append(entry)
+        out.append({"grid": plan["grid"], "plan": str(plan_path), "units": units})
+    return out
+
+
+def print_plan(plan: Plan, file: Any = None) -> None:
+    """Units per stage, what is complete, and the work they need (iterations, FLOPs)."""
+    file = file or sys.stdout
+    root = plan.grid.root
+    print(f"grid {plan.grid.hash}: {len(plan.points)} points x stages {', '.join(plan.grid.stages) or '(trunks)'}; "
+          f"results root {root}", file=file)
+    print(f"{'stage':<12} {'units':>6} {'complete':>9} {'to run':>7} {'iterations':>12} {'TFLOPs':>9}", file=file)
+    total_flops, total_iters = 0.0, 0
+    for wave in WAVES:
+        units = [u for u in plan.units if u.kind == wave]
+        if not units:
+            continue
+        done = [u for u in units if u.run_dir(root).is_complete()]
+        todo = [u for u in units if u not in done]
+        iters = sum(u.iterations for u in todo)
+        flops = sum(u.flops for u in todo)
+        total_iters += iters
+        total_flops += flops
+        print(f"{wave:<12} {len(units):>6} {len(done):>9} {len(todo):>7} {iters:>12,} {flops / 1e12:>9.3f}", file=file)
+    print(f"{'total':<12} {len(plan.units):>6} {'':>9} {'':>7} {total_iters:>12,} {total_flops / 1e12:>9.3f}",
+          file=file)
