@@ -230,7 +230,8 @@ def make_plan(grid: Grid) -> Plan:
         # results do not depend on which executor ran them) and print no progress bars
         cfg = cfg.with_overrides({"runtime.threads": str(grid.resources.cpus), "runtime.quiet": "true"})
         validate(cfg)
-        ctx = prepare(cfg)
+        # planned on the CPU: a login node needs no GPU to check settings and size the work
+        ctx = prepare(cfg.with_overrides({"runtime.device": "cpu"}))
         config = cfg.to_dict()
         flops = _flops_per_example(ctx)
         B, T = cfg.training.batch_size, ctx.total_steps

@@ -253,3 +253,14 @@ def test_two_grid_commands_on_one_results_root_share_the_work_without_corrupting
     assert ran[0] | ran[1] == plan_ids  # every unit ran, some in one process and some in the other
     assert_same(tmp_path / "ref", root)
     assert not list(root.glob("*/.lock"))
+
+
+def test_the_example_grids_load_and_the_packaged_ones_plan(tmp_path):
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples" / "grids").glob("*.toml"))
+    assert len(examples) >= 3
+    for path in examples:
+        grid = load_grid(path, {"runtime.results_root": str(tmp_path)})
+        assert grid.points() and grid.stages
+        if grid.base.dataset.name == "mnist5k":
+            plan = make_plan(grid)
+            assert {u.kind for u in plan.units} >= {"train", *grid.stages}
