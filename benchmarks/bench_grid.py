@@ -34,8 +34,11 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"  # must be set before torch is imported
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Ray: loopback only, no memory monitor, no usage reports. Read when Ray is imported (here and
 # by `ray start`, which inherits this environment).
+# Loopback only, no memory monitor, no usage reports, and token authentication with a token of this
+# run's own (so whatever ~/.ray/auth_token holds does not matter), set before Ray is imported.
 os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_memory_monitor_refresh_ms": "0",
-                   "RAY_USAGE_STATS_ENABLED": "0"})
+                   "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                   "RAY_AUTH_TOKEN": __import__("secrets").token_hex(32)})
 
 import argparse
 import logging

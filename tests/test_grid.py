@@ -131,8 +131,13 @@ def _free_port() -> int:
 def ray_cluster():
     # Loopback only (Ray 2.x on Linux uses the machine's interface unless this is set), no memory
     # monitor, no usage reports. Set before Ray is imported in this process: it reads them then.
+    # Token authentication with a token of this test's own (Ray 2.5x enables tokens for new local
+    # clusters and keeps one in ~/.ray/auth_token; an explicit mode and token make the test
+    # independent of whatever a user's home holds).
+    import secrets
+
     settings = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_memory_monitor_refresh_ms": "0",
-                "RAY_USAGE_STATS_ENABLED": "0"}
+                "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     pytest.importorskip("ray")
