@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import ConfigError
+from .schema import SLURM_LOGS
 
 EXECUTORS = ("local", "ray", "slurm")
 
@@ -92,7 +93,7 @@ class SlurmExecutor:
         except ImportError:
             raise ConfigError("executor 'slurm' needs submitit: pip install 'stability[slurm]'") from None
         self.submitit = submitit
-        self.folder = Path(folder) / "slurm"  # logs named by job id, on the shared results root
+        self.folder = Path(folder) / SLURM_LOGS  # logs named by job id, on the shared results root
         self.units_per_task = units_per_task
         if local:
             self.executor = submitit.LocalExecutor(folder=str(self.folder))
@@ -115,9 +116,13 @@ class SlurmExecutor:
         for chunk, job in zip(chunks, jobs):
             try:
                 out.extend(job.result())
-            except Exception as exc:  # noqa: BLE001 - a dead job: every unit of it is reported failed
-                out.extend({"id": u["id"], "kind": u["kind"], "status": "failed",
-                            "error": f"job {job.job_id} failed: {type(exc).__name__}: {exc}"} for u in chunk)
+            except Exception as exc:  # noqa: BLE001 - a dead job: its units that did not finish are failed
+                from .grid import unit_complete
+
+                out.extend({"id": u["id"], "kind": u["kind"],
+                            "status": "complete" if unit_complete(u) else "failed",
+                            "error": None if unit_complete(u) else
+                            f"job {job.job_id} failed: {type(exc).__name__}: {exc}"} for u in chunk)
         return out
 
     def close(self) -> None:

@@ -55,7 +55,19 @@ from typing import Any
 
 from .config import Config, from_dict, read_toml_data, settings_hash, validate
 from .errors import ConfigError, RecordError, TrainingDiverged
-from .schema import HESSIAN, IMP, IMP_SUMMARY, INSTABILITY, INSTABILITY_SUMMARY, SUMMARY, TRAIN
+from .schema import (
+    FAILURES,
+    GRIDS,
+    HESSIAN,
+    IMP,
+    IMP_SUMMARY,
+    INSTABILITY,
+    INSTABILITY_SUMMARY,
+    PLAN,
+    SUMMARY,
+    TRAIN,
+    failure_name,
+)
 from .store import RunDir, read_json, write_json
 
 STAGES = ("instability", "imp", "hessian")
@@ -142,6 +154,8 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
         raise ConfigError(f"grid.stages: a list drawn from {', '.join(STAGES)}, got {stages!r}")
     fixed = dict(data.get("set", {}))
     base = base.with_overrides(fixed).with_overrides(dict(overrides or {}))
+    # workers (Ray, Slurm) may start in other directories: the shared results root is an absolute path
+    base = base.with_overrides({"runtime.results_root": os.path.abspath(base.runtime.results_root)})
     axes = data.get("axes", {})
     if not isinstance(axes, Mapping):
         raise ConfigError("grid [axes]: must be a table of setting = [values]")
@@ -193,10 +207,10 @@ class Plan:
 
     @property
     def folder(self) -> Path:
-        return self.grid.root / "grids" / self.grid.hash
+        return self.grid.root / GRIDS / self.grid.hash
 
     def save(self) -> None:
-        write_json(self.folder / "plan.json", {
+        write_json(self.folder / PLAN, {
             "grid": self.grid.hash, "source": self.grid.source, "axes": self.grid.axes, "stages": self.grid.stages,
             "resources": asdict(self.grid.resources), "points": self.points,
             "units": [asdict(u) for u in self.units]})
@@ -238,6 +252,9 @@ def make_plan(grid: Grid) -> Plan:
         needs_sweep = "instability" in grid.stages or (imp is not None and imp.rewind == "auto")
         steps = ctx.steps(sweep.rewind_points or cfg.training.rewind_points, "instability.rewind_points") \
             if needs_sweep else []
+        if needs_sweep and not steps:
+            raise ConfigError("instability.rewind_points: no rewind points to sweep; give them in the grid's "
+                              "[instability] table or as training.rewind_points")
         extra: set[int] = set(steps)
         if imp is not None and imp.rewind != "auto":
             extra.add(resolve_rewind_step(ctx, imp))
@@ -326,7 +343,7 @@ def run_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     cfg = from_dict(unit["config"])
-    failure = Path(unit["failures"]) / f"{unit['id']}.json" if unit.get("failures") else None
+    failure = Path(unit["failures"]) / Path(failure_name(unit["id"])).name if unit.get("failures") else None
     outcome = {"id": unit["id"], "kind": unit["kind"], "host": socket.gethostname(), "pid": os.getpid(),
                "error": None}
     try:
@@ -354,6 +371,12 @@ def run_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
             write_json(failure, {**outcome, "traceback": traceback.format_exc(), "time": time.time()})
     outcome["seconds"] = round(time.perf_counter() - t0, 3)
     return outcome
+
+
+def unit_complete(unit: Mapping[str, Any]) -> bool:
+    """Whether a unit (as executors ship it) is complete on its results root."""
+    kind, _, run_hash = unit["id"].rpartition("_")
+    return RunDir(unit["config"]["runtime"]["results_root"], kind, run_hash).is_complete()
 
 
 def run_units(units: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -390,23 +413,28 @@ def run_grid(grid: Grid | str | Path, executor: Any = "local", **executor_option
     plan.save()
     runner = make_executor(executor, grid.resources, plan.folder, **executor_options) \
         if isinstance(executor, str) else executor
-    failures = plan.folder / "failures"
+    failures = plan.folder / FAILURES
     outcomes: dict[str, dict[str, Any]] = {}
     skipped, blocked = [], []
     try:
         for wave in WAVES:
             todo = []
             for unit in (u for u in plan.units if u.kind == wave):
-                if unit.run_dir(grid.root).is_complete():
+                # settled: complete, or diverged (a result of its own; its dependents record it, e.g. a
+                # sweep marks the point diverged, so they still run)
+                if unit.run_dir(grid.root).status() in ("complete", "diverged"):
                     skipped.append(unit.id)
-                elif any(outcomes.get(d, {}).get("status") in ("failed", "diverged") or d in blocked
-                         for d in unit.deps):
+                elif any(outcomes.get(d, {}).get("status") == "failed" or d in blocked for d in unit.deps):
                     blocked.append(unit.id)
                 else:
                     todo.append({**asdict(unit), "failures": str(failures)})
             if todo:
                 for outcome in runner.run(todo):
                     outcomes[outcome["id"]] = outcome
+                    record = plan.folder / failure_name(outcome["id"])
+                    if outcome["status"] == "failed" and not record.is_file():
+                        # the unit could not report itself (its worker or job died): record it here
+                        write_json(record, {**outcome, "traceback": None, "time": time.time()})
     finally:
         runner.close()
     return GridResult(plan, outcomes, skipped, blocked)
@@ -461,20 +489,20 @@ def _maybe_json(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- status from disk
 def grid_status(root: str | Path) -> list[dict[str, Any]]:
     """Every grid planned under ``root``: each unit's state on disk and the failure message of failed ones."""
-    from .runlock import holder
+    from .runlock import live_holder
 
     root = Path(root)
     out = []
-    for plan_path in sorted((root / "grids").glob("*/plan.json")):
+    for plan_path in sorted((root / GRIDS).glob(f"*/{PLAN}")):
         plan = read_json(plan_path)
-        failures = plan_path.parent / "failures"
+        failures = plan_path.parent
         units = []
         for u in plan["units"]:
             kind, _, run_hash = u["id"].rpartition("_")
             run = RunDir(root, kind, run_hash)
             status = run.status()
-            lock = holder(run.path) if run.path.is_dir() else None
-            failure_path = failures / f"{u['id']}.json"
+            lock = live_holder(run.path) if run.path.is_dir() else None  # a dead holder's lock: interrupted
+            failure_path = failures / failure_name(u["id"])
             if status in ("complete", "diverged"):
                 state = status
             elif lock:

@@ -51,6 +51,7 @@ from .schema import (
     FINAL_STATE,
     IMP,
     IMP_SUMMARY,
+    LATEST_STATE,
     LEVEL_COLUMNS,
     LEVEL_RECORD,
     LEVELS,
@@ -278,9 +279,14 @@ def _imp(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySet
     for r in range(settings.replicates):
         try:
             rows.extend(_run_replicate(cfg, ctx, settings, sweep, run, r, rewind_step))
-        except TrainingDiverged as exc:  # the dense trunk of replicate r: no reference, no IMP
-            run.update(status="diverged", divergence={**exc.info(), "replicate": r})
-            raise
+        except TrainingDiverged as exc:  # the dense trunk of replicate r: no reference, no IMP for it
+            print(f"warning: the dense trunk of IMP replicate {r} diverged ({exc}); the replicate counts as "
+                  "finding no ticket", file=sys.stderr)
+            nan = float("nan")
+            rows.append({"replicate": r, "level": 0, "kind": "imp", "density": 1.0, "rewind_step": rewind_step,
+                         "final_test_accuracy": nan, "final_test_loss": nan, "early_stop_step": "",
+                         "early_stop_test_accuracy": nan, "early_stop_val_loss": nan, "trajectory_length": nan,
+                         "instability": "", "status": "diverged"})
         write_csv(run / LEVELS, rows, LEVEL_COLUMNS)
     summary = _summarize(rows, settings, rewind_step, rewind_info, cfg)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -341,11 +347,14 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
                 if any(row.get("status") == "diverged" for row in record["rows"]):
                     rows.extend(record["rows"])
                     break  # this replicate stopped at a diverged level
-                masks, _ = load_tensors(mask_path, ctx.device)
-                previous_final = load_members(ldir / FINAL_STATE, rctx).member_state_dict(0)
-                for row in record["rows"]:  # records written before statuses existed
-                    row.setdefault("status", _status(row, chance, settings.chance_margin))
-                rows.extend(record["rows"])
+                # everything is read before anything is kept: a level that cannot be read back whole
+                # is redone from the previous level's mask and weights, not from half of its own
+                level_masks, _ = load_tensors(mask_path, ctx.device)
+                level_final = load_members(ldir / FINAL_STATE, rctx).member_state_dict(0)
+                level_rows = [{**row, "status": row.get("status") or _status(row, chance, settings.chance_margin)}
+                              for row in record["rows"]]  # records written before statuses existed
+                masks, previous_final = level_masks, level_final
+                rows.extend(level_rows)
                 continue
             except (RecordError, CheckpointError, KeyError, TypeError) as exc:
                 print(f"warning: level {level} of replicate {r} in {run.path.name} cannot be read back ({exc}); "
@@ -414,8 +423,8 @@ def _status(row: Mapping[str, Any], chance: float, margin: float) -> str:
 
 
 def _forget_level(ldir: RunDir, record_path: Path, mask_path: Path) -> None:
-    """Move a level's unreadable records aside so it is trained again from its start."""
-    for path in (record_path, mask_path, ldir / FINAL_STATE):
+    """Move a level's unreadable records aside so it is trained again from its start (no resumable state kept)."""
+    for path in (record_path, mask_path, ldir / FINAL_STATE, ldir / LATEST_STATE, ldir / METRICS):
         if path.is_file():
             quarantine(path, f"level record {str(path)!r} belongs to a level that is redone")
 

@@ -335,8 +335,16 @@ def _row(row: pd.Series) -> dict[str, Any]:
 
 
 def _mean_curve(rows: pd.DataFrame, accuracy: str) -> pd.DataFrame:
-    """Mean accuracy and density per level over replicates, one row per level."""
-    return rows.groupby("level", as_index=False)[["density", accuracy]].mean()
+    """Mean accuracy and density per level over replicates, one row per level.
+
+    A level's mean accuracy is NaN (so never matching, never best) unless every replicate has an
+    accuracy there: a replicate that diverged or never learned counts as a failure, not as missing.
+    """
+    n = rows["replicate"].nunique()
+    grouped = rows.groupby("level")
+    out = grouped[["density"]].mean()
+    out[accuracy] = grouped[accuracy].agg(lambda s: s.mean() if len(s) == n and s.notna().all() else float("nan"))
+    return out.reset_index()
 
 
 def _point(row: dict[str, Any] | None, dense: float, accuracy: str) -> dict[str, Any] | None:

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import StabilityError
+from .schema import LOCK
 
-LOCK_NAME = ".lock"
+LOCK_NAME = LOCK
 _GRACE = 2.0  # seconds an empty or unparseable lock file is given before it counts as stale
 _HOST = socket.gethostname()
 
@@ -112,6 +113,18 @@ def holder(run_path: Path) -> dict[str, Any] | None:
     return None if seen is None else (seen.info or {})
 
 
+def live_holder(run_path: Path, stale_after: float = 120.0) -> dict[str, Any] | None:
+    """The lock info of ``run_path`` when a live process holds it; None when unclaimed or the lock is stale."""
+    key = Path(run_path).resolve()
+    with _mutex:
+        if key in _held:
+            return dict(_held[key].info)
+        seen = _inspect(key / LOCK_NAME)
+        if seen is None or _is_stale(seen, stale_after):
+            return None
+        return seen.info or {}
+
+
 def _alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -158,6 +171,9 @@ def _try_create(lock: Path) -> dict[str, Any] | None:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return None
+    except FileNotFoundError:  # the previous holder removed the run directory it had created, unused
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        return None  # the caller's loop tries again at once
     info = {"pid": os.getpid(), "host": _HOST, "token": uuid.uuid4().hex,
             "started": datetime.now().astimezone().isoformat(timespec="seconds")}
     try:

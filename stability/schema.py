@@ -66,6 +66,18 @@ HESSIAN_TABLE = "hessian.csv"
 DENSITY_TABLE = "density.csv"
 HESSIAN_SUMMARY = "hessian.json"
 
+# ---------------------------------------------------------------- grids (<results_root>/grids/<grid hash>/)
+GRIDS = "grids"
+PLAN = "plan.json"
+FAILURES = "failures"  # <unit id>.json per failed unit
+SLURM_LOGS = "slurm"
+
+
+def failure_name(unit_id: str) -> str:
+    """``failures/<unit id>.json``, relative to a grid's folder."""
+    return f"{FAILURES}/{unit_id}.json"
+
+
 # ---------------------------------------------------------------- columns
 METRIC_COLUMNS = ["step", "member", "lr", "train_loss", "train_error", "val_loss", "val_error", "test_loss",
                   "test_error"]

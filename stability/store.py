@@ -8,6 +8,7 @@ place, so a killed process leaves the old file or the new one, never half.
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import hashlib
 import io
@@ -300,7 +301,11 @@ class RunDir:
                 print(f"warning: {exc}; rebuilding it (the run's other records are checked as they are read)",
                       file=sys.stderr)
         if manifest is not None:
-            manifest["status"] = "running" if manifest.get("status") != "complete" else "complete"
+            manifest["status"] = "running"  # until the caller's final update: a kill mid-repair is not "complete"
+            current = library_versions()
+            if manifest.get("versions") != current:  # resumed or repaired by other code: keep both
+                manifest.setdefault("earlier_versions", []).append(manifest.get("versions"))
+                manifest["versions"] = current
             manifest["config"] = dict(config)
             manifest["hashed_settings"] = dict(hashed)
         else:
@@ -417,4 +422,8 @@ class _Claim:
     def __exit__(self, *exc: object) -> None:
         self.inner.__exit__(*exc)
         if self.created and self.run.path.is_dir() and not any(self.run.path.iterdir()):
-            self.run.path.rmdir()  # nothing was written: leave no trace
+            try:
+                self.run.path.rmdir()  # nothing was written: leave no trace
+            except OSError as error:  # a waiting process has just put its own lock there: keep the folder
+                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    raise

@@ -210,8 +210,12 @@ def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Cont
 
 def _records_problem(run: RunDir) -> str | None:
     """What is wrong with a finished trunk's records (metrics.csv, summary.json), or None."""
-    if read_metrics(run) is None:
+    rows = read_metrics(run)
+    if rows is None:
         return "metrics.csv is missing or damaged"
+    final_step = run.manifest().get("final_step")
+    if not rows or rows[-1]["step"] != final_step:
+        return f"metrics.csv ends at step {rows[-1]['step'] if rows else None}, not at the final step {final_step}"
     try:
         read_json(run / SUMMARY)
     except FileNotFoundError:

@@ -480,3 +480,61 @@ def test_a_diverged_imp_level_is_marked_never_matching_and_stops_its_replicate(t
     code = main(["imp", "--preset", "lenet300_mnist5k", *TINY_ARGS, "--out", str(tmp_path), "--quiet",
                  "--levels", "3", "--rewind", "5it", "--baselines", "reinit"])
     assert code == 3 and "diverged" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- regressions found in review
+def test_a_damaged_level_final_redoes_that_level_from_the_previous_one_not_from_its_own_mask(tmp_path, capsys):
+    from stability.pruning import density
+
+    cfg = tiny_config(tmp_path)
+    settings = imp_settings(levels=2, prune_fraction=0.5, rewind="5it")
+    first = run_imp(cfg, settings)
+    final = first.run_dir / "replicate_0" / "level_1" / "final.safetensors"
+    _flip(final, 40, 4)
+    (first.run_dir / "imp.json").unlink()
+    again = run_imp(cfg, settings)
+    assert "level 1 of replicate 0" in capsys.readouterr().err
+    assert [(r["level"], r["density"]) for r in again.levels] == [(r["level"], r["density"]) for r in first.levels]
+    masks, _ = load_tensors(first.run_dir / "masks" / "replicate_0_level_1.safetensors")
+    assert density(masks) == pytest.approx(0.5, abs=0.01)
+    assert again.levels == first.levels
+
+
+def test_a_kill_during_a_repair_never_leaves_a_complete_run_with_partial_records(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    ref = train_trunk(cfg)
+    ref_rows = read_csv(ref.run_dir / "metrics.csv")
+    (ref.run_dir / "metrics.csv").write_text("step,member\n")  # damaged: the trunk is trained again
+    kill_at_write(monkeypatch, 4)
+    with pytest.raises(Killed):
+        train_trunk(cfg)
+    monkeypatch.setattr(store, "atomic_write_bytes", _REAL_WRITE)
+    assert read_json(ref.run_dir / "manifest.json")["status"] == "running"
+    again = train_trunk(cfg)
+    assert not again.reused and read_csv(ref.run_dir / "metrics.csv") == ref_rows
+    assert again.summary["final_step"] == 30 and again.final["step"] == 30
+
+
+def test_a_damaged_instability_json_is_moved_aside_and_rewritten(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    settings = instability_settings(rewind_points=["5it"], siblings=2, alphas=3)
+    first = instability_sweep(cfg, settings)
+    path = first.run_dir / "instability.json"
+    _truncate(path)
+    again = instability_sweep(cfg, settings)
+    assert "instability.json" in capsys.readouterr().err and (path.parent / "instability.json.corrupt").is_file()
+    assert read_json(path)["first_stable_step"] == first.first_stable_step and again.table == first.table
+
+
+def test_a_replicate_that_diverged_counts_as_a_failure_in_the_aggregate_not_as_missing():
+    import pandas as pd
+
+    from stability.metrics import ticket_summary
+
+    rows = [(0, 0, 1.0, 0.97), (0, 1, 0.8, 0.972), (0, 2, 0.64, float("nan")),
+            (1, 0, 1.0, 0.97), (1, 1, 0.8, 0.975), (1, 2, 0.64, 0.975)]
+    frame = pd.DataFrame([{"replicate": r, "level": lv, "kind": "imp", "density": d, "test_accuracy": a}
+                          for r, lv, d, a in rows])
+    summary = ticket_summary(frame)
+    assert 2 not in summary["aggregate"]["matching_levels"]  # replicate 0 diverged there
+    assert summary["aggregate"]["sparsest_matching"]["level"] == 1

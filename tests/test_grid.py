@@ -269,3 +269,34 @@ def test_the_example_grids_load_and_the_packaged_ones_plan(tmp_path):
         if grid.base.dataset.name == "mnist5k":
             plan = make_plan(grid)
             assert {u.kind for u in plan.units} >= {"train", *grid.stages}
+
+
+def test_a_sweep_with_no_rewind_points_is_refused_before_anything_runs(tmp_path, capsys):
+    path = write_grid(tmp_path / "g.toml", rewind="[]")
+    path.write_text(path.read_text().replace("[set]\n", '[set]\n"training.rewind_points" = []\n'))
+    assert main(["grid", str(path), "--out", str(tmp_path / "runs")]) == 2
+    assert "instability.rewind_points: no rewind points" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_diverged_siblings_do_not_block_their_sweep_which_marks_the_point_diverged(tmp_path):
+    grid = load_grid(write_grid(tmp_path / "g.toml", axes='"optimizer.lr" = [0.0012]'),
+                     {"runtime.results_root": str(tmp_path / "runs")})
+    plan = make_plan(grid)
+    assert not run_grid(grid).failed
+    sib = next(u for u in plan.units if u.kind == "siblings" and u.args["rewind_step"] == 5)
+    sweep = next(u for u in plan.units if u.kind == "instability")
+    import shutil
+
+    shutil.rmtree(sweep.run_dir(grid.root).path)
+    run = sib.run_dir(grid.root)  # as resumable_train records a divergence
+    run.update(status="diverged", divergence={"step": 7, "member": 1, "tensor": "loss", "run_dir": str(run.path),
+                                              "message": "training diverged"})
+    (run.path / "final.safetensors").unlink()
+    again = run_grid(grid)
+    assert again.blocked == [] and again.outcomes[sweep.id]["status"] == "complete"
+    assert sib.id in again.skipped  # settled: not run again
+    table = read_csv(sweep.run_dir(grid.root).path / "sweep.csv")
+    assert {r["rewind_step"]: r["status"] for r in table} == {0: "ok", 5: "diverged"}
+    states = {u["id"]: u["state"] for u in grid_status(grid.root)[0]["units"]}
+    assert states[sib.id] == "diverged" and states[sweep.id] == "complete"

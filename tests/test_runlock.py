@@ -247,3 +247,22 @@ def test_live_holder_with_short_stale_after_is_not_broken(tmp_path):
     finally:
         proc.stdin.close()
         assert proc.wait(timeout=10) == 0
+
+
+
+def test_a_waiter_survives_the_holder_removing_the_directory_it_created(tmp_path):
+    """A holder that wrote nothing removes the run directory it created; the waiter then claims it."""
+    import subprocess
+    import sys
+
+    from stability.store import RunDir
+
+    code = ("import time\nfrom stability.store import RunDir\n"
+            f"with RunDir({str(tmp_path)!r}, 'siblings', 'abc').claim():\n"
+            "    print('held', flush=True)\n    time.sleep(1.0)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    run = RunDir(tmp_path, "siblings", "abc")
+    with run.claim(wait=30):
+        assert run.path.is_dir() and (run.path / ".lock").is_file()
+    assert holder.wait(30) == 0
