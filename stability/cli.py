@@ -59,6 +59,8 @@ def load_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
         overrides["runtime.threads"] = str(args.threads)
     if getattr(args, "quiet", False):
         overrides["runtime.quiet"] = "true"
+    if getattr(args, "plugin", None):
+        overrides["runtime.plugins"] = list(args.plugin)
     return cfg.with_overrides(overrides), extra
 
 
@@ -71,6 +73,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto)")
     p.add_argument("--threads", type=int, help="torch threads (default: one per core, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="import MODULE first: it registers models/datasets (stability.register_model, ...)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -204,6 +208,8 @@ def cmd_hessian(args: argparse.Namespace) -> int:
             overrides["runtime.threads"] = str(args.threads)
         if args.quiet:
             overrides["runtime.quiet"] = "true"
+        if args.plugin:
+            overrides["runtime.plugins"] = list(args.plugin)
         cfg = cfg.with_overrides(overrides)
     else:
         cfg, extra = load_config(args)
@@ -263,6 +269,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
         overrides["runtime.results_root"] = args.out
     if args.device:
         overrides["runtime.device"] = args.device
+    if args.plugin:
+        overrides["runtime.plugins"] = list(args.plugin)
     grid = load_grid(args.grid, overrides)
     options: dict[str, Any] = {}
     if args.address:
@@ -401,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a setting of every point")
     p.add_argument("--out", metavar="DIR", help="results root (shared storage on a cluster)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where units train (default auto)")
+    p.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE (it registers models/datasets)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_grid)
 

@@ -113,8 +113,9 @@ class RuntimeConfig:
     quiet: bool = False
     eval_batch_size: int = 1000
     accept_other_versions: bool = True  # reuse finished results made by another version or commit (with a note)
+    plugins: tuple[str, ...] = ()  # modules imported before a run: they register models and datasets
 
-    UNHASHED = ("device", "threads", "results_root", "quiet", "eval_batch_size", "accept_other_versions")
+    UNHASHED = ("device", "threads", "results_root", "quiet", "eval_batch_size", "accept_other_versions", "plugins")
 
 
 SECTIONS: dict[str, type] = {

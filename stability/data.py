@@ -152,6 +152,9 @@ def load_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> Data
         raise ConfigError(f"dataset.split_seed: must be >= 0, got {cfg.split_seed}")
 
     x_tr, y_tr, x_te, y_te, prepare = _LOADERS[cfg.name](cfg)
+    if not spec.input_shape:  # a registered dataset: its shape and classes come from its data
+        spec = replace(spec, input_shape=tuple(int(d) for d in x_tr.shape[1:]),
+                       num_classes=spec.num_classes or int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1)
     if cfg.val_size >= len(y_tr):
         raise ConfigError(
             f"dataset.val_size: {cfg.val_size} leaves no training examples; "
@@ -482,3 +485,71 @@ _LOADERS: dict[str, Callable[[DatasetConfig], _Raw]] = {
     "cifar10": _load_torchvision,
     "cifar100": _load_torchvision,
 }
+
+
+# ---- datasets of the user's own -------------------------------------------------------
+MAX_REGISTERED_BYTES = 4 * 2**30  # a registered torch Dataset is materialized into tensors up to this size
+
+
+def register_dataset(name: str, loader: Callable[[], Any], *, num_classes: int | None = None,
+                     description: str = "", replace: bool = False) -> None:
+    """Make ``dataset.name = name`` load the user's data.
+
+    ``loader()`` returns ``(x_train, y_train, x_test, y_test)`` (tensors or numpy arrays, integer
+    labels 0..C-1), or ``(train, test)`` as ``torch.utils.data.Dataset`` objects of ``(x, y)`` pairs,
+    which are materialized into tensors once (up to ``MAX_REGISTERED_BYTES``). The suite then splits a
+    seeded, stratified validation slice off train (``dataset.val_size``) as for its own datasets.
+    ``num_classes`` defaults to the largest label + 1.
+    """
+    cache: dict[str, tuple] = {}
+
+    def raw(cfg: DatasetConfig) -> _Raw:
+        if "data" not in cache:
+            try:
+                out = loader()
+            except Exception as exc:
+                raise DatasetError(f"dataset.name: the loader of {name!r} failed: {type(exc).__name__}: {exc}") from exc
+            cache["data"] = _as_arrays(name, out)
+        x_tr, y_tr, x_te, y_te = cache["data"]
+        return x_tr, y_tr, x_te, y_te, lambda x: x
+
+    if name in DATASETS and not replace:
+        raise ConfigError(f"dataset.name: a dataset named {name!r} is already registered")
+    DATASETS.register(name, DatasetSpec(name=name, num_classes=num_classes or 0, input_shape=(), packaged=True,
+                                        augmentation=None, description=description or f"registered: {name}"),
+                      replace=replace)
+    _LOADERS[name] = raw
+
+
+def _as_arrays(name: str, out: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        out = (*_materialize(name, out[0], "train"), *_materialize(name, out[1], "test"))
+    if not isinstance(out, (tuple, list)) or len(out) != 4:
+        raise DatasetError(f"dataset.name: the loader of {name!r} must return (x_train, y_train, x_test, y_test) "
+                           f"or (train_dataset, test_dataset), got {type(out).__name__}")
+    x_tr, y_tr, x_te, y_te = (np.asarray(v.detach().cpu() if isinstance(v, Tensor) else v) for v in out)
+    for x, y, split in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
+        if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+            raise DatasetError(f"dataset.name: {name!r} {split} split: need as many labels as inputs, as "
+                               f"non-negative integers in one dimension (x {x.shape}, y {y.shape} {y.dtype})")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DatasetError(f"dataset.name: {name!r}: train inputs {x_tr.shape[1:]} and test inputs "
+                           f"{x_te.shape[1:]} differ in shape")
+    return x_tr.astype(np.float32), y_tr.astype(np.int64), x_te.astype(np.float32), y_te.astype(np.int64)
+
+
+def _materialize(name: str, dataset: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A torch Dataset of (x, y) pairs as two arrays, refusing more than MAX_REGISTERED_BYTES."""
+    n = len(dataset)
+    xs, ys, size = [], [], 0
+    for i in range(n):
+        x, y = dataset[i]
+        x = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype=np.float32)
+        size += x.nbytes
+        if size > MAX_REGISTERED_BYTES:
+            raise DatasetError(f"dataset.name: {name!r} {split} split is larger than "
+                               f"{MAX_REGISTERED_BYTES / 2**30:.0f} GiB as float32 tensors; the suite keeps data in "
+                               "memory: register a smaller subset or return tensors of your own")
+        xs.append(x)
+        ys.append(int(y))
+    return np.stack(xs) if xs else np.zeros((0,), np.float32), np.asarray(ys, dtype=np.int64)

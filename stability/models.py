@@ -22,10 +22,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .config import ModelConfig
 from .errors import ConfigError
@@ -388,8 +389,55 @@ def build_model(
     # CPU regardless of the default device makes a seed mean the same weights everywhere.
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(seed)
-        model = factory(cfg, shape, num_classes)
+        if cfg.name in _REGISTERED:
+            model = _checked_build(factory, cfg, shape, num_classes)
+        else:
+            model = factory(cfg, shape, num_classes)
         _initialize(model, cfg.init, cfg.bn_init)
+    return model
+
+
+# ---- models of the user's own ------------------------------------------------------------
+_REGISTERED: set[str] = set()
+
+
+def register_model(name: str, factory: Callable[[ModelConfig, tuple[int, ...], int], nn.Module], *,
+                   replace: bool = False) -> None:
+    """Make ``model.name = name`` build ``factory(model_config, input_shape, num_classes)``.
+
+    The factory gets the whole ``[model]`` section (``width``, ``depth``, ``hidden``, ... are the
+    user's to interpret) and returns an ``nn.Module`` mapping ``[B, *input_shape]`` to
+    ``[B, num_classes]`` logits. What the suite derives from the module: prunable tensors (weights of
+    Conv/Linear layers), the output layer (an ``output_layer`` attribute naming a module, else the
+    last ``nn.Linear``), BatchNorm layers (by type). ``model.init`` re-initializes Conv/Linear weights
+    unless it is ``default`` (the factory's own initialization, seeded by ``training.init_seed``).
+    """
+    if not callable(factory):
+        raise ConfigError(f"model.name: the factory registered for {name!r} is not callable")
+    MODELS.register(name, factory, replace=replace)
+    _REGISTERED.add(name)
+
+
+def _checked_build(factory: Callable[..., Any], cfg: ModelConfig, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A registered factory's model, with a clear error when it fails or gives logits of the wrong shape."""
+    try:
+        model = factory(cfg, shape, num_classes)
+    except Exception as exc:  # the user's code: named, never a traceback from inside the suite
+        raise ConfigError(f"model.name: the factory of {cfg.name!r} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name: the factory of {cfg.name!r} returned {type(model).__name__}, not an nn.Module")
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *shape))
+    except Exception as exc:
+        raise ConfigError(f"model.name: {cfg.name!r} fails on inputs of shape [B, {', '.join(map(str, shape))}]: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ConfigError(f"model.name: {cfg.name!r} must map [B, {', '.join(map(str, shape))}] inputs to "
+                          f"[B, {num_classes}] logits, got {got}")
+    model.train()
     return model
 
 

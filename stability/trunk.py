@@ -35,6 +35,7 @@ from .engine import (
 from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
 from .models import build_model
+from .plugins import load_plugins
 from .schema import SUMMARY, TRAIN, checkpoint_name
 from .steps import format_step, to_iterations
 from .store import RunDir, load_tensors, quarantine, read_json, write_json
@@ -96,6 +97,7 @@ def _cached_dataset(dataset_cfg: Any, device: str) -> DataSplits:
 
 def prepare(cfg: Config) -> Context:
     """Validate settings, pick device and threads, load data and build the model template."""
+    load_plugins(cfg.runtime.plugins)
     validate(cfg)
     device = resolve_device(cfg.runtime.device)
     configure_threads(cfg.runtime.threads)

@@ -1,6 +1,7 @@
 """``StackedModel``: one template module run over stacked member tensors ``{name: [N, ...]}``."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -114,7 +115,19 @@ class StackedModel:
         def f(p: dict, b: dict, xx: Tensor) -> Tensor:
             return functional_call(self.model, (p, b), (xx,))
 
-        return vmap(f, in_dims=(0, 0, None if shared_input else 0))(dict(params), dict(buffers), x)
+        try:
+            return vmap(f, in_dims=(0, 0, None if shared_input else 0))(dict(params), dict(buffers), x)
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            if self.strategy != "auto":
+                raise
+            # A module vmap cannot batch (e.g. data-dependent control flow, in-place updates of a
+            # captured tensor): one member after another instead, never a wrong answer.
+            print(f"note: {type(self.model).__name__} cannot be batched over members with vmap "
+                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); training members one at a time",
+                  file=sys.stderr)
+            self.strategy = "loop"
+            self.last_strategy = "loop"
+            return self._member_loop_logits(params, buffers, x, shared_input)
 
     def _fc_logits(self, params: Mapping[str, Tensor], x: Tensor, shared_input: bool) -> Tensor:
         assert self._fc is not None
