@@ -55,6 +55,7 @@ class ModelConfig:
     hidden: tuple[int, ...] = ()  # mlp only: hidden widths (empty = (100, 100))
     init: str = "default"  # default | kaiming_normal | glorot_normal
     bn_init: str = "ones"  # BatchNorm weights: ones | uniform (in [0, 1), as open_lth's ResNets and VGGs)
+    stem: str = "default"  # torchvision/* models: default | cifar (3x3 stride-1 first conv, no max-pool)
 
     UNHASHED = ()
 

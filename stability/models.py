@@ -366,7 +366,14 @@ def build_model(
     cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> nn.Module:
     """Build and initialize ``cfg.name`` for ``[B, *input_shape]`` inputs, seeded, on CPU."""
-    factory = MODELS[cfg.name]  # an unknown name is a ConfigError listing the known ones
+    if cfg.name.startswith(TORCHVISION_PREFIX):
+        factory = _torchvision_factory(cfg.name)
+    else:
+        factory = MODELS[cfg.name]  # an unknown name is a ConfigError listing the known ones
+    if cfg.stem not in STEMS:
+        raise ConfigError(f"model.stem: unknown stem {cfg.stem!r}; choose one of {', '.join(STEMS)}")
+    if cfg.stem != "default" and not cfg.name.startswith(TORCHVISION_PREFIX):
+        raise ConfigError(f"model.stem: only torchvision/* models take a stem option, not {cfg.name!r}")
     if cfg.init not in INIT_SCHEMES:
         raise ConfigError(
             f"model.init: unknown scheme {cfg.init!r}; choose one of {', '.join(INIT_SCHEMES)}"
@@ -389,12 +396,64 @@ def build_model(
     # CPU regardless of the default device makes a seed mean the same weights everywhere.
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(seed)
-        if cfg.name in _REGISTERED:
+        if cfg.name in _REGISTERED or cfg.name.startswith(TORCHVISION_PREFIX):
             model = _checked_build(factory, cfg, shape, num_classes)
         else:
             model = factory(cfg, shape, num_classes)
         _initialize(model, cfg.init, cfg.bn_init)
     return model
+
+
+# ---- torchvision classification models by name ----------------------------------------------
+TORCHVISION_PREFIX = "torchvision/"
+STEMS = ("default", "cifar")
+
+
+def _torchvision_factory(name: str) -> Callable[[ModelConfig, tuple[int, ...], int], nn.Module]:
+    """``torchvision/<arch>``: any torchvision.models classification builder, untrained (weights=None)."""
+    from torchvision import models as tv
+
+    arch = name[len(TORCHVISION_PREFIX):]
+    known = tv.list_models(module=tv)
+    if arch not in known:
+        raise ConfigError(f"model.name: {name!r} is not a torchvision classification model; choose "
+                          f"torchvision/ followed by one of {', '.join(known)}")
+
+    def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        if len(input_shape) != 3:
+            raise ConfigError(f"model.name: {name!r} takes images [C, H, W], the dataset gives {input_shape}")
+        model = tv.get_model(arch, weights=None, num_classes=num_classes)
+        _adapt_stem(model, input_shape[0], cifar=cfg.stem == "cifar")
+        _drop_dropout(model)
+        return model
+
+    return build
+
+
+def _drop_dropout(model: nn.Module) -> None:
+    """Dropout layers become identities: their masks would come from torch's global generator, which
+    is not part of a run's noise seed (siblings, resume and the batched path would not be reproducible)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, nn.Identity())
+
+
+def _adapt_stem(model: nn.Module, channels: int, cifar: bool) -> None:
+    """The first convolution takes ``channels`` inputs; ``cifar``: 3x3, stride 1, and no stem max-pool
+    (the CIFAR variants of ResNet and MobileNet that Sahu et al. use on 32x32 images)."""
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    if cifar:
+        new = nn.Conv2d(channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None)
+    elif channels != conv.in_channels:
+        new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        bias=conv.bias is not None)
+    else:
+        return
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+    if cifar and isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+        model.maxpool = nn.Identity()
 
 
 # ---- models of the user's own ------------------------------------------------------------

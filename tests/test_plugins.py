@@ -129,3 +129,39 @@ def test_broken_or_unknown_plugins_exit_2_naming_them_and_write_nothing(tmp_path
     assert main(["train", *base, *args]) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_torchvision_model_by_name_trains_as_batched_siblings_equal_to_one_at_a_time(tmp_path):
+    from helpers import tiny_config
+
+    from stability.reference import train_siblings_reference
+    from stability.siblings import SiblingSettings, sibling_seeds, train_siblings
+    from stability.trunk import prepare
+
+    cfg = tiny_config(tmp_path, model__name="torchvision/mobilenet_v3_small", model__stem="cifar",
+                      dataset__name="digits", dataset__val_size="100", training__steps="6it",
+                      training__rewind_points="3it", training__eval_every="6it", optimizer__name="sgd",
+                      optimizer__lr="0.05")
+    ctx = prepare(cfg)
+    first = next(m for m in ctx.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1 and first.stride == (1, 1)  # CIFAR stem on 1-channel images
+    sib = train_siblings(ctx, 3, SiblingSettings(2))
+    order, aug = sibling_seeds(cfg.training.noise_seed, SiblingSettings(2))
+    for i, ref in enumerate(train_siblings_reference(ctx, 3, order, aug)):
+        got = sib.members.member_state_dict(i)
+        assert all(torch.allclose(got[k].float(), ref[k].float(), atol=1e-5) for k in ref), i
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"model.name": "torchvision/resnet9000"}, "is not a torchvision classification model"),
+    ({"model.name": "lenet5", "model.stem": "cifar"}, r"model.stem: only torchvision/\* models"),
+    ({"model.name": "torchvision/resnet18", "model.stem": "tiny"}, "model.stem: unknown stem 'tiny'"),
+])
+def test_bad_torchvision_settings_are_refused(tmp_path, overrides, match):
+    from helpers import tiny_config
+
+    from stability.errors import ConfigError
+    from stability.trunk import prepare
+
+    with pytest.raises(ConfigError, match=match):
+        prepare(tiny_config(tmp_path, **{k.replace(".", "__"): v for k, v in overrides.items()}))
