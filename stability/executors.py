@@ -119,10 +119,10 @@ class SlurmExecutor:
             except Exception as exc:  # noqa: BLE001 - a dead job: its units that did not finish are failed
                 from .grid import unit_complete
 
-                out.extend({"id": u["id"], "kind": u["kind"],
-                            "status": "complete" if unit_complete(u) else "failed",
-                            "error": None if unit_complete(u) else
-                            f"job {job.job_id} failed: {type(exc).__name__}: {exc}"} for u in chunk)
+                for u in chunk:
+                    done = unit_complete(u)
+                    out.append({"id": u["id"], "kind": u["kind"], "status": "complete" if done else "failed",
+                                "error": None if done else f"job {job.job_id} failed: {type(exc).__name__}: {exc}"})
         return out
 
     def close(self) -> None:

@@ -473,8 +473,10 @@ def grid_frame(plan: Plan):
                 row["sparsest_matching_density"] = sparsest.get("density", math.nan)
             elif unit.kind == HESSIAN:
                 row["hessian_status"] = status
-            row[f"{unit.kind}_dir" if unit.kind != "siblings" else "siblings_dirs"] = (
-                str(run.path) if unit.kind != "siblings" else row.get("siblings_dirs", "") + str(run.path) + ";")
+            if unit.kind == "siblings":
+                row.setdefault("siblings_dirs", []).append(str(run.path))
+            else:
+                row[f"{unit.kind}_dir"] = str(run.path)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .config import Config, settings_from_table, settings_hash
 from .engine import StackedModel
-from .errors import ConfigError, RecordError, TrainingDiverged
+from .errors import ConfigError, TrainingDiverged
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
 from .interpolation import BN_MODES, CurveSettings, curve_rows, error_barrier
 from .schema import (
@@ -43,7 +43,7 @@ from .siblings import (
     train_siblings,
 )
 from .steps import format_step
-from .store import PointTable, RunDir, quarantine, read_json, tensors_digest, write_csv, write_json
+from .store import PointTable, RunDir, read_record, tensors_digest, write_csv, write_json
 from .trunk import Context, prepare, train_trunk
 
 SPLITS = ("test", "train", "val")
@@ -322,10 +322,9 @@ def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir
     }
     if measured == 0 and (run / INSTABILITY_SUMMARY).is_file():
         # every curve was read back: the time is the one of the run that measured them
-        try:
-            summary["seconds"] = read_json(run / INSTABILITY_SUMMARY).get("seconds", summary["seconds"])
-        except RecordError as exc:
-            quarantine(run / INSTABILITY_SUMMARY, str(exc))
+        earlier = read_record(run / INSTABILITY_SUMMARY)
+        if earlier is not None:
+            summary["seconds"] = earlier.get("seconds", summary["seconds"])
     stored.write()
     write_csv(run / SWEEP, table, SWEEP_COLUMNS)
     write_json(run / INSTABILITY_SUMMARY, summary)

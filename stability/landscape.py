@@ -171,7 +171,7 @@ def _probe_points(run: RunDir, cfg: Config, settings: HessianSettings, ctx: Cont
             continue
         result = probe(model_at(point), ctx.data.x_train, ctx.data.y_train, settings)
         row, dens = _probe_rows(label(point), result)
-        density.keep([p for p in points if p != point])  # rows a killed probe of this point left
+        density.drop(point)  # rows a killed probe of this point left
         if dens:
             density.add(dens)
         rows.add([row])  # the point counts as done once its row is written

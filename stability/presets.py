@@ -58,17 +58,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "rewind_points": ["0it", "100it", "250it", "500it", "1000it", "2000it", "4000it"]},
         "imp": {"strategy": "global", "prune_fraction": 0.2},
     },
-    "resnet32_cifar10": {
-        "description": "ResNet-32 on CIFAR-10 (the open_lth recipe of ResNet-20 at depth 32): SGD 0.1 m0.9 wd1e-4, "
-                       "batch 128, 160 epochs",
-        "dataset": {"name": "cifar10", "val_size": 0},
-        "model": {"name": "resnet", "depth": 32, "init": "kaiming_normal", "bn_init": "uniform"},
-        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
-        "schedule": {"kind": "step", "milestones": ["80ep", "120ep"], "gamma": 0.1},
-        "training": {"steps": "160ep", "batch_size": 128, "eval_every": "1ep", "checkpoint_every": "1ep",
-                     "rewind_points": ["0it", "100it", "250it", "500it", "1000it", "2000it", "4000it"]},
-        "imp": {"strategy": "global", "prune_fraction": 0.2},
-    },
     "vgg16_cifar10": {
         "description": "VGG-16 on CIFAR-10 (Frankle et al. 2020, open_lth): SGD 0.1 m0.9 wd1e-4, batch 128, 160 epochs",
         "dataset": {"name": "cifar10", "val_size": 0},
@@ -126,6 +115,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "rewind_points": ["0it", "25it", "100it", "250it", "500it"]},
         "imp": {"strategy": "global", "prune_fraction": 0.2},
     },
+}
+
+
+# ResNet-32: the open_lth recipe of ResNet-20, at depth 32.
+PRESETS["resnet32_cifar10"] = {
+    **copy.deepcopy(PRESETS["resnet20_cifar10"]),
+    "description": "ResNet-32 on CIFAR-10 (the open_lth recipe of ResNet-20 at depth 32): SGD 0.1 m0.9 wd1e-4, "
+                   "batch 128, 160 epochs",
+    "model": {**PRESETS["resnet20_cifar10"]["model"], "depth": 32},
 }
 
 

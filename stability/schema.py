@@ -39,6 +39,14 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINTS}/step_{step}.safetensors"
 
 
+CHECKPOINT_GLOB = "step_*.safetensors"  # in CHECKPOINTS
+
+
+def checkpoint_step(filename: str) -> int:
+    """The step of a ``step_<k>.safetensors`` file name."""
+    return int(filename.removeprefix("step_").removesuffix(".safetensors"))
+
+
 # ---------------------------------------------------------------- instability sweeps
 CURVES = "curves.csv"
 SWEEP = "sweep.csv"

@@ -71,6 +71,18 @@ def read_json(path: str | Path) -> Any:
         raise RecordError(f"record {str(path)!r} is truncated or corrupt: {exc}") from None
 
 
+def read_record(path: str | Path) -> Any | None:
+    """A JSON record, or None when it is missing or damaged (a damaged one is moved aside, with a warning)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except RecordError as exc:
+        quarantine(path, str(exc))
+        return None
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
@@ -148,6 +160,17 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
     meta[_ORDER_KEY] = json.dumps(list(plain))
     meta[_DIGEST_KEY] = json.dumps(tensors_digest(plain))
     atomic_write_bytes(path, st_save(plain, metadata=meta))
+
+
+def tensors_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a safetensors file from its header alone (no tensor read, no digest check)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        return {k: json.loads(v) for k, v in (header.get("__metadata__") or {}).items()}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: {exc}") from None
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -390,6 +413,10 @@ class PointTable:
         """Append one point's rows and write the table."""
         self.rows.extend(dict(r) for r in rows)
         self.write()
+
+    def drop(self, point: Any) -> None:
+        """Forget the rows of ``point`` (e.g. what a killed measurement of it left)."""
+        self.rows = [r for r in self.rows if r[self.key] != point]
 
     def keep(self, points: Sequence[Any]) -> None:
         """Drop rows of points not in ``points`` and order the rest as ``points`` are."""

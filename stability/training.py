@@ -33,9 +33,25 @@ from .engine import (
     train_members,
 )
 from .errors import CheckpointError, RecordError, TrainingDiverged
-from .schema import CHECKPOINTS, LATEST_STATE, METRIC_COLUMNS, METRICS, checkpoint_name
+from .schema import (
+    CHECKPOINT_GLOB,
+    CHECKPOINTS,
+    LATEST_STATE,
+    METRIC_COLUMNS,
+    METRICS,
+    checkpoint_name,
+    checkpoint_step,
+)
 from .steps import to_iterations
-from .store import RunDir, load_tensors, quarantine, read_csv, save_tensors, write_csv
+from .store import (
+    RunDir,
+    load_tensors,
+    quarantine,
+    read_csv,
+    save_tensors,
+    tensors_metadata,
+    write_csv,
+)
 
 if TYPE_CHECKING:
     from .trunk import Context
@@ -51,7 +67,7 @@ def saved_checkpoints(run: RunDir) -> list[int]:
     folder = run / CHECKPOINTS
     if not folder.is_dir():
         return []
-    return sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.safetensors"))
+    return sorted(checkpoint_step(p.name) for p in folder.glob(CHECKPOINT_GLOB))
 
 
 def load_members(path: Path, ctx: Context) -> Members:
@@ -226,9 +242,8 @@ def _resume(ctx: Context, run: RunDir, start: Members, end_step: int, keep: set[
     candidates: list[tuple[int, Path]] = [(s, checkpoint_path(run, s)) for s in saved_checkpoints(run)
                                           if start.step < s <= end_step]
     if latest.is_file():
-        try:
-            _, meta = load_tensors(latest)
-            candidates.append((int(meta["step"]), latest))
+        try:  # the step from the header; the state itself is checked (digest and all) when it is loaded
+            candidates.append((int(tensors_metadata(latest)["step"]), latest))
         except (CheckpointError, KeyError, ValueError, TypeError) as exc:
             quarantine(latest, f"resumable state {str(latest)!r} is damaged ({exc})")
     for s, path in sorted(candidates, key=lambda c: -c[0]):

@@ -32,13 +32,13 @@ from .engine import (
     resolve_device,
     train_members,
 )
-from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
 from .models import build_model
 from .plugins import load_plugins
 from .schema import SUMMARY, TRAIN, checkpoint_name
 from .steps import format_step, to_iterations
-from .store import RunDir, load_tensors, quarantine, read_json, write_json
+from .store import RunDir, load_tensors, quarantine, read_record, write_json
 from .training import (
     METRIC_COLUMNS,
     Progress,
@@ -193,11 +193,11 @@ def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Cont
         if status == "diverged":
             raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
         if status == "complete":
-            problem = _records_problem(run)
+            rows, problem = _finished_records(run)
             if problem is None:
                 run.check_reuse(cfg.runtime.accept_other_versions)
                 ensure_checkpoints(ctx, run, wanted)
-                return _result(run, T, reused=True, seconds=time.perf_counter() - t0, ctx=ctx)
+                return _result(run, T, reused=True, seconds=time.perf_counter() - t0, ctx=ctx, rows=rows)
             print(f"warning: finished run {run.path.name}: {problem}; training it again from its newest intact state",
                   file=sys.stderr)
         run.start(cfg.to_dict(), cfg.hashed_dict(), {"iterations_per_epoch": ctx.ipe, "final_step": T})
@@ -210,22 +210,18 @@ def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Cont
     return result
 
 
-def _records_problem(run: RunDir) -> str | None:
-    """What is wrong with a finished trunk's records (metrics.csv, summary.json), or None."""
+def _finished_records(run: RunDir) -> tuple[list[dict[str, Any]], str | None]:
+    """A finished trunk's metrics rows, and what is wrong with its records (metrics.csv, summary.json), or None."""
     rows = read_metrics(run)
     if rows is None:
-        return "metrics.csv is missing or damaged"
+        return [], "metrics.csv is missing or damaged"
     final_step = run.manifest().get("final_step")
     if not rows or rows[-1]["step"] != final_step:
-        return f"metrics.csv ends at step {rows[-1]['step'] if rows else None}, not at the final step {final_step}"
-    try:
-        read_json(run / SUMMARY)
-    except FileNotFoundError:
-        return "summary.json is missing"
-    except RecordError as exc:
-        quarantine(run / SUMMARY, str(exc))
-        return "summary.json was damaged"
-    return None
+        return rows, (f"metrics.csv ends at step {rows[-1]['step'] if rows else None}, "
+                      f"not at the final step {final_step}")
+    if read_record(run / SUMMARY) is None:
+        return rows, "summary.json is missing or damaged"
+    return rows, None
 
 
 def ensure_checkpoints(ctx: Context, run: RunDir, steps: Iterable[int]) -> None:
@@ -284,7 +280,9 @@ def produce_checkpoints(ctx: Context, run: RunDir, steps: Iterable[int]) -> None
         save_state(checkpoint_path(run, target), members)
 
 
-def _result(run: RunDir, T: int, reused: bool, seconds: float, ctx: Context) -> TrainResult:
-    rows = read_metrics(run) or []
+def _result(run: RunDir, T: int, reused: bool, seconds: float, ctx: Context,
+            rows: list[dict[str, Any]] | None = None) -> TrainResult:
+    if rows is None:
+        rows = read_metrics(run) or []
     return TrainResult(run.path, run.hash, T, saved_checkpoints(run), rows, reused, seconds,
                        chance_error(ctx.data.split("test")[1]))
