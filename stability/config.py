@@ -56,6 +56,7 @@ class ModelConfig:
     init: str = "default"  # default | kaiming_normal | glorot_normal
     bn_init: str = "ones"  # BatchNorm weights: ones | uniform (in [0, 1), as open_lth's ResNets and VGGs)
     stem: str = "default"  # torchvision/* models: default | cifar (3x3 stride-1 first conv, no max-pool)
+    dropout: float = 0.0  # rate after each hidden fully connected layer (mlp, lenet_300_100, lenet5, conv2/4/6)
 
     UNHASHED = ()
 
@@ -373,6 +374,8 @@ def validate(cfg: Config) -> Config:
     # ``models.build_model``), which ``trunk.prepare`` does before anything is written.
     if not (cfg.model.width > 0 and math.isfinite(cfg.model.width)):
         raise ConfigError(f"model.width: must be a positive finite number, got {cfg.model.width}")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"model.dropout: must be a rate in [0, 1), got {cfg.model.dropout}")
     if cfg.optimizer.name not in OPTIMIZERS:
         raise ConfigError(
             f"optimizer.name: unknown optimizer {cfg.optimizer.name!r}; choose one of {', '.join(OPTIMIZERS)}"

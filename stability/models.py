@@ -2,8 +2,8 @@
 
 Every model takes a batch ``[B, *input_shape]`` and returns logits ``[B, classes]``.
 Fully connected models (``lenet_300_100``, ``mlp``) flatten any input; image models
-(``lenet5``, ``conv2``/``conv4``/``conv6``, ``resnet``, ``vgg11``/``vgg16``) take
-``(C, H, W)`` images of any channel count that are large enough for them.
+(``lenet5``, ``conv2``/``conv4``/``conv6``, ``resnet``, ``vgg11``/``vgg16``, ``mobilenet_v1``)
+take ``(C, H, W)`` images of any channel count that are large enough for them.
 
 Parameter names are stable and readable because masks and checkpoints address
 tensors by name: convolutional stacks live in ``features.<i>``, fully connected
@@ -19,9 +19,11 @@ Python branches.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -56,13 +58,59 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-def _fc_forward(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    """Linear layers with ReLU between them and none after the last."""
+_DROPOUT_GENERATOR: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
+    "dropout_generator", default=None)
+
+
+@contextlib.contextmanager
+def dropout_noise(generator: torch.Generator | None) -> Iterator[None]:
+    """Inside this block, ``NoiseDropout`` layers in train mode draw their masks from ``generator``."""
+    token = _DROPOUT_GENERATOR.set(generator)
+    try:
+        yield
+    finally:
+        _DROPOUT_GENERATOR.reset(token)
+
+
+class NoiseDropout(nn.Module):
+    """Dropout whose masks are SGD noise: drawn from the generator the training loop puts in place.
+
+    Each member (trunk, sibling, IMP replicate) owns a dropout generator seeded from its noise seed and
+    saved with its training state, so siblings differ in their dropout masks as in their data order and a
+    resumed run draws the same masks. Active only in train mode *and* inside ``dropout_noise(generator)``:
+    evaluation, interpolation, BatchNorm resets and Hessian probes see the deterministic network (torch's
+    global generator, which ``nn.Dropout`` would use, is part of no run's seeds).
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gen = _DROPOUT_GENERATOR.get()
+        if not self.training or self.p == 0.0 or gen is None:
+            return x
+        keep = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) >= self.p
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether the model has an active ``NoiseDropout`` layer (then it trains one member at a time)."""
+    return any(isinstance(m, NoiseDropout) and m.p > 0 for m in model.modules())
+
+
+def _fc_forward(layers: nn.ModuleList, x: torch.Tensor, dropout: nn.Module | None = None) -> torch.Tensor:
+    """Linear layers with ReLU (then dropout, if any) between them and none after the last."""
     last = len(layers) - 1
     for i, layer in enumerate(layers):
         x = layer(x)
         if i < last:
             x = F.relu(x)
+            if dropout is not None:
+                x = dropout(x)
     return x
 
 
@@ -151,15 +199,18 @@ class FullyConnected(_Network):
     """ReLU MLP on flattened input: LeNet-300-100 and the configurable ``mlp``."""
 
     def __init__(
-        self, name: str, input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int]
+        self, name: str, input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int],
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(name, input_shape, num_classes)
         sizes = [math.prod(input_shape), *hidden, num_classes]
         self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.output_layer = f"fc.{len(self.fc) - 1}"
+        # after each hidden layer's ReLU; no parameters, so state dicts are the same with or without it
+        self.dropout = NoiseDropout(dropout) if dropout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fc_forward(self.fc, torch.flatten(x, 1))
+        return _fc_forward(self.fc, torch.flatten(x, 1), self.dropout)
 
 
 class ConvThenFC(_Network):
@@ -172,6 +223,7 @@ class ConvThenFC(_Network):
         num_classes: int,
         features: list[nn.Module],
         fc_hidden: Sequence[int],
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(name, input_shape, num_classes)
         _image_shape(name, input_shape)
@@ -181,9 +233,11 @@ class ConvThenFC(_Network):
         sizes = [out_channels * h * w, *fc_hidden, num_classes]
         self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.output_layer = f"fc.{len(self.fc) - 1}"
+        # on the fully connected layers, as Frankle & Carbin (2019) train Conv-2/4/6 with dropout
+        self.dropout = NoiseDropout(dropout) if dropout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fc_forward(self.fc, torch.flatten(self.features(x), 1))
+        return _fc_forward(self.fc, torch.flatten(self.features(x), 1), self.dropout)
 
 
 class ResidualBlock(nn.Module):
@@ -271,12 +325,56 @@ class CifarVGG(_Network):
         return self.fc(self.features(x).mean(dim=(-2, -1)))  # global average pool
 
 
+# MobileNetV1 (Howard et al. 2017) for 32x32 inputs, as the CIFAR code bases Sahu et al. build on write it:
+# a 3x3 stride-1 stem of 32 channels, then depthwise-separable blocks (out channels, stride).
+_MOBILENET_PLAN: tuple[tuple[int, int], ...] = (
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+)
+
+
+class DepthwiseSeparable(nn.Module):
+    """A 3x3 depthwise conv + BN + ReLU, then a 1x1 pointwise conv + BN + ReLU."""
+
+    def __init__(self, f_in: int, f_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(f_in, f_in, 3, stride=stride, padding=1, groups=f_in, bias=False)
+        self.bn1 = nn.BatchNorm2d(f_in)
+        self.conv2 = nn.Conv2d(f_in, f_out, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(f_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class MobileNetV1(_Network):
+    """CIFAR MobileNetV1: stem conv+BN+ReLU, 13 depthwise-separable blocks, global average pool, one Linear."""
+
+    def __init__(self, name: str, input_shape: tuple[int, ...], num_classes: int, width: float) -> None:
+        super().__init__(name, input_shape, num_classes)
+        channels, _, _ = _image_shape(name, input_shape)
+        f_in = _scaled(32, width)
+        self.conv = nn.Conv2d(channels, f_in, 3, stride=1, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(f_in)
+        blocks = []
+        for f_out, stride in _MOBILENET_PLAN:
+            blocks.append(DepthwiseSeparable(f_in, _scaled(f_out, width), stride))
+            f_in = _scaled(f_out, width)
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(f_in, num_classes)
+        self.output_layer = "fc"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(out.mean(dim=(-2, -1)))  # global average pool
+
+
 # ---- builders: (cfg, input_shape, num_classes) -> module, constructed on CPU -------------
 
 
 def _lenet_300_100(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return FullyConnected(
-        cfg.name, input_shape, num_classes, [_scaled(c, cfg.width) for c in (300, 100)]
+        cfg.name, input_shape, num_classes, [_scaled(c, cfg.width) for c in (300, 100)], cfg.dropout
     )
 
 
@@ -285,7 +383,7 @@ def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn
     if not all(isinstance(c, int) and c > 0 for c in hidden):
         raise ConfigError(f"model.hidden: expected positive integers, got {list(hidden)}")
     return FullyConnected(
-        cfg.name, input_shape, num_classes, [_scaled(c, cfg.width) for c in hidden]
+        cfg.name, input_shape, num_classes, [_scaled(c, cfg.width) for c in hidden], cfg.dropout
     )
 
 
@@ -297,7 +395,7 @@ def _lenet5(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) ->
         nn.Conv2d(c1, c2, 5), nn.ReLU(), MaxPool2d(2),
     ]  # fmt: skip
     fc_hidden = [_scaled(c, cfg.width) for c in (120, 84)]
-    return ConvThenFC(cfg.name, input_shape, num_classes, features, fc_hidden)
+    return ConvThenFC(cfg.name, input_shape, num_classes, features, fc_hidden, cfg.dropout)
 
 
 def _convn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -311,7 +409,7 @@ def _convn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> 
             features.append(MaxPool2d(2))
         channels = out
     fc_hidden = [_scaled(c, cfg.width) for c in (256, 256)]
-    return ConvThenFC(cfg.name, input_shape, num_classes, features, fc_hidden)
+    return ConvThenFC(cfg.name, input_shape, num_classes, features, fc_hidden, cfg.dropout)
 
 
 def _resnet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -321,6 +419,10 @@ def _resnet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) ->
             f"{', '.join(map(str, RESNET_DEPTHS))}"
         )
     return CifarResNet(cfg.name, input_shape, num_classes, cfg.depth, cfg.width)
+
+
+def _mobilenet_v1(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return MobileNetV1(cfg.name, input_shape, num_classes, cfg.width)
 
 
 def _vgg(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -337,7 +439,10 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "model.name", {
     "vgg11": _vgg,
     "vgg16": _vgg,
     "mlp": _mlp,
+    "mobilenet_v1": _mobilenet_v1,
 })
+# Models with a ``model.dropout`` option (dropout on their hidden fully connected layers).
+DROPOUT_MODELS = ("lenet_300_100", "mlp", "lenet5", "conv2", "conv4", "conv6")
 # Initialization schemes for conv and linear weights (``model.init``) and BatchNorm weights (``model.bn_init``).
 INIT_SCHEMES = ("default", "kaiming_normal", "glorot_normal")
 BN_INITS = ("ones", "uniform")
@@ -374,6 +479,11 @@ def build_model(
         raise ConfigError(f"model.stem: unknown stem {cfg.stem!r}; choose one of {', '.join(STEMS)}")
     if cfg.stem != "default" and not cfg.name.startswith(TORCHVISION_PREFIX):
         raise ConfigError(f"model.stem: only torchvision/* models take a stem option, not {cfg.name!r}")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"model.dropout: must be a rate in [0, 1), got {cfg.dropout}")
+    if cfg.dropout and cfg.name not in DROPOUT_MODELS and cfg.name not in _REGISTERED:
+        raise ConfigError(f"model.dropout: {cfg.name!r} has no dropout option; models with one: "
+                          f"{', '.join(DROPOUT_MODELS)} (and registered models that use stability.models.NoiseDropout)")
     if cfg.init not in INIT_SCHEMES:
         raise ConfigError(
             f"model.init: unknown scheme {cfg.init!r}; choose one of {', '.join(INIT_SCHEMES)}"
@@ -431,10 +541,13 @@ def _torchvision_factory(name: str) -> Callable[[ModelConfig, tuple[int, ...], i
 
 
 def _drop_dropout(model: nn.Module) -> None:
-    """Dropout layers become identities: their masks would come from torch's global generator, which
-    is not part of a run's noise seed (siblings, resume and the batched path would not be reproducible)."""
+    """Dropout and stochastic-depth layers (EfficientNet, ConvNeXt, ...) become identities: their masks
+    would come from torch's global generator, which is not part of a run's noise seed (siblings, resume
+    and the batched path would not be reproducible)."""
+    from torchvision.ops import StochasticDepth
+
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.modules.dropout._DropoutNd):
+        if isinstance(module, (nn.modules.dropout._DropoutNd, StochasticDepth)):
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, nn.Identity())
 

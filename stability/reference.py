@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .engine.loop import TrainSpec, draw_batch
-from .engine.members import Members
+from .engine.members import Members, derive_seed
 from .engine.optim import Schedule, make_optimizer
 from .interpolation import CurveSettings, _bn_modules
+from .models import dropout_noise
 from .trunk import Context, trunk_checkpoint
 
 
@@ -32,12 +33,15 @@ def train_reference(module: nn.Module, state: Mapping[str, Tensor], spec: TrainS
     schedule = Schedule(spec.cfg, spec.ipe)
     single = Members(start_step, {}, {}, [order_seed], [aug_seed])
     named = dict(module.named_parameters())
+    # the member's dropout stream, seeded as the engine seeds it (unused by models without dropout)
+    dropout_gen = torch.Generator(device=spec.data.x_train.device).manual_seed(derive_seed(aug_seed, "dropout"))
     for t in range(start_step, end_step):
         single.step = t
         x, y = draw_batch(single, spec)
         for group in opt.param_groups:
             group["lr"] = schedule.lr(t)
-        loss = F.cross_entropy(module(x[0]), y[0])
+        with dropout_noise(dropout_gen):
+            loss = F.cross_entropy(module(x[0]), y[0])
         opt.zero_grad()
         loss.backward()
         if mask:

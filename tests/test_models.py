@@ -50,6 +50,10 @@ CASES = [
     (ModelConfig(name="vgg11", width=0.125), MNIST),
     (ModelConfig(name="vgg16", width=0.125), CIFAR),
     (ModelConfig(name="vgg16", width=0.125), MNIST),
+    (ModelConfig(name="mobilenet_v1", width=0.125), CIFAR),
+    (ModelConfig(name="mobilenet_v1", width=0.125), MNIST),
+    (ModelConfig(name="conv2", width=0.25, dropout=0.5), CIFAR),
+    (ModelConfig(name="mlp", width=0.25, dropout=0.2), MNIST1D),
 ]
 
 
@@ -82,8 +86,30 @@ def _id(case: tuple[ModelConfig, tuple[int, ...]]) -> str:
 
 def test_registry_has_exactly_the_documented_models():
     assert set(MODELS) == {
-        "lenet_300_100", "lenet5", "conv2", "conv4", "conv6", "resnet", "vgg11", "vgg16", "mlp",
+        "lenet_300_100", "lenet5", "conv2", "conv4", "conv6", "resnet", "vgg11", "vgg16", "mlp", "mobilenet_v1",
     }  # fmt: skip
+
+
+def test_mobilenet_v1_has_the_cifar_code_bases_parameter_count_and_depthwise_convs():
+    model = build_model(ModelConfig(name="mobilenet_v1"), CIFAR, 10, seed=0)
+    # 3.2M in the CIFAR MobileNetV1 of kuangliu/pytorch-cifar: 32-channel 3x3 stem, 13 separable blocks
+    assert count_parameters(model) == 3_217_226
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 13 and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    assert output_layer_name(model) == "fc" and has_batchnorm(model)
+
+
+def test_torchvision_models_lose_their_stochastic_depth_and_dropout():
+    from torchvision.ops import StochasticDepth
+
+    model = build_model(ModelConfig(name="torchvision/efficientnet_b0", stem="cifar", width=1.0), CIFAR, 10, seed=0)
+    assert not any(isinstance(m, (StochasticDepth, nn.Dropout)) for m in model.modules())
+    model.train()
+    x = torch.randn(2, *CIFAR)
+    torch.manual_seed(0)
+    first = model(x)
+    torch.manual_seed(1)  # nothing in the forward pass draws from torch's global generator
+    assert torch.equal(model(x), first)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
@@ -352,8 +378,9 @@ def _stacked_forward(models: list[nn.Module], x: torch.Tensor):
         (ModelConfig(name="vgg11", width=0.125), MNIST),
         (ModelConfig(name="conv2", width=0.125), DIGITS),
         (ModelConfig(name="lenet5", width=0.5), MNIST),
+        (ModelConfig(name="mobilenet_v1", width=0.125), CIFAR),
     ],
-    ids=["resnet8", "vgg11", "conv2", "lenet5"],
+    ids=["resnet8", "vgg11", "conv2", "lenet5", "mobilenet_v1"],
 )
 def test_vmap_over_stacked_copies_matches_each_copy_in_train_mode(cfg, shape):
     models = [build_model(cfg, shape, 10, seed=s) for s in range(3)]

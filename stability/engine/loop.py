@@ -69,6 +69,7 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
     n = members.n
     members.optimizer = opt
     fast_update = opt.update if isinstance(opt, _MemberwiseFusedAdam) else None
+    dropout_gens = members.dropout_generators(spec.data.x_train.device) if model.dropout else None
     while members.step < end_step:
         x, y = draw_batch(members, spec)
         lr = schedule.lr(members.step)
@@ -80,7 +81,8 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
         loss = model.fc_loss_and_grads(members.params, x, y) if model.hand_written_backward else None
         if loss is None:
             opt.zero_grad(set_to_none=True)
-            out = model.logits(members.params, members.buffers, x, train=True, shared_input=False)
+            out = model.logits(members.params, members.buffers, x, train=True, shared_input=False,
+                               dropout_gens=dropout_gens)
             loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
             loss.sum().backward()
         # One host sync a step (the progress hook needs the value anyway): the mean is finite only when

@@ -32,6 +32,9 @@ class Members:
     perms: Tensor | None = None  # [N, n_train]: this epoch's data order per member
     optimizer_state: dict | None = None  # restored state, used to build the optimizer
     optimizer: torch.optim.Optimizer | None = None  # the live optimizer while training
+    # Dropout masks per member (models with dropout only): created on first use from the member's
+    # augmentation seed, so they are part of its noise seed, and saved with its state.
+    drop_gens: list[torch.Generator] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.order_gens:
@@ -42,6 +45,13 @@ class Members:
     @property
     def n(self) -> int:
         return len(self.order_seeds)
+
+    def dropout_generators(self, device: torch.device) -> list[torch.Generator]:
+        """Each member's dropout generator on ``device`` (seeded from its noise on first use)."""
+        if not self.drop_gens:
+            self.drop_gens = [torch.Generator(device=device).manual_seed(derive_seed(s, "dropout"))
+                              for s in self.aug_seeds]
+        return self.drop_gens
 
     @classmethod
     def from_model_states(cls, states: Sequence[Mapping[str, Tensor]], param_names: Sequence[str], step: int,
@@ -64,6 +74,8 @@ class Members:
             t[f"rng/order/{i}"] = g.get_state()
         for i, g in enumerate(self.aug_gens):
             t[f"rng/aug/{i}"] = g.get_state()
+        for i, g in enumerate(self.drop_gens):
+            t[f"rng/dropout/{i}"] = g.get_state()
         if self.perms is not None:
             t["perms"] = self.perms
         opt_keys: dict[str, list[str]] = {}
@@ -89,13 +101,18 @@ class Members:
         for i in range(n):
             order_gens[i].set_state(t[f"rng/order/{i}"])
             aug_gens[i].set_state(t[f"rng/aug/{i}"])
+        drop_gens = []
+        if "rng/dropout/0" in t:
+            drop_gens = [torch.Generator(device=device) for _ in range(n)]
+            for i, g in enumerate(drop_gens):
+                g.set_state(t[f"rng/dropout/{i}"])
         opt_state = None
         if meta.get("optimizer_keys"):
             opt_state = {"state": {int(idx): {key: t[f"opt/{idx}/{key}"].to(device) for key in keys}
                                    for idx, keys in meta["optimizer_keys"].items()}}
         perms = t["perms"].to(device) if "perms" in t else None
         return cls(int(meta["step"]), params, buffers, list(meta["order_seeds"]), list(meta["aug_seeds"]),
-                   order_gens, aug_gens, perms, opt_state)
+                   order_gens, aug_gens, perms, opt_state, drop_gens=drop_gens)
 
     def member_state_dict(self, i: int) -> dict[str, Tensor]:
         """Member i as a plain model ``state_dict``."""

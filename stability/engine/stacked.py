@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ..models import FullyConnected, dropout_noise, has_dropout
+
 
 class _StackedLinear(torch.autograd.Function):
     """``x @ w^T + b`` per member: x ``[N, B, in]``, w ``[N, out, in]``, b ``[N, out]``.
@@ -34,9 +36,7 @@ class _StackedLinear(torch.autograd.Function):
 
 def _fc_plan(model: nn.Module) -> list[tuple[str, str]] | None:
     """(weight, bias) names of a plain ReLU MLP (``models.FullyConnected``), else None."""
-    from ..models import FullyConnected
-
-    if type(model) is not FullyConnected:
+    if type(model) is not FullyConnected or has_dropout(model):
         return None
     if not all(isinstance(layer, nn.Linear) and layer.bias is not None for layer in model.fc):
         return None
@@ -73,6 +73,8 @@ class StackedModel:
         # MLPs train with the hand-written backward of ``fc_loss_and_grads``; False = autograd (for tests).
         self.hand_written_backward = self._fc is not None
         self._conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        # Dropout masks come from each member's own generator: one member at a time while training.
+        self.dropout = has_dropout(model)
         # Channels-last convolutions on the CPU: ~1.1-1.6x faster evaluation at large batch; in
         # training ~10% faster when every convolution has at least 16 output channels (Conv-4 at
         # width 1/4), ~8% slower with fewer (LeNet-5: 6 and 16), where the layout's max-pool and
@@ -101,15 +103,20 @@ class StackedModel:
             slots[name] = (module._parameters if leaf in module._parameters else module._buffers, leaf)
         return slots
 
-    def logits(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *, train: bool, shared_input: bool) -> Tensor:
-        """Logits ``[N, B, classes]``; x is ``[B, ...]`` when shared_input else ``[N, B, ...]``."""
+    def logits(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *, train: bool,
+               shared_input: bool, dropout_gens: Sequence[torch.Generator] | None = None) -> Tensor:
+        """Logits ``[N, B, classes]``; x is ``[B, ...]`` when shared_input else ``[N, B, ...]``.
+
+        ``dropout_gens``: one generator per member for the model's dropout masks (training only).
+        """
         self.model.train(train)
         if self._fc is not None:
             self.last_strategy = "mlp"
             return self._fc_logits(params, x, shared_input)
-        if self.strategy == "loop" or (self.strategy == "auto" and self._conv and x.device.type == "cpu"):
+        noisy = train and self.dropout and dropout_gens is not None
+        if noisy or self.strategy == "loop" or (self.strategy == "auto" and self._conv and x.device.type == "cpu"):
             self.last_strategy = "loop"
-            return self._member_loop_logits(params, buffers, x, shared_input)
+            return self._member_loop_logits(params, buffers, x, shared_input, dropout_gens if noisy else None)
         self.last_strategy = "vmap"
 
         def f(p: dict, b: dict, xx: Tensor) -> Tensor:
@@ -181,7 +188,7 @@ class StackedModel:
         return loss
 
     def _member_loop_logits(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,
-                            shared_input: bool) -> Tensor:
+                            shared_input: bool, dropout_gens: Sequence[torch.Generator] | None = None) -> Tensor:
         # unbind: one view per member; gradients flow back through a single stack, and
         # in-place buffer updates (BatchNorm running statistics) land in the stacked tensors.
         p_names, b_names = list(params), list(buffers)
@@ -200,7 +207,8 @@ class StackedModel:
             for i in range(n):
                 p = {k: v[i] for k, v in zip(p_names, p_views)}
                 b = {k: v[i] for k, v in zip(b_names, b_views)}
-                outs.append(functional_call(self.model, (p, b), (xs[i],)))
+                with dropout_noise(dropout_gens[i] if dropout_gens else None):
+                    outs.append(functional_call(self.model, (p, b), (xs[i],)))
             return torch.stack(outs)
         # What functional_call does, without its per-call bookkeeping (~20 µs per tensor, which
         # adds up to ~1 ms per member for a ResNet): put member i's tensors into the module's
@@ -212,7 +220,8 @@ class StackedModel:
             for i in range(n):
                 for (d, leaf), v in zip(places, views):
                     d[leaf] = v[i]
-                outs.append(self.model(xs[i]))
+                with dropout_noise(dropout_gens[i] if dropout_gens else None):
+                    outs.append(self.model(xs[i]))
         finally:
             for (d, leaf), t in zip(places, originals):
                 d[leaf] = t
