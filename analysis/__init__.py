@@ -25,7 +25,8 @@ from .load import (
 )
 
 _FIGURES = ("plot_interpolation", "plot_instability", "plot_imp", "plot_imp_early_stop", "plot_rewind_comparison",
-            "plot_hessian", "plot_density", "plot_training", "plot_all", "save_figure", "eos_threshold")
+            "plot_hessian", "plot_density", "plot_training", "plot_all", "save_figure", "eos_threshold",
+            "plot_alignment_curves", "plot_instability_by_alignment")
 
 
 def __getattr__(name: str) -> Any:
@@ -47,12 +48,14 @@ __all__ = [
     "hessian_tracks",
     "imp_levels",
     "interpolation_curves",
+    "plot_alignment_curves",
     "plot_all",
     "plot_density",
     "plot_hessian",
     "plot_imp",
     "plot_imp_early_stop",
     "plot_instability",
+    "plot_instability_by_alignment",
     "plot_interpolation",
     "plot_rewind_comparison",
     "plot_training",

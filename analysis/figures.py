@@ -187,11 +187,25 @@ def _title(fig: Figure, what: str, df: pd.DataFrame, title: str | None, note: st
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
 
 
+INDEPENDENT_STEP = -1  # sweeps record independently trained networks at this rewind step
+
+
 def step_text(step: Any) -> str:
-    """An iteration count as the suite writes steps: ``500it``; '-' for a missing one."""
+    """An iteration count as the suite writes steps: ``500it``; '-' for a missing one; 'independent'."""
     if step is None or (isinstance(step, float) and math.isnan(step)):
         return "-"
+    if int(step) == INDEPENDENT_STEP:
+        return "independent"
     return f"{int(step)}it"
+
+
+def alignment_of(df: pd.DataFrame) -> pd.Series:
+    """Each row's alignment setting: 'none', 'weights', 'activations', with '+repair' (older runs: 'none')."""
+    align = df["instability.align"].fillna("none") if "instability.align" in df.columns else \
+        pd.Series("none", index=df.index)
+    repair = df["instability.repair"].fillna(False).astype(bool) if "instability.repair" in df.columns else \
+        pd.Series(False, index=df.index)
+    return align.astype(str) + np.where(repair, "+repair", "")
 
 
 def _count(n: int, noun: str) -> str:
@@ -336,6 +350,12 @@ def plot_instability(sweeps: pd.DataFrame, *, splits: Sequence[str] | None = Non
         part = sweeps if run is None else sweeps[sweeps["run_hash"] == run]
         for split in split_list:
             sel = part[part["split"] == split].sort_values("rewind_step")
+            indep = sel[sel["rewind_step"] == INDEPENDENT_STEP]
+            sel = sel[sel["rewind_step"] != INDEPENDENT_STEP]
+            if not indep.empty:  # independently trained networks: a level, not a rewind step
+                ax.axhline(float(indep["instability_mean"].iloc[0]) * 100, color=_SPLIT_COLORS.get(split),
+                           linestyle=(0, (6, 3)), linewidth=1.0, alpha=0.8,
+                           label=f"{_SPLIT_NAMES.get(split, split)}: independently trained" + (f" ({run})" if multi else ""))
             if sel.empty:
                 continue
             std = _std(sel["instability_std"]) * 100 if "instability_std" in sel else None
@@ -351,7 +371,7 @@ def plot_instability(sweeps: pd.DataFrame, *, splits: Sequence[str] | None = Non
         threshold = float(values[0]) if len(values) else 0.02
     ax.axhline(threshold * 100, color="0.35", linestyle=":", linewidth=1.2,
                label=f"stability threshold ({threshold * 100:g}%)")
-    linthresh = _symlog_steps(ax, sorted(sweeps["rewind_step"].astype(float).unique()))
+    linthresh = _symlog_steps(ax, sorted(s for s in sweeps["rewind_step"].astype(float).unique() if s >= 0))
     unstable = []
     for (run, first), split_names in markers.items():
         who = ", ".join(split_names) + (f"; {run}" if multi else "")
@@ -373,6 +393,112 @@ def plot_instability(sweeps: pd.DataFrame, *, splits: Sequence[str] | None = Non
     note += (f"; mean ± std over {_count(pairs, 'pair')}" if pairs else "") + _bn_note(sweeps)
     _title(fig, "Instability to SGD noise", sweeps, title, note)
     return fig
+
+
+# --------------------------------------------------------------------------- alignment
+_ALIGN_STYLE = {"none": ("0.25", "-"), "weights": ("C0", "-"), "activations": ("C2", "-"),
+                "none+repair": ("0.55", "--"), "weights+repair": ("C0", "--"), "activations+repair": ("C2", "--")}
+_ALIGN_NAMES = {"none": "naive", "weights": "weight matching", "activations": "activation matching",
+                "none+repair": "REPAIR", "weights+repair": "weight matching + REPAIR",
+                "activations+repair": "activation matching + REPAIR"}
+
+
+def _alignments(df: pd.DataFrame) -> list[str]:
+    present = set(df["alignment"])
+    return [a for a in _ALIGN_STYLE if a in present] + sorted(present - set(_ALIGN_STYLE))
+
+
+@_styled
+def plot_alignment_curves(curves: pd.DataFrame, *, rewind_step: int | None = None, split: str = "test",
+                          title: str | None = None) -> Figure:
+    """Error along the path for one rewind point, one line per alignment setting (naive, aligned, + REPAIR).
+
+    ``curves``: interpolation curves of sweeps of the same networks under different alignment settings
+    (:func:`analysis.interpolation_curves`); ``rewind_step`` defaults to the independently trained
+    networks when they were measured, else the first rewind step. Mean ± std over pairs.
+    """
+    _require(curves, ["rewind_step", "split", "alpha", "error"], "plot_alignment_curves")
+    df = curves[curves["split"] == split].copy()
+    if df.empty:
+        raise ConfigError(f"split: no curves on split {split!r}; splits present: {sorted(set(curves['split']))}")
+    steps = sorted(df["rewind_step"].unique())
+    k = rewind_step if rewind_step is not None else steps[0]
+    if k not in steps:
+        raise ConfigError(f"rewind_step: {step_text(k)} was not measured; measured: "
+                          f"{', '.join(step_text(s) for s in steps)}")
+    df = df[df["rewind_step"] == k]
+    df["alignment"] = alignment_of(df)
+    fig = PaperFigure(figsize=(5.6, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    for name in _alignments(df):
+        part = df[df["alignment"] == name]
+        stats = part.groupby("alpha")["error"].agg(["mean", "std"]).reset_index().sort_values("alpha")
+        color, style = _ALIGN_STYLE.get(name, ("C3", ":"))
+        x, mean, std = stats["alpha"].to_numpy(float), stats["mean"].to_numpy(float) * 100, _std(stats["std"]) * 100
+        barrier = mean.max() - 0.5 * (mean[0] + mean[-1])
+        ax.plot(x, mean, color=color, linestyle=style, label=f"{_ALIGN_NAMES.get(name, name)} (barrier {barrier:.1f}%)")
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("Interpolation α")
+    ax.set_ylabel(f"{_SPLIT_NAMES.get(split, split)} error (%)")
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    what = "independently trained networks" if k == INDEPENDENT_STEP else f"siblings from k = {step_text(k)}"
+    _title(fig, f"Linear interpolation modulo permutation, {what}", df, title,
+           "barrier of the mean curve; mean ± std over pairs")
+    return fig
+
+
+@_styled
+def plot_instability_by_alignment(sweeps: pd.DataFrame, *, split: str = "test", threshold: float | None = None,
+                                  title: str | None = None) -> Figure:
+    """Instability (%) vs rewind iteration, one line per alignment setting; independently trained
+    networks as a dashed level of the same color."""
+    _require(sweeps, ["rewind_step", "split", "instability_mean"], "plot_instability_by_alignment")
+    df = sweeps[sweeps["split"] == split].copy()
+    df["alignment"] = alignment_of(df)
+    fig = PaperFigure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    for name in _alignments(df):
+        part = df[df["alignment"] == name]
+        color, style = _ALIGN_STYLE.get(name, ("C3", ":"))
+        indep = part[part["rewind_step"] == INDEPENDENT_STEP]
+        rows = part[part["rewind_step"] != INDEPENDENT_STEP].groupby("rewind_step")["instability_mean"].mean()
+        if not rows.empty:
+            ax.plot(rows.index.to_numpy(float), rows.to_numpy(float) * 100, marker="o", color=color, linestyle=style,
+                    label=_ALIGN_NAMES.get(name, name))
+        if not indep.empty:
+            ax.axhline(float(indep["instability_mean"].mean()) * 100, color=color, linestyle=(0, (2, 2)), linewidth=1.0,
+                       label=f"{_ALIGN_NAMES.get(name, name)}: independently trained")
+    if threshold is None:
+        values = df["threshold"].dropna().unique() if "threshold" in df.columns else []
+        threshold = float(values[0]) if len(values) else 0.02
+    ax.axhline(threshold * 100, color="0.35", linestyle=":", linewidth=1.2,
+               label=f"stability threshold ({threshold * 100:g}%)")
+    steps = sorted(s for s in df["rewind_step"].astype(float).unique() if s >= 0)
+    if steps:
+        linthresh = _symlog_steps(ax, steps)
+        ax.set_xlabel(f"Rewind iteration k (symlog scale, linear from 0 to {linthresh:g})")
+    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+    ax.set_ylabel(f"Instability, {_SPLIT_NAMES.get(split, split).lower()} error (%)")
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    _title(fig, "Instability modulo permutation", df, title, "mean over pairs of max_α E(θ(α)) − ½(E(θ_a) + E(θ_b))")
+    return fig
+
+
+def _alignment_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
+    """Frames of sweeps that measured the same networks (same trunk, siblings, α grid) under several alignments."""
+    if df.empty:
+        return []
+    df = df.copy()
+    df["alignment"] = alignment_of(df)
+    keys = [c for c in df.columns if c.startswith(("model.", "dataset.", "optimizer.", "schedule.", "training."))
+            or c in ("instability.siblings", "instability.noise", "instability.sibling_seed", "instability.alphas")]
+    keys = [c for c in keys if c != "training.rewind_points"]
+    out = []
+    for _, part in df.groupby([df[c].astype(str) for c in keys], sort=False) if keys else [(None, df)]:
+        if part["alignment"].nunique() > 1:
+            out.append(part)
+    return out
 
 
 # --------------------------------------------------------------------------- IMP
@@ -791,6 +917,13 @@ def plot_all(results_root: Source, out_dir: str | os.PathLike[str], formats: str
             frames = sweeps(results_root, include_sparse=False)
             for run, df in frames.groupby("run_hash", sort=False):
                 emit(plot_instability(df), f"instability_{run}")
+            # the same networks measured naive and aligned: one figure each, lines per alignment
+            for i, df in enumerate(_alignment_groups(frames)):
+                emit(plot_instability_by_alignment(df), f"instability_alignment_{i}")
+        if "curves" in wanted:
+            frames = interpolation_curves(results_root, include_sparse=False)
+            for i, df in enumerate(_alignment_groups(frames)):
+                emit(plot_alignment_curves(df), f"interpolation_alignment_{i}")
         if "imp" in wanted:
             written.extend(_plot_imp_runs(results_root, out, formats))
         if "hessian" in wanted:

@@ -117,25 +117,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_instability(args: argparse.Namespace) -> int:
-    from .instability import instability_settings, instability_sweep
+    from .instability import INDEPENDENT, instability_settings, instability_sweep, point_name
 
     cfg, extra = load_config(args)
     if args.rewind:
         # The swept points are the trunk's rewind points; they do not name the trunk run.
-        cfg = cfg.with_overrides({"training.rewind_points": args.rewind})
+        cfg = cfg.with_overrides({"training.rewind_points": [p for p in args.rewind if p != INDEPENDENT]})
     settings = instability_settings(
         extra.get("instability"), rewind_points=args.rewind, siblings=args.siblings, bn=args.bn, alphas=args.alphas,
         splits=args.splits, threshold=args.threshold, noise=args.noise, optimizer_state=args.optimizer_state,
-        sibling_seed=args.sibling_seed)
+        sibling_seed=args.sibling_seed, align=args.align, repair=True if args.repair else None,
+        align_examples=args.align_examples)
     result = instability_sweep(cfg, settings)
     if args.json:
         print(json.dumps(result.summary, indent=2))
         return 0
     print(f"instability sweep: {settings.siblings} siblings, noise={settings.noise}, bn={settings.bn}, "
-          f"{len(settings.curve_settings().grid())} alphas, threshold {settings.threshold}")
-    print(f"{'rewind':>8} {'split':>6} {'instability':>14} {'loss barrier':>14} {'stable':>7} {'status':>9}")
+          f"{len(settings.curve_settings().grid())} alphas, threshold {settings.threshold}, "
+          f"alignment {settings.alignment()}")
+    print(f"{'rewind':>11} {'split':>6} {'instability':>14} {'loss barrier':>14} {'stable':>7} {'status':>9}")
     for row in result.table:
-        print(f"{row['rewind_step']:>6}it {row['split']:>6} {row['instability_mean']:>7.4f}±{row['instability_std']:<6.4f}"
+        print(f"{point_name(row['rewind_step']):>11} {row['split']:>6} "
+              f"{row['instability_mean']:>7.4f}±{row['instability_std']:<6.4f}"
               f" {row['loss_barrier_mean']:>7.4f}±{row['loss_barrier_std']:<6.4f} {row['stable']!s:>7}"
               f" {row['status']:>9}")
     for split, step in result.first_stable_step_by_split.items():
@@ -261,6 +264,27 @@ def _parse_alphas(text: str | None, path: str | None) -> list[float]:
     return alphas
 
 
+def cmd_connect(args: argparse.Namespace) -> int:
+    from .connect import connect, connect_settings
+
+    settings = connect_settings(align=args.align, repair=True if args.repair else None, alphas=args.alphas,
+                                splits=args.splits, bn=args.bn, align_examples=args.align_examples,
+                                allow_different_masks=True if args.allow_different_masks else None)
+    result = connect(args.run_a, args.run_b, settings, results_root=args.out)
+    if args.json:
+        print(json.dumps(result.summary, indent=2))
+        return 0
+    print(f"a: {result.summary['a']}")
+    print(f"b: {result.summary['b']}")
+    print(f"alignment {result.summary['alignment']}, {settings.alphas} alphas")
+    for split, barrier in result.barriers.items():
+        print(f"{split:>6}: error barrier {barrier:.4f}, loss barrier {result.loss_barriers[split]:.4f}")
+    print(f"results: {result.run_dir}")
+    for split in result.summary["untrained"]:
+        print(f"warning: {split}: an endpoint's error is near chance: the barrier is not a result", file=sys.stderr)
+    return 0
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
     from .grid import load_grid, make_plan, print_plan, run_grid
 
@@ -365,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", type=int, help="number of evenly spaced alphas in [0, 1] (default 30)")
     p.add_argument("--splits", type=_csv_list, help="splits to measure: test,train,val (default test)")
     p.add_argument("--threshold", type=float, help="stable when mean instability is below this fraction (default 0.02)")
+    p.add_argument("--align", help="permutation alignment of each pair before interpolating: none | weights | "
+                                   "activations (default none, as Frankle et al. 2020)")
+    p.add_argument("--repair", action="store_true", help="REPAIR each interpolated network (Jordan et al. 2023)")
+    p.add_argument("--align-examples", dest="align_examples", type=int,
+                   help="training examples for activation matching and REPAIR (default 1000)")
     p.set_defaults(func=cmd_instability)
 
     p = sub.add_parser("imp", help="iterative magnitude pruning with rewinding, baselines and ticket metrics",
@@ -398,6 +427,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", help="native | pyhessian (default native)")
     p.add_argument("--dtype", help="float32 | float64 (default float32)")
     p.set_defaults(func=cmd_hessian)
+
+    p = sub.add_parser("connect", help="interpolation barrier between two trained networks, aligned or not",
+                       description="The error and loss barrier along the straight line from network A to network B: "
+                                   "finished train runs (train_<hash>) or IMP levels (imp_<hash>/replicate_<r>/level_<l>) "
+                                   "of the same architecture and data.")
+    p.add_argument("run_a", metavar="RUN_A")
+    p.add_argument("run_b", metavar="RUN_B")
+    p.add_argument("--align", help="none | weights | activations (default none)")
+    p.add_argument("--repair", action="store_true", help="REPAIR each interpolated network")
+    p.add_argument("--alphas", type=int, help="number of evenly spaced alphas in [0, 1] (default 30)")
+    p.add_argument("--splits", type=_csv_list, help="test,train,val (default test)")
+    p.add_argument("--bn", help="BatchNorm statistics along the path: interpolate | reset (default interpolate)")
+    p.add_argument("--align-examples", dest="align_examples", type=int,
+                   help="training examples for activation matching and REPAIR (default 1000)")
+    p.add_argument("--allow-different-masks", dest="allow_different_masks", action="store_true",
+                   help="align sparse networks whose masks differ")
+    p.add_argument("--out", metavar="DIR", help="results root for the record (default: RUN_A's results root)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_connect)
 
     p = sub.add_parser("grid", help="a grid of experiments (axes x stages) on this machine, Ray or Slurm")
     p.add_argument("grid", help="a grid TOML file (see `stability.grid` and README: Running on a cluster)")

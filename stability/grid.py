@@ -219,7 +219,7 @@ class Plan:
 def make_plan(grid: Grid) -> Plan:
     """Expand a grid into units; every point is checked (settings, names, steps) before anything runs."""
     from .imp import imp_dir, imp_settings, resolve_rewind_step
-    from .instability import instability_settings, sweep_dir
+    from .instability import INDEPENDENT, INDEPENDENT_STEP, instability_settings, sweep_dir
     from .landscape import hessian_settings, track_key, track_steps
     from .siblings import siblings_dir
     from .trunk import prepare, trunk_dir
@@ -238,8 +238,9 @@ def make_plan(grid: Grid) -> Plan:
     hessian = hessian_settings(hessian_table) if "hessian" in grid.stages else None
     for point in grid.points():
         cfg = grid.base.with_overrides(point)
+        independent = INDEPENDENT in sweep.rewind_points
         if sweep.rewind_points:
-            cfg = cfg.with_overrides({"training.rewind_points": list(sweep.rewind_points)})
+            cfg = cfg.with_overrides({"training.rewind_points": [p for p in sweep.rewind_points if p != INDEPENDENT]})
         # units use the threads they are given by the executors (the same number everywhere, so
         # results do not depend on which executor ran them) and print no progress bars
         cfg = cfg.with_overrides({"runtime.threads": str(grid.resources.cpus), "runtime.quiet": "true"})
@@ -250,9 +251,9 @@ def make_plan(grid: Grid) -> Plan:
         flops = _flops_per_example(ctx)
         B, T = cfg.training.batch_size, ctx.total_steps
         needs_sweep = "instability" in grid.stages or (imp is not None and imp.rewind == "auto")
-        steps = ctx.steps(sweep.rewind_points or cfg.training.rewind_points, "instability.rewind_points") \
-            if needs_sweep else []
-        if needs_sweep and not steps:
+        steps = ctx.steps([p for p in sweep.rewind_points or cfg.training.rewind_points if p != INDEPENDENT],
+                          "instability.rewind_points") if needs_sweep else []
+        if needs_sweep and not steps and not independent:
             raise ConfigError("instability.rewind_points: no rewind points to sweep; give them in the grid's "
                               "[instability] table or as training.rewind_points")
         extra: set[int] = set(steps)
@@ -270,10 +271,20 @@ def make_plan(grid: Grid) -> Plan:
                 sibs.append(add(Unit(siblings_dir(cfg, k, sweep.sibling_settings()).path.name, "siblings", point,
                                      config, {"rewind_step": k, "settings": asdict(sweep.sibling_settings())},
                                      [trunk], n * (T - k), 3 * flops * B * n * (T - k))))
+            if independent:  # the other independently trained networks: trunks of their own seeds
+                sibs.append(trunk)
+                for i in range(1, sweep.siblings):
+                    cfg_i = cfg.with_overrides({"training.init_seed": cfg.training.init_seed + i,
+                                                "training.noise_seed": cfg.training.noise_seed + i,
+                                                "training.rewind_points": []})
+                    sibs.append(add(Unit(trunk_dir(cfg_i).path.name, TRAIN, point, cfg_i.to_dict(),
+                                         {"extra_checkpoints": [0, T], "independent_of": trunk}, [], T,
+                                         3 * flops * B * T + _eval_flops(ctx, flops, T))))
+            swept = ([INDEPENDENT_STEP] if independent else []) + steps
             pairs = sweep.siblings * (sweep.siblings - 1) // 2
             examples = sum(len(ctx.data.split(s)[1]) for s in sweep.splits)
-            curve_flops = flops * len(sweep.curve_settings().grid()) * pairs * examples * len(steps)
-            sweep_id = add(Unit(sweep_dir(cfg, sweep, steps).path.name, INSTABILITY, point, config,
+            curve_flops = flops * len(sweep.curve_settings().grid()) * pairs * examples * len(swept)
+            sweep_id = add(Unit(sweep_dir(cfg, sweep, swept).path.name, INSTABILITY, point, config,
                                 {"settings": asdict(sweep)}, sibs, 0, curve_flops))
         if imp is not None:
             members = 1 + len(imp.baselines)
@@ -444,6 +455,8 @@ def grid_frame(plan: Plan):
     """One row per grid point: its axis values and each stage's headline results (from the records)."""
     import pandas as pd
 
+    from .instability import point_name
+
     root = plan.grid.root
     rows = []
     by_point: dict[str, list[Unit]] = {}
@@ -454,6 +467,8 @@ def grid_frame(plan: Plan):
         for unit in units:
             run = unit.run_dir(root)
             status = run.status() or "missing"
+            if unit.kind == TRAIN and "independent_of" in unit.args:
+                continue  # another seed's network for the independent point, not this point's trunk
             if unit.kind == TRAIN:
                 row["train_status"] = status
                 summary = _maybe_json(run / SUMMARY)
@@ -463,7 +478,7 @@ def grid_frame(plan: Plan):
                 summary = _maybe_json(run / INSTABILITY_SUMMARY)
                 row["first_stable_step"] = summary.get("first_stable_step")
                 for point in summary.get("per_split", {}).get(summary.get("primary_split", "test"), []):
-                    row[f"instability@{point['rewind_step']}"] = point["instability_mean"]
+                    row[f"instability@{point_name(point['rewind_step'])}"] = point["instability_mean"]
             elif unit.kind == IMP:
                 row["imp_status"] = status
                 summary = _maybe_json(run / IMP_SUMMARY)

@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from .config import Config, settings_from_table, settings_hash
-from .engine import StackedModel
+from .engine import Members, StackedModel
 from .errors import ConfigError, TrainingDiverged
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
 from .interpolation import BN_MODES, CurveSettings, curve_rows, error_barrier
@@ -44,9 +44,14 @@ from .siblings import (
 )
 from .steps import format_step
 from .store import PointTable, RunDir, read_record, tensors_digest, write_csv, write_json
-from .trunk import Context, prepare, train_trunk
+from .trunk import Context, prepare, train_trunk, trunk_checkpoint
 
 SPLITS = ("test", "train", "val")
+_ALIGN_FIELDS = ("align", "repair", "align_examples", "align_seed")
+# The rewind point "independent": networks trained from different initializations (init and noise seeds
+# init_seed + i, noise_seed + i), measured beside the siblings; recorded with rewind_step = -1.
+INDEPENDENT = "independent"
+INDEPENDENT_STEP = -1
 
 
 
@@ -66,13 +71,22 @@ class InstabilitySettings:
     splits: tuple[str, ...] = ("test",)
     threshold: float = 0.02
     chance_margin: float = DEFAULT_CHANCE_MARGIN  # endpoints this close to chance error are flagged untrained
+    align: str = "none"  # none | weights | activations: permutation alignment of each pair before interpolating
+    repair: bool = False  # REPAIR each interpolated network (Jordan et al. 2023)
+    align_examples: int = 1000  # training examples for activation matching and REPAIR (fixed, seeded subset)
+    align_seed: int = 0
 
     def sibling_settings(self) -> SiblingSettings:
         return SiblingSettings(self.siblings, self.noise, self.optimizer_state, self.sibling_seed)
 
     def curve_settings(self, eval_batch_size: int = 1000) -> CurveSettings:
         return CurveSettings(self.alphas, tuple(self.alpha_grid), self.bn, self.bn_batches,
-                             eval_batch_size=eval_batch_size)
+                             eval_batch_size=eval_batch_size, align=self.align, repair=self.repair,
+                             align_examples=self.align_examples, align_seed=self.align_seed)
+
+    def alignment(self) -> str:
+        """'none', 'weights', 'activations', or one of them followed by '+repair'."""
+        return self.align + ("+repair" if self.repair else "")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -198,6 +212,29 @@ def sweep_table(curves: Sequence[Mapping[str, Any]], threshold: float, *, chance
     return sorted(rows, key=lambda r: (r["rewind_step"], r["split"]))
 
 
+def point_name(step: int) -> str:
+    """A swept point for people: '50it', or 'independent' for independently trained networks."""
+    return INDEPENDENT if step == INDEPENDENT_STEP else format_step(step)
+
+
+def independent_members(cfg: Config, ctx: Context, n: int) -> tuple[Members, dict[str, Any]]:
+    """The final weights of n trunks trained from different seeds (init and noise seeds + i), as members.
+
+    Trunk 0 is the sweep's own; each is a run of its own (reused, resumed and checked like any trunk).
+    """
+    states, runs = [], []
+    for i in range(n):
+        cfg_i = cfg if i == 0 else cfg.with_overrides({"training.init_seed": cfg.training.init_seed + i,
+                                                       "training.noise_seed": cfg.training.noise_seed + i})
+        ctx_i = ctx if i == 0 else prepare(cfg_i)
+        result = train_trunk(cfg_i, ctx=ctx_i)
+        states.append(trunk_checkpoint(ctx_i, ctx_i.total_steps).member_state_dict(0))
+        runs.append(str(result.run_dir))
+    sm = StackedModel(ctx.model)
+    members = Members.from_model_states(states, sm.param_names, ctx.total_steps, [0] * n, [0] * n, ctx.device)
+    return members, {"rewind_step": INDEPENDENT_STEP, "independent": runs}
+
+
 def sweep_key(cfg: Config, settings: InstabilitySettings, steps: Sequence[int], *,
               masks: Mapping[str, Tensor] | None = None, start_states: Mapping[int, Any] | None = None,
               label: str | None = None) -> dict[str, Any]:
@@ -206,8 +243,11 @@ def sweep_key(cfg: Config, settings: InstabilitySettings, steps: Sequence[int], 
     Threshold and chance margin only classify the measured curves, so they stay out. A sparse sweep
     is named by the masks' and start states' contents as well (and its label).
     """
+    default = InstabilitySettings()
     key = {"trunk": cfg.run_hash(), "steps": list(steps),
-           **{k: v for k, v in asdict(settings).items() if k not in ("rewind_points", "threshold", "chance_margin")}}
+           **{k: v for k, v in asdict(settings).items() if k not in ("rewind_points", "threshold", "chance_margin")
+              # alignment settings name a sweep only when they differ from plain interpolation's
+              and not (k in _ALIGN_FIELDS and v == getattr(default, k))}}
     if masks is None and start_states is None and label is None:
         return key
     return {"base": settings_hash(key), "label": label, "masks": mask_digest(masks),
@@ -242,10 +282,20 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
     if not points:
         raise ConfigError("instability.rewind_points: no rewind points to sweep; give --rewind or "
                           "training.rewind_points")
-    steps = ctx.steps(points, "instability.rewind_points")
+    independent = INDEPENDENT in points
+    if independent and (masks is not None or start_states is not None):
+        raise ConfigError(f"instability.rewind_points: {INDEPENDENT!r} compares dense networks trained from "
+                          "different initializations; it is not available for sparse sweeps")
+    steps = ctx.steps([p for p in points if p != INDEPENDENT], "instability.rewind_points")
+    if settings.align != "none" or settings.repair:
+        from .align import permutation_spec
+
+        permutation_spec(ctx.model)  # a model alignment cannot handle is refused before any training
+    if independent:
+        steps = [INDEPENDENT_STEP, *steps]
     t0 = time.perf_counter()
     if start_states is None:
-        train_trunk(cfg, extra_checkpoints=steps, ctx=ctx)
+        train_trunk(cfg, extra_checkpoints=[k for k in steps if k >= 0], ctx=ctx)
     key = sweep_key(cfg, settings, steps, masks=masks, start_states=start_states, label=label)
     run = RunDir(cfg.runtime.results_root, INSTABILITY, settings_hash(key))
     with run.claim():
@@ -268,18 +318,21 @@ def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir
     for k in steps:
         start = start_states.get(k) if start_states else None
         try:
-            sib = train_siblings(ctx, k, settings.sibling_settings(), masks=masks, start=start,
-                                 label=None if start is None else f"{label}@{k}")
+            if k == INDEPENDENT_STEP:
+                members, info = independent_members(cfg, ctx, settings.siblings)
+            else:
+                sib = train_siblings(ctx, k, settings.sibling_settings(), masks=masks, start=start,
+                                     label=None if start is None else f"{label}@{k}")
+                members, info = sib.members, siblings_info(sib)
         except TrainingDiverged as exc:
             diverged[k] = exc.info()
             siblings_runs.append({"rewind_step": k, "diverged": exc.info()})
-            print(f"warning: siblings at {format_step(k)} diverged ({exc}); the point is marked diverged",
-                  file=sys.stderr)
+            print(f"warning: {point_name(k)} diverged ({exc}); the point is marked diverged", file=sys.stderr)
             continue
-        siblings_runs.append(siblings_info(sib))
+        siblings_runs.append(info)
         if stored.done(k):
             continue
-        new = curve_rows(sm, sib.members, settings.splits, ctx.data, curve_settings, k)
+        new = curve_rows(sm, members, settings.splits, ctx.data, curve_settings, k)
         flag_curves(new, chance, settings.chance_margin)
         stored.add(new)  # after every rewind point: a rerun resumes here
         measured += 1
@@ -290,18 +343,21 @@ def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir
                         diverged=diverged, splits=settings.splits)
     by_split = {}
     for split in settings.splits:
-        rows = [r for r in table if r["split"] == split]
+        rows = [r for r in table if r["split"] == split and r["rewind_step"] != INDEPENDENT_STEP]
         by_split[split] = first_stable_step([r["rewind_step"] for r in rows], [r["instability_mean"] for r in rows],
                                             settings.threshold, [r["status"] for r in rows])
     primary = settings.splits[0]
-    warnings = [f"{format_step(k)}: siblings diverged at step {info['step']} ({info.get('tensor')}); "
+    warnings = [f"{point_name(k)}: diverged at step {info['step']} ({info.get('tensor')}); "
                 "not a result" for k, info in diverged.items()]
-    warnings += [f"{format_step(r['rewind_step'])} ({r['split']}): an endpoint's error is within "
+    warnings += [f"{point_name(r['rewind_step'])} ({r['split']}): an endpoint's error is within "
                  f"{settings.chance_margin} of chance ({chance[r['split']]:.3f}): the siblings did not learn, "
                  "so a small barrier does not mean stable" for r in table if r["status"] == "untrained"]
     summary = {
-        "settings": {**asdict(settings), "rewind_points": [format_step(s) for s in steps]},
+        "settings": {**asdict(settings), "rewind_points": [point_name(s) for s in steps]},
         "bn_mode": settings.bn,
+        "alignment": settings.alignment(),
+        "independent": {r["split"]: {k: r[k] for k in SWEEP_COLUMNS if k not in ("rewind_step", "split")}
+                        for r in table if r["rewind_step"] == INDEPENDENT_STEP},
         "trunk": {"hash": cfg.run_hash(), "run_dir": str(RunDir(cfg.runtime.results_root, TRAIN, cfg.run_hash()).path)},
         "config": cfg.to_dict(),
         "rewind_points": steps,
@@ -334,6 +390,8 @@ def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir
 
 __all__ = [
     "BN_MODES",
+    "INDEPENDENT",
+    "INDEPENDENT_STEP",
     "NOISE_KINDS",
     "OPTIMIZER_STATES",
     "InstabilitySettings",

@@ -7,11 +7,17 @@ results are comparable with Frankle et al. 2020; the default) or ``reset``
 (recomputed for each θ(α) in train mode with a cumulative average over a fixed,
 seeded set of training batches, as REPAIR and dnn-mode-connectivity do).
 The whole α grid is evaluated as stacked members in one batched pass.
+
+Before interpolating, sibling b can be aligned to sibling a (``align``: ``weights`` = Git Re-Basin's
+weight matching, ``activations`` = activation matching on a fixed, seeded subset of training data;
+see ``stability.align``), and each θ(α) can be renormalized by REPAIR (``repair``), whose BatchNorm
+statistics then replace the ``bn`` option's. The default (``none``, no REPAIR) is Frankle et al.'s
+plain interpolation.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 
 import torch
@@ -21,6 +27,7 @@ from .engine import Members, StackedModel
 from .errors import ConfigError
 
 BN_MODES = ("interpolate", "reset")
+ALIGN_METHODS = ("none", "weights", "activations")
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,10 @@ class CurveSettings:
     bn_seed: int = 0
     eval_batch_size: int = 1000
     max_members: int = 64  # α values evaluated at once (memory bound)
+    align: str = "none"  # none | weights | activations: permute sibling b's hidden units to match a's first
+    repair: bool = False  # REPAIR every θ(α) (Jordan et al. 2023)
+    align_examples: int = 1000  # training examples (fixed, seeded subset) for activation matching and REPAIR
+    align_seed: int = 0  # seeds weight matching's order and the subset
 
     def grid(self) -> list[float]:
         """The α grid, checked."""
@@ -55,7 +66,20 @@ class CurveSettings:
         self.grid()
         if self.bn not in BN_MODES:
             raise ConfigError(f"instability.bn: unknown mode {self.bn!r}; choose one of {', '.join(BN_MODES)}")
+        if self.align not in ALIGN_METHODS:
+            raise ConfigError(f"instability.align: unknown method {self.align!r}; choose one of "
+                              f"{', '.join(ALIGN_METHODS)}")
+        if not isinstance(self.repair, bool):
+            raise ConfigError(f"instability.repair: must be true or false, got {self.repair!r}")
+        if self.align_examples < 1:
+            raise ConfigError(f"instability.align_examples: must be at least 1 training example, got "
+                              f"{self.align_examples}")
         return self
+
+    @property
+    def aligned(self) -> bool:
+        """Whether pairs are aligned or repaired before their curves are measured."""
+        return self.align != "none" or self.repair
 
 
 def error_barrier(values: Sequence[float]) -> float:
@@ -134,6 +158,63 @@ def evaluate_path(sm: StackedModel, a: Mapping[str, Tensor], b: Mapping[str, Ten
     return errors, losses
 
 
+def alignment_subset(x_train: Tensor, settings: CurveSettings) -> Tensor:
+    """The fixed, seeded training inputs that activation matching and REPAIR measure units on."""
+    g = torch.Generator().manual_seed(settings.align_seed)
+    n = min(settings.align_examples, len(x_train))
+    idx = torch.randperm(len(x_train), generator=g)[:n].sort().values
+    return x_train[idx.to(x_train.device)]
+
+
+def align_pair(model: nn.Module, a: Mapping[str, Tensor], b: Mapping[str, Tensor], settings: CurveSettings,
+               x_align: Tensor | None, masks: Mapping[str, Tensor] | None = None,
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """Network b (and its masks) with its hidden units permuted to match a's (``settings.align``)."""
+    from .align import activation_matching, apply_permutation, permutation_spec, weight_matching
+
+    if settings.align == "none":
+        return dict(b), dict(masks) if masks is not None else None
+    spec = permutation_spec(model)
+    if settings.align == "weights":
+        perms = weight_matching(spec, a, b, seed=settings.align_seed)
+    else:
+        assert x_align is not None
+        perms = activation_matching(model, spec, a, b, x_align)
+    return apply_permutation(spec, perms, b), apply_permutation(spec, perms, masks) if masks is not None else None
+
+
+def evaluate_aligned_path(sm: StackedModel, a: Mapping[str, Tensor], b: Mapping[str, Tensor], alphas: Sequence[float],
+                          x: Tensor, y: Tensor, settings: CurveSettings, x_train: Tensor | None = None,
+                          x_align: Tensor | None = None) -> tuple[list[float], list[float]]:
+    """``evaluate_path`` after aligning b to a and, with ``repair``, REPAIR at every α."""
+    if x_align is None and (settings.align == "activations" or settings.repair):
+        if x_train is None:
+            raise ConfigError("instability.align: activation matching and REPAIR need training data")
+        x_align = alignment_subset(x_train, settings)
+    b, _ = align_pair(sm.model, a, b, settings, x_align)
+    if not settings.repair:
+        return evaluate_path(sm, a, b, alphas, x, y, settings, x_train)
+    from .align import repair, repair_endpoints
+
+    ends = repair_endpoints(sm.model, a, b, x_align)
+    errors: list[float] = []
+    losses: list[float] = []
+    for start in range(0, len(alphas), settings.max_members):
+        chunk = alphas[start : start + settings.max_members]
+        # each θ(α) renormalized on its own (REPAIR's BatchNorm reset replaces the ``bn`` option)
+        states = []
+        for alpha in chunk:
+            w = torch.tensor([alpha], dtype=torch.float64, device=x.device)
+            mid = {k: v[0] for k, v in interpolate_stacks(a, b, w).items()}
+            states.append(repair(sm.model, a, b, mid, float(alpha), x_align, endpoints=ends))
+        params = {k: torch.stack([st[k] for st in states]) for k in sm.param_names}
+        buffers = {k: torch.stack([st[k] for st in states]) for k in sm.buffer_names}
+        loss, err = sm.evaluate(params, buffers, x, y, settings.eval_batch_size)
+        errors.extend(err.tolist())
+        losses.extend(loss.tolist())
+    return errors, losses
+
+
 def pairs(n: int) -> list[tuple[int, int]]:
     """Every unordered pair of n siblings."""
     return list(combinations(range(n), 2))
@@ -143,12 +224,19 @@ def curve_rows(sm: StackedModel, members: Members, splits: Iterable[str], data, 
                rewind_step: int) -> list[dict]:
     """Rows (rewind_step, pair, split, alpha, error, loss) for every pair of members and split."""
     alphas = settings.grid()
+    x_align = alignment_subset(data.x_train, settings) if settings.align == "activations" or settings.repair else None
     rows = []
     for i, j in pairs(members.n):
         a, b = members.member_state_dict(i), members.member_state_dict(j)
+        if settings.align != "none":
+            b, _ = align_pair(sm.model, a, b, settings, x_align)  # once per pair, for every split
         for split in splits:
             x, y = data.split(split)
-            errs, losses = evaluate_path(sm, a, b, alphas, x, y, settings, data.x_train)
+            if settings.repair:
+                errs, losses = evaluate_aligned_path(sm, a, b, alphas, x, y, replace(settings, align="none"),
+                                                     data.x_train, x_align)
+            else:
+                errs, losses = evaluate_path(sm, a, b, alphas, x, y, settings, data.x_train)
             for alpha, e, loss in zip(alphas, errs, losses):
                 rows.append({"rewind_step": rewind_step, "pair": f"{i}-{j}", "split": split, "alpha": alpha,
                              "error": e, "loss": loss})

@@ -26,7 +26,7 @@ the architecture (and runs the forward passes of the data-dependent methods).
 from __future__ import annotations
 
 from .matching import activation_matching, matching_objective, weight_matching
-from .repair import repair, unit_statistics
+from .repair import repair, repair_endpoints, unit_statistics
 from .spec import (
     PermutationSpec,
     apply_permutation,
@@ -48,6 +48,7 @@ __all__ = [
     "permute_tensor",
     "random_permutation",
     "repair",
+    "repair_endpoints",
     "unit_statistics",
     "weight_matching",
 ]

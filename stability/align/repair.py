@@ -32,7 +32,8 @@ def _moments(model: nn.Module, state: Mapping[str, Tensor], x: Tensor, modules: 
 @torch.no_grad()
 def repair(model: nn.Module, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor],
            state_interp: Mapping[str, Tensor], alpha: float, x: Tensor, *,
-           batch_size: int = 1000) -> dict[str, Tensor]:
+           batch_size: int = 1000, endpoints: tuple[dict[str, Moments], dict[str, Moments]] | None = None,
+           ) -> dict[str, Tensor]:
     """``state_interp`` (the interpolation at ``alpha`` of A and an already aligned B) after REPAIR.
 
     ``model`` is a template of the architecture (its own weights are not used); ``x`` is a fixed
@@ -61,6 +62,8 @@ def repair(model: nn.Module, state_a: Mapping[str, Tensor], state_b: Mapping[str
     are those of ``x`` too, their outputs have means beta_A, beta_B and stds |gamma_A| c_A, |gamma_B| c_B,
     so the goal mean is met exactly and the goal std wherever gamma_A and gamma_B have the same sign
     (up to the eps in c).
+
+    ``endpoints``: ``repair_endpoints(model, state_a, state_b, x)``, computed once for every α of a path.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha: must be in [0, 1], got {alpha}")
@@ -71,7 +74,7 @@ def repair(model: nn.Module, state_a: Mapping[str, Tensor], state_b: Mapping[str
     fused = [name for name, kind in layout.repair if kind == "fused"]
     with evaluating(model):
         if fused:
-            ends = [_moments(model, s, x, fused, batch_size) for s in (state_a, state_b)]
+            ends = endpoints or repair_endpoints(model, state_a, state_b, x, batch_size=batch_size)
         for name, kind in layout.repair:
             if kind == "bn":
                 m = _moments(model, out, x, [name], batch_size, inputs=True)[name]
@@ -89,6 +92,17 @@ def repair(model: nn.Module, state_a: Mapping[str, Tensor], state_b: Mapping[str
             out[f"{name}.weight"] = (w.double() * scale.view(-1, *([1] * (w.dim() - 1)))).to(w)
             out[f"{name}.bias"] = ((bias.double() - cur.mean()) * scale + goal_mean).to(bias)
     return out
+
+
+@torch.no_grad()
+def repair_endpoints(model: nn.Module, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], x: Tensor, *,
+                     batch_size: int = 1000) -> tuple[dict[str, Moments], dict[str, Moments]]:
+    """The endpoints' unit moments REPAIR's goals are made of (the same for every α of a path)."""
+    fused = [name for name, kind in _layout(model).repair if kind == "fused"]
+    if not fused:
+        return {}, {}
+    with evaluating(model):
+        return _moments(model, state_a, x, fused, batch_size), _moments(model, state_b, x, fused, batch_size)
 
 
 def unit_statistics(model: nn.Module, state: Mapping[str, Tensor], x: Tensor, *,

@@ -1,0 +1,186 @@
+"""Alignment in sweeps and ``stability connect``: recorded per setting, siblings reused, independent networks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import TINY_ARGS, tiny_config
+
+from stability.cli import main
+from stability.connect import connect, connect_settings
+from stability.errors import ConfigError
+from stability.instability import (
+    INDEPENDENT_STEP,
+    InstabilitySettings,
+    instability_settings,
+    instability_sweep,
+    sweep_key,
+)
+from stability.interpolation import CurveSettings, evaluate_aligned_path, evaluate_path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(root):
+    return tiny_config(root, training__steps="60it", model__width="0.25")
+
+
+def test_plain_sweeps_keep_their_names_and_alignment_names_a_new_sweep(results_root):
+    cfg = _cfg(results_root)
+    plain = sweep_key(cfg, InstabilitySettings(), [5])
+    assert not {"align", "repair", "align_examples", "align_seed"} & set(plain)  # old results keep their hashes
+    for changed in ({"align": "weights"}, {"repair": True}, {"align": "activations", "align_examples": 200}):
+        key = sweep_key(cfg, instability_settings(**changed), [5])
+        assert key != plain and all(key[k] == v for k, v in changed.items())
+
+
+def test_independent_networks_and_alignments_share_one_set_of_trained_networks(results_root):
+    cfg = _cfg(results_root)
+    barriers, dirs = {}, set()
+    for align in ("none", "weights", "activations"):
+        result = instability_sweep(cfg, instability_settings(rewind_points=["independent", "5it"], alphas=5,
+                                                             align=align))
+        rows = {r["rewind_step"]: r for r in result.table}
+        barriers[align] = rows[INDEPENDENT_STEP]["instability_mean"]
+        assert result.first_stable_step != INDEPENDENT_STEP  # the independent point is never a rewind step
+        assert result.summary["alignment"] == align
+        assert result.summary["independent"]["test"]["instability_mean"] == barriers[align]
+        dirs.add(result.run_dir)
+        # the endpoints are the networks themselves: aligning b permutes it without changing its error
+        ends = [r for r in result.curves if r["rewind_step"] == INDEPENDENT_STEP and r["alpha"] in (0.0, 1.0)]
+        barriers[align, "ends"] = sorted(r["error"] for r in ends)
+    assert len(dirs) == 3  # one record per alignment setting
+    assert barriers["none", "ends"] == barriers["weights", "ends"] == barriers["activations", "ends"]
+    # two trunks (init seeds 0 and 1) and one sibling set: trained once, measured three ways
+    assert len(list(results_root.glob("train_*"))) == 2
+    assert len(list(results_root.glob("siblings_*"))) == 1
+    # independently trained LeNet-300-100s at width 1/4 after 60 it: naive 0.377, weights 0.304,
+    # activations 0.129 measured (5 alphas, test split)
+    assert barriers["none"] > 0.25
+    assert barriers["weights"] < barriers["none"] - 0.03
+    assert barriers["activations"] < 0.6 * barriers["none"]
+    # one figure of the curves naive vs aligned, one of instability vs rewind step per alignment
+    from analysis import interpolation_curves, plot_alignment_curves
+    from analysis.figures import plot_all
+
+    written = {p.name for p in plot_all(results_root, results_root.parent / "figures", formats="png",
+                                        kinds=["curves", "sweep"])}
+    assert {"interpolation_alignment_0.png", "instability_alignment_0.png"} <= written
+    fig = plot_alignment_curves(interpolation_curves(results_root))
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == [f"naive (barrier {100 * barriers['none']:.1f}%)",
+                      f"weight matching (barrier {100 * barriers['weights']:.1f}%)",
+                      f"activation matching (barrier {100 * barriers['activations']:.1f}%)"]
+    with pytest.raises(ConfigError, match="rewind_step: 7it was not measured"):
+        plot_alignment_curves(interpolation_curves(results_root), rewind_step=7)
+
+
+def test_repair_keeps_the_endpoints_and_lowers_the_aligned_midpoint(results_root):
+    from stability.engine import StackedModel
+    from stability.instability import independent_members
+    from stability.trunk import prepare
+
+    cfg = _cfg(results_root)
+    ctx = prepare(cfg)
+    members, _ = independent_members(cfg, ctx, 2)
+    a, b = members.member_state_dict(0), members.member_state_dict(1)
+    sm = StackedModel(ctx.model)
+    x, y = ctx.data.split("test")
+    alphas = [0.0, 0.5, 1.0]
+    naive = evaluate_path(sm, a, b, alphas, x, y, CurveSettings(alphas=3))
+    aligned = evaluate_aligned_path(sm, a, b, alphas, x, y, CurveSettings(alphas=3, align="weights"), ctx.data.x_train)
+    repaired = evaluate_aligned_path(sm, a, b, alphas, x, y, CurveSettings(alphas=3, align="weights", repair=True),
+                                     ctx.data.x_train)
+    for i in (0, 2):  # the endpoints: alignment keeps b's function, and REPAIR leaves a network's own statistics
+        assert aligned[0][i] == naive[0][i]
+        assert repaired[0][i] == pytest.approx(naive[0][i], abs=1e-3)
+    # measured (width 1/4, 60 it): midpoint error 0.538 naive, 0.465 aligned, 0.401 aligned + REPAIR;
+    # loss 1.663, 1.289, 1.063
+    assert aligned[0][1] < naive[0][1] - 0.03
+    assert repaired[1][1] < 0.9 * aligned[1][1] and repaired[0][1] < aligned[0][1]
+
+
+def test_connect_two_trunks_gives_the_sweeps_independent_barrier_and_refuses_bad_input(results_root, capsys):
+    cfg = _cfg(results_root)
+    result = instability_sweep(cfg, instability_settings(rewind_points=["independent"], alphas=5, align="weights"))
+    trunks = sorted(results_root.glob("train_*"), key=lambda p: json.loads((p / "manifest.json").read_text())
+                    ["config"]["training"]["init_seed"])
+    got = connect(trunks[0], trunks[1], connect_settings(align="weights", alphas=5))
+    assert got.barriers["test"] == pytest.approx(result.table[0]["instability_mean"], abs=1e-12)
+    assert (got.run_dir / "curves.csv").is_file() and (got.run_dir / "connect.json").is_file()
+    assert main(["connect", str(trunks[0]), str(trunks[1]), "--align", "activations", "--alphas", "5"]) == 0
+    assert "error barrier" in capsys.readouterr().out
+    before = sorted(p.name for p in results_root.iterdir())
+    for argv, message in (
+        ([str(results_root / "nope"), str(trunks[1])], "is not a directory"),
+        ([str(trunks[0]), str(trunks[1]), "--align", "sideways"], "connect.align: unknown method 'sideways'"),
+        ([str(trunks[0]), str(results_root)], "neither a train_<hash>"),
+    ):
+        assert main(["connect", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in results_root.iterdir()) == before  # nothing written
+
+
+def test_connect_refuses_networks_of_different_architectures_and_aligning_different_masks(results_root, capsys):
+    from stability.imp import imp_settings, run_imp
+    from stability.trunk import train_trunk
+
+    cfg = _cfg(results_root)
+    wide = train_trunk(cfg.with_overrides({"model.width": "0.5"}))
+    narrow = train_trunk(cfg)
+    with pytest.raises(ConfigError, match=r"differ in \[model\]"):
+        connect(wide.run_dir, narrow.run_dir)
+    imp = run_imp(cfg, imp_settings(levels=1, replicates=2, rewind="5it"))
+    level = [imp.run_dir / f"replicate_{r}" / "level_1" for r in (0, 1)]
+    with pytest.raises(ConfigError, match="different masks"):
+        connect(level[0], level[1], connect_settings(align="weights", alphas=3))
+    plain = connect(level[0], level[1], connect_settings(alphas=3))  # without alignment: measured as they are
+    assert plain.summary["sparse"] is True
+    forced = connect(level[0], level[1], connect_settings(align="weights", alphas=3, allow_different_masks=True))
+    assert forced.summary["alignment"] == "weights"
+
+
+def test_alignment_settings_are_checked_before_any_work(results_root, capsys):
+    for extra, message in ((["--align", "sorted"], "instability.align: unknown method 'sorted'"),
+                           (["--align-examples", "0"], "instability.align_examples"),
+                           (["--rewind", "independent,5it", "--align", "weights", "--set", "model.name=torchvision/resnet18"],
+                            "permutation alignment does not support")):
+        args = ["instability", "--preset", "lenet300_mnist5k", *TINY_ARGS, "--out", str(results_root), *extra]
+        if "--rewind" not in extra:
+            args += ["--rewind", "5it"]
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    assert not any(results_root.iterdir())
+
+
+def test_a_grid_sweeps_independent_networks_with_their_own_trunk_units(tmp_path):
+    from stability.grid import grid_frame, load_grid, make_plan, run_grid
+    from stability.trunk import trunk_dir
+
+    path = tmp_path / "g.toml"
+    path.write_text('preset = "lenet300_mnist5k"\nstages = ["instability"]\n[set]\n"training.steps" = "40it"\n'
+                    '"model.width" = 0.25\n"training.batch_size" = 32\n[axes]\n"training.init_seed" = [0, 1]\n'
+                    '[instability]\nrewind_points = ["independent", "5it"]\nalphas = 3\nsiblings = 3\n'
+                    'align = "weights"\n')
+    grid = load_grid(path, {"runtime.results_root": str(tmp_path / "r")})
+    plan = make_plan(grid)
+    trains = [u for u in plan.units if u.kind == "train"]
+    # point 0 trains seeds 0, 1, 2 and point 1 seeds 1, 2, 3 (its own trunk is seed 1 with noise 0):
+    # (init, noise) = (0,0) (1,1) (2,2) | (1,0) (2,1) (3,2): six distinct trunks, each a unit of its own
+    assert len(trains) == 6 and len({u.id for u in trains}) == 6
+    sweep_units = [u for u in plan.units if u.kind == "instability"]
+    assert all(sum(1 for d in u.deps if d.startswith("train_")) == 3 for u in sweep_units)
+    result = run_grid(grid)
+    assert not result.failed
+    frame = grid_frame(plan)
+    assert list(frame["instability@independent"].notna()) == [True, True]
+    base = grid.base.with_overrides({"runtime.results_root": str(tmp_path / "r")})
+    own = trunk_dir(base).path.name
+    assert own in {u.id for u in trains}
