@@ -26,7 +26,7 @@ from .load import (
 
 _FIGURES = ("plot_interpolation", "plot_instability", "plot_imp", "plot_imp_early_stop", "plot_rewind_comparison",
             "plot_hessian", "plot_density", "plot_training", "plot_all", "save_figure", "eos_threshold",
-            "plot_alignment_curves", "plot_instability_by_alignment")
+            "plot_alignment_curves", "plot_instability_by_alignment", "plot_matching_vs_instability")
 
 
 def __getattr__(name: str) -> Any:
@@ -57,6 +57,7 @@ __all__ = [
     "plot_instability",
     "plot_instability_by_alignment",
     "plot_interpolation",
+    "plot_matching_vs_instability",
     "plot_rewind_comparison",
     "plot_training",
     "runs",

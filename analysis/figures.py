@@ -651,6 +651,64 @@ def plot_rewind_comparison(levels: Mapping[str, pd.DataFrame], *, value: str = "
     return fig
 
 
+def _dense_and_tolerance(df: pd.DataFrame, value: str) -> tuple[float, float]:
+    """Mean dense (level 0) accuracy and the matching tolerance: its std over replicates, or 0.2 points."""
+    dense = df[(df["kind"] == "imp") & (df["level"] == 0)][value].dropna().astype(float)
+    tol = float(dense.std()) if len(dense) > 1 else 0.002
+    return float(dense.mean()), tol
+
+
+@_styled
+def plot_matching_vs_instability(levels: Mapping[str, pd.DataFrame], *, value: str = "final_test_accuracy",
+                                 threshold: float = 0.02, title: str | None = None) -> Figure:
+    """Frankle et al. (2020), Figure 5: one point per IMP level and replicate, x = the sparse network's
+    instability at its rewind point, y = its accuracy minus the dense network's; matching <=> stable.
+
+    ``levels`` maps a legend label (e.g. the rewind point) to one IMP run's levels frame, measured
+    with the ``instability`` option. Points are shaded by density (darker = sparser).
+    """
+    if not levels:
+        raise ValueError("plot_matching_vs_instability: no runs to draw")
+    fig = PaperFigure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    markers = ["o", "s", "^", "D"]
+    tolerances = []
+    drawn = []
+    for i, (label, df) in enumerate(levels.items()):
+        _require(df, ["kind", "level", "density", "instability", value], f"plot_matching_vs_instability[{label!r}]")
+        dense, tol = _dense_and_tolerance(df, value)
+        tolerances.append(tol)
+        pts = df[(df["kind"] == "imp") & (df["level"] > 0)].dropna(subset=["instability", value])
+        if "status" in pts.columns:
+            pts = pts[pts["status"].astype(object).fillna("ok") == "ok"]  # diverged or untrained levels: not results
+        if pts.empty:
+            continue
+        x = pts["instability"].astype(float).to_numpy() * 100
+        y = (pts[value].astype(float).to_numpy() - dense) * 100
+        sc = ax.scatter(x, y, c=-np.log(pts["density"].astype(float).to_numpy()), cmap="viridis", vmin=0,
+                        marker=markers[i % len(markers)], edgecolors=f"C{i}", linewidths=1.2, s=36, label=label)
+        drawn.append((sc, pts))
+    if not drawn:
+        raise ConfigError("levels: no IMP level has a measured instability; run IMP with the instability option")
+    ax.axvline(threshold * 100, color="0.35", linestyle=":", linewidth=1.2,
+               label=f"stability threshold ({threshold * 100:g}%)")
+    tol = max(tolerances)
+    ax.axhline(-tol * 100, color="0.35", linestyle="--", linewidth=1.0, label=f"matching tolerance (−{tol * 100:.2f} pts)")
+    ax.axhline(0, color="0.7", linewidth=0.8)
+    ax.set_xlabel("Instability of the sparse network at its rewind point (%)")
+    ax.set_ylabel("Accuracy − dense accuracy (points)")
+    cbar = fig.colorbar(drawn[-1][0], ax=ax, pad=0.02)
+    ticks = sorted({float(d) for _, pts in drawn for d in pts["density"]}, reverse=True)
+    shown = ticks[:: max(1, len(ticks) // 5)]
+    cbar.set_ticks([-math.log(d) for d in shown])
+    cbar.set_ticklabels([f"{100 * d:.3g}%" for d in shown])
+    cbar.set_label("weights remaining")
+    _legend(ax, loc="lower left", fontsize=8)
+    _title(fig, "Matching ⇔ stable", pd.concat([p for _, p in drawn]), title,
+           "one point per IMP level and replicate (IMP tickets)")
+    return fig
+
+
 # --------------------------------------------------------------------------- Hessian
 def eos_threshold(lr: float, momentum: float = 0.0) -> float:
     """Edge-of-stability sharpness of (heavy-ball) SGD: (2 + 2β)/lr, i.e. 2/lr without momentum."""
@@ -965,9 +1023,32 @@ def _plot_imp_runs(results_root: Source, out: Path, formats: tuple[str, ...]) ->
             labelled[label if label not in labelled else f"{label} ({h})"] = by_run[h]
         fig = plot_rewind_comparison(labelled)
         written += save_figure(fig, out / f"rewind_comparison_{'_'.join(sorted(hashes))}", formats)
+        measured = {k: v for k, v in labelled.items() if v["instability"].notna().any()}
+        if measured:
+            fig = plot_matching_vs_instability(measured)
+            written += save_figure(fig, out / f"matching_vs_instability_{'_'.join(sorted(hashes))}", formats)
     return written
 
 
-__all__ = ["FORMATS", "KINDS", "check_formats", "check_kinds", "describe", "eos_threshold", "plot_all",
-           "plot_density", "plot_hessian", "plot_imp", "plot_imp_early_stop", "plot_instability",
-           "plot_interpolation", "plot_rewind_comparison", "plot_training", "save_figure", "step_text"]
+__all__ = [
+    "FORMATS",
+    "KINDS",
+    "check_formats",
+    "check_kinds",
+    "describe",
+    "eos_threshold",
+    "plot_alignment_curves",
+    "plot_all",
+    "plot_density",
+    "plot_hessian",
+    "plot_imp",
+    "plot_imp_early_stop",
+    "plot_instability",
+    "plot_instability_by_alignment",
+    "plot_interpolation",
+    "plot_matching_vs_instability",
+    "plot_rewind_comparison",
+    "plot_training",
+    "save_figure",
+    "step_text",
+]

@@ -454,7 +454,8 @@ def test_plot_all_draws_every_figure_the_records_allow(records, tmp_path):
     names = sorted(p.name for p in written)
     expected = [f"training_{H_TRAIN}", f"training_{H_CONV}", f"interpolation_{H_SWEEP}", f"instability_{H_SWEEP}",
                 f"imp_{H_AUTO}", f"imp_early_stop_{H_AUTO}", f"imp_{H_ZERO}", f"imp_early_stop_{H_ZERO}",
-                f"imp_instability_{H_ZERO}", f"rewind_comparison_{H_AUTO}_{H_ZERO}", f"hessian_{H_HSTEP}",
+                f"imp_instability_{H_ZERO}", f"rewind_comparison_{H_AUTO}_{H_ZERO}",
+                f"matching_vs_instability_{H_AUTO}_{H_ZERO}", f"hessian_{H_HSTEP}",
                 f"hessian_{H_HPATH}", f"density_{H_HSTEP}"]
     assert names == sorted(f"{n}.png" for n in expected)
     assert all(p.is_file() and p.stat().st_size > 1000 for p in written)
@@ -556,3 +557,19 @@ def test_records_written_by_the_suite_load_and_plot(results_root, tmp_path):
     names = {p.name.split("_")[0] for p in written}
     assert names == {"training", "interpolation", "instability"}
     assert isinstance(analysis.plot_interpolation(curves), Figure)
+
+
+def test_plot_matching_vs_instability_one_point_per_measured_level(records):
+    levels = analysis.filter(analysis.imp_levels(records), run_hash=H_ZERO)
+    fig = analysis.plot_matching_vs_instability({"rewind to 0": levels})
+    ax = fig.get_axes()[0]
+    (points,) = ax.collections
+    imp = levels[(levels["kind"] == "imp") & (levels["level"] > 0)]
+    dense = levels[(levels["kind"] == "imp") & (levels["level"] == 0)]["final_test_accuracy"].mean()
+    xy = points.get_offsets()
+    assert len(xy) == len(imp)
+    assert sorted(xy[:, 0].tolist()) == pytest.approx(sorted((imp["instability"].astype(float) * 100).tolist()))
+    assert sorted(xy[:, 1].tolist()) == pytest.approx(sorted(((imp["final_test_accuracy"] - dense) * 100).tolist()))
+    assert _labelled(ax, "stability threshold") and _labelled(ax, "matching tolerance")
+    with pytest.raises(ConfigError, match="no IMP level has a measured instability"):
+        analysis.plot_matching_vs_instability({"auto": analysis.filter(analysis.imp_levels(records), run_hash=H_AUTO)})
