@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_siblings.py
 	$(PY) benchmarks/bench_interpolation.py
 	$(PY) benchmarks/bench_hessian.py
+	$(PY) benchmarks/bench_align.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check stability analysis tests benchmarks

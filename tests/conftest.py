@@ -21,3 +21,12 @@ def results_root(tmp_path):
     root = tmp_path / "results"
     root.mkdir()
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one torch thread is faster than two, much faster when the two cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,13 +35,7 @@ ZOO = [
 SHAPES = [(3, 32, 32), (1, 28, 28)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two, much faster when the two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(name: str, shape=(3, 32, 32), seed: int = 0, width: float = 0.25, **kw) -> nn.Module:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from helpers import TINY_ARGS, tiny_config
 
 from stability.cli import main
@@ -19,13 +18,7 @@ from stability.instability import (
 )
 from stability.interpolation import CurveSettings, evaluate_aligned_path, evaluate_path
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(root):

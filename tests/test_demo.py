@@ -7,7 +7,7 @@ import pytest
 
 from stability.demo import DemoSettings, main, run_demo
 
-SMALL = DemoSettings(siblings=2, lenet_rewind=("0it", "5it"), conv_rewind=("0it", "5it"), imp_levels=2,
+SMALL = DemoSettings(siblings=2, lenet_rewind=("independent", "0it", "5it"), conv_rewind=("0it", "5it"), imp_levels=2,
                      hessian_samples=200, trace_probes=3)
 SHRINK = {"model.width": "0.25", "training.steps": "20it", "training.batch_size": "32",
           "training.eval_every": "10it", "runtime.threads": "2"}
@@ -23,9 +23,17 @@ def test_demo_leaves_summary_figures_and_records(tmp_path):
     for name in ("lenet300_mnist5k", "lenet5_mnist5k"):
         assert f"### {name}" in summary
         sweep = info["sweeps"][name]
-        assert sweep.rewind_steps == [0, 5]
+        assert sweep.rewind_steps == ([-1, 0, 5] if name == "lenet300_mnist5k" else [0, 5])
         fss = sweep.first_stable_step
         assert (f"First stable step: test {fss}it" if fss is not None else "First stable step: test none") in summary
+    # barriers modulo permutation: the same networks, naive and aligned three ways, in one table per network
+    assert "## Barriers modulo permutation" in summary
+    for name in ("lenet300_mnist5k", "lenet5_mnist5k"):
+        by_align = info["alignments"][name]
+        assert list(by_align) == ["none", "weights", "activations", "weights+repair"]
+        assert by_align["weights"].table[0]["rewind_step"] == -1  # the independently trained networks first
+        row = re.search(r"\| independent \| [^|]+ \| ([0-9.]+) \|", summary.split(f"### {name}")[-1])
+        assert row and float(row.group(1)) == pytest.approx(by_align["weights"].table[0]["instability_mean"], abs=1e-4)
     # IMP on the conv net: rewind 0 and rewind auto, whose step is the sweep's first stable step (or its last point)
     assert "## IMP on lenet5_mnist5k" in summary
     auto = info["imps"]["auto"]
@@ -42,7 +50,12 @@ def test_demo_leaves_summary_figures_and_records(tmp_path):
     listed = re.findall(r"- `(figures/[^`]+)`", summary)
     assert listed and all((out / f).is_file() for f in listed)
     stems = {f.split("/")[-1].split("_")[0] for f in listed}
-    assert {"instability", "interpolation", "imp", "hessian", "training", "rewind"} <= stems
+    assert {"instability", "interpolation", "imp", "hessian", "training", "rewind", "matching"} <= stems
+    # every IMP level's sparse network measured for stability, and the verdict on the stabilized LTH
+    assert all(row["instability"] != "" for result in info["imps"].values() for row in result.levels
+               if row["kind"] == "imp")
+    assert "## Does the stabilized lottery ticket hypothesis show here?" in summary
+    assert "results/lth_search/README.md" in summary
     assert re.search(r"Total time \d+ s", summary)
 
     # a rerun reuses every record: nothing is trained again, the same numbers come back
