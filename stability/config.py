@@ -272,6 +272,8 @@ def _convert(name: str, hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         if item is str:
             return tuple(str(v) for v in value)
+        if item is int:  # "512,512" from the CLI: each element read as a literal
+            value = [_parse_cli_value(v) if isinstance(v, str) else v for v in value]
         if item is int and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
             raise ConfigError(f"{name}: expected a list of positive integers, got {list(value)!r}")
         if item is float:

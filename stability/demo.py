@@ -150,7 +150,8 @@ def _alignment_sweeps(sweeps: dict[str, SweepResult], sweep_settings: dict[str, 
                    f"({', '.join(base_alignments())})"):
             for alignment in base_alignments():
                 align, _, repair = alignment.partition("+")
-                settings = replace(base, rewind_points=tuple(points), align=align, repair=bool(repair))
+                settings = replace(base, rewind_points=tuple(points), align=align, repair=bool(repair),
+                                   splits=("test",))  # summary.md reports the test barrier
                 out[name][alignment] = instability_sweep(configs[name], settings)
     return out
 

@@ -45,6 +45,9 @@ def test_set_values_are_typed():
                                    "training.rewind_points": "0it,10it", "training.batch_size": "32"})
     assert cfg.optimizer.lr == 0.5 and cfg.optimizer.nesterov is True
     assert cfg.model.hidden == (10, 20)
+    assert Config().with_overrides({"model.hidden": "512,512"}).model.hidden == (512, 512)  # as --rewind is written
+    with pytest.raises(ConfigError, match="model.hidden: expected a list of positive integers"):
+        Config().with_overrides({"model.hidden": "512,wide"})
     assert cfg.training.rewind_points == ("0it", "10it")
     assert cfg.training.batch_size == 32
 
