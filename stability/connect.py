@@ -24,13 +24,21 @@ from .engine import StackedModel
 from .errors import ConfigError
 from .health import chance_error, is_untrained
 from .interpolation import ALIGN_METHODS, CurveSettings, error_barrier, evaluate_aligned_path
-from .schema import CURVE_COLUMNS, FINAL_STATE, IMP, MANIFEST, TRAIN, mask_name
+from .schema import (
+    CONNECT,
+    CONNECT_SUMMARY,
+    CURVE_COLUMNS,
+    CURVES,
+    FINAL_STATE,
+    IMP,
+    MANIFEST,
+    TRAIN,
+    mask_name,
+)
 from .store import RunDir, load_tensors, read_record, write_csv, write_json
 from .training import load_members
 from .trunk import load_weights, prepare
 
-CONNECT = "connect"
-CONNECT_SUMMARY = "connect.json"
 SPLITS = ("test", "train", "val")
 
 
@@ -174,7 +182,7 @@ def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = 
                    settings.align + ("+repair" if settings.repair else ""), "barrier": barriers,
                    "loss_barrier": loss_barriers, "untrained": untrained, "sparse": a.masks is not None,
                    "seconds": round(time.perf_counter() - t0, 3)}
-        write_csv(run / "curves.csv", rows, CURVE_COLUMNS)
+        write_csv(run / CURVES, rows, CURVE_COLUMNS)
         write_json(run / CONNECT_SUMMARY, summary)
         run.update(status="complete")
     return ConnectResult(run.path, barriers, loss_barriers, rows, summary)

@@ -52,6 +52,10 @@ CURVES = "curves.csv"
 SWEEP = "sweep.csv"
 INSTABILITY_SUMMARY = "instability.json"
 
+# ---------------------------------------------------------------- stability connect (connect_<hash>/)
+CONNECT = "connect"  # the run kind of a barrier between two given networks: CURVES and CONNECT_SUMMARY
+CONNECT_SUMMARY = "connect.json"
+
 # ---------------------------------------------------------------- IMP
 LEVELS = "levels.csv"
 IMP_SUMMARY = "imp.json"

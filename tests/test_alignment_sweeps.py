@@ -17,6 +17,7 @@ from stability.instability import (
     sweep_key,
 )
 from stability.interpolation import CurveSettings, evaluate_aligned_path, evaluate_path
+from stability.schema import CONNECT_SUMMARY, CURVES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -107,7 +108,7 @@ def test_connect_two_trunks_gives_the_sweeps_independent_barrier_and_refuses_bad
                     ["config"]["training"]["init_seed"])
     got = connect(trunks[0], trunks[1], connect_settings(align="weights", alphas=5))
     assert got.barriers["test"] == pytest.approx(result.table[0]["instability_mean"], abs=1e-12)
-    assert (got.run_dir / "curves.csv").is_file() and (got.run_dir / "connect.json").is_file()
+    assert (got.run_dir / CURVES).is_file() and (got.run_dir / CONNECT_SUMMARY).is_file()
     assert main(["connect", str(trunks[0]), str(trunks[1]), "--align", "activations", "--alphas", "5"]) == 0
     assert "error barrier" in capsys.readouterr().out
     before = sorted(p.name for p in results_root.iterdir())
