@@ -288,12 +288,33 @@ def stabilized_lth_lines(imps: dict[str, ImpResult]) -> list[str]:
         lines.append("No: rewinding to step 0 finds tickets as good as rewinding to the first stable step at every "
                      "density measured, although the dense network is unstable at step 0. At this scale the two "
                      "rewinds are not separated.")
+    lines += _sparse_stability_lines(zero, auto)
     lines += ["", ("A search for a CPU-scale setting that separates them (Conv-4 at two learning rates, LeNet-5, an "
               "MLP on MNIST-1D; 3 replicates, down to 1.15% density) found none: `results/lth_search/README.md`. "
               "Frankle et al. (2020) see the separation on ResNet-20 and VGG-16 on CIFAR-10; the presets "
               "`resnet20_cifar10*` and `vgg16_cifar10*` and `examples/grids/frankle2020_table1*.toml` run it on a GPU "
               "or a cluster. The figure `matching_vs_instability_*` plots each level's accuracy against the "
               "instability of its sparse network (their Figure 5)."), ""]
+    return lines
+
+
+def _sparse_stability_lines(*results: ImpResult) -> list[str]:
+    """How stable the dense and the sparse networks are at their rewind point (IMP's instability option)."""
+    lines = []
+    for result in results:
+        rows = [r for r in result.levels if r["kind"] == "imp" and r.get("status", "ok") == "ok"
+                and r.get("instability") not in ("", None)]
+        dense = [float(r["instability"]) for r in rows if r["level"] == 0]
+        sparse = [float(r["instability"]) for r in rows if r["level"] > 0]
+        if not dense or not sparse:
+            continue
+        lines += ["", (f"Rewinding to {result.rewind_step}it: the dense network's instability there is "
+                       f"{max(dense):.4f}; the sparse networks rewound there have instability {min(sparse):.4f} to "
+                       f"{max(sparse):.4f} ({sum(v < 0.02 for v in sparse)} of {len(sparse)} below the 2% threshold).")]
+    if lines:
+        lines += ["", ("Frankle et al. (2020, Figure 5) link matching to the stability of the *sparse* network at its "
+                       "rewind point, not the dense one's: a sparse network that is stable where the dense one is "
+                       "not explains a matching ticket found by rewinding to 0.")]
     return lines
 
 
