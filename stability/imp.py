@@ -35,7 +35,13 @@ from .config import Config, settings_from_table, settings_hash
 from .engine import Members, derive_seed
 from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
-from .instability import InstabilitySettings, instability_settings, instability_sweep
+from .instability import (
+    INDEPENDENT,
+    INDEPENDENT_STEP,
+    InstabilitySettings,
+    instability_settings,
+    instability_sweep,
+)
 from .metrics import lts_score, ticket_summary, trajectory_length, trajectory_length_gain
 from .models import output_layer_name
 from .pruning import (
@@ -188,16 +194,16 @@ def resolve_rewind(cfg: Config, ctx: Context, settings: ImpSettings,
     if settings.rewind != "auto":
         return resolve_rewind_step(ctx, settings), {"rewind": settings.rewind}
     points = sweep.rewind_points or cfg.training.rewind_points
-    if not points:
-        raise ConfigError("imp.rewind: 'auto' needs rewind points to sweep; set training.rewind_points or "
-                          "instability.rewind_points")
+    if not [p for p in points if p != INDEPENDENT]:
+        raise ConfigError("imp.rewind: 'auto' needs rewind steps to sweep ('independent' is not one); set "
+                          "training.rewind_points or instability.rewind_points")
     result = instability_sweep(cfg, sweep, ctx=ctx)
     info = {"rewind": "auto", "sweep_dir": str(result.run_dir), "first_stable_step": result.first_stable_step,
             "swept": result.rewind_steps}
     if result.first_stable_step is None:
         # Never stable in the swept range: the latest swept point is the closest to stability we have.
         info["note"] = "not stable at any swept step; rewinding to the last swept step"
-        return result.rewind_steps[-1], info
+        return max(k for k in result.rewind_steps if k != INDEPENDENT_STEP), info
     return result.first_stable_step, info
 
 

@@ -178,3 +178,16 @@ def test_a_grid_sweeps_independent_networks_with_their_own_trunk_units(tmp_path)
     base = grid.base.with_overrides({"runtime.results_root": str(tmp_path / "r")})
     own = trunk_dir(base).path.name
     assert own in {u.id for u in trains}
+
+
+def test_imp_rewinding_to_auto_never_rewinds_to_the_independent_point(results_root):
+    from stability.imp import imp_settings, run_imp
+
+    cfg = _cfg(results_root)
+    sweep = instability_settings(rewind_points=["independent"], alphas=3)
+    with pytest.raises(ConfigError, match="'auto' needs rewind steps to sweep"):
+        run_imp(cfg, imp_settings(levels=1, rewind="auto"), sweep)
+    assert not list(results_root.glob("imp_*"))
+    result = run_imp(cfg, imp_settings(levels=1, rewind="auto"),
+                     instability_settings(rewind_points=["independent", "5it", "10it"], alphas=3, threshold=1e-9))
+    assert result.rewind_step == 10  # never stable at a threshold of 1e-9: the last swept step, not -1
