@@ -491,9 +491,12 @@ def _alignment_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
         return []
     df = df.copy()
     df["alignment"] = alignment_of(df)
-    keys = [c for c in df.columns if c.startswith(("model.", "dataset.", "optimizer.", "schedule.", "training."))
-            or c in ("instability.siblings", "instability.noise", "instability.sibling_seed", "instability.alphas")]
-    keys = [c for c in keys if c != "training.rewind_points"]
+    # every setting of the sweep but the alignment ones (and what only classifies or selects points)
+    ignored = {"training.rewind_points", "instability.rewind_points", "instability.threshold",
+               "instability.chance_margin", "instability.align", "instability.repair", "instability.align_examples",
+               "instability.align_seed"}
+    keys = [c for c in df.columns if c.startswith(("model.", "dataset.", "optimizer.", "schedule.", "training.",
+                                                   "instability.")) and c not in ignored]
     out = []
     for _, part in df.groupby([df[c].astype(str) for c in keys], sort=False) if keys else [(None, df)]:
         if part["alignment"].nunique() > 1:

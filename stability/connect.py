@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,10 @@ def load_network(path: str | Path, results_root: str | None = None) -> Network:
                       f"imp_<hash>/replicate_<r>/level_<l> directory")
 
 
+def _comparable(section: Any) -> Any:
+    return replace(section, dropout=0.0) if hasattr(section, "dropout") else section
+
+
 def _rooted(cfg: Config, root: str) -> Config:
     return cfg.with_overrides({"runtime.results_root": root})
 
@@ -146,7 +150,8 @@ def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = 
     t0 = time.perf_counter()
     a, b = load_network(path_a, results_root), load_network(path_b, results_root)
     for section in ("model", "dataset"):
-        if getattr(a.cfg, section) != getattr(b.cfg, section):
+        # dropout has no parameters: networks trained with and without it have the same architecture
+        if _comparable(getattr(a.cfg, section)) != _comparable(getattr(b.cfg, section)):
             raise ConfigError(f"RUN: the two networks differ in [{section}] ({getattr(a.cfg, section)} vs "
                               f"{getattr(b.cfg, section)}); only networks of the same architecture on the same data connect")
     if settings.align != "none" and not settings.allow_different_masks and not _same_masks(a.masks, b.masks):

@@ -49,7 +49,7 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +227,15 @@ def make_plan(grid: Grid) -> Plan:
     units: dict[str, Unit] = {}
 
     def add(unit: Unit) -> str:
-        units.setdefault(unit.id, unit)
+        old = units.get(unit.id)
+        if old is not None and unit.kind == TRAIN:
+            # one trunk can be a point's own and another point's independent network: one unit that
+            # keeps every checkpoint either asks for, and counts as the point's own trunk
+            own = old if "independent_of" not in old.args else unit
+            extra = sorted(set(old.args["extra_checkpoints"]) | set(unit.args["extra_checkpoints"]))
+            units[unit.id] = replace(own, args={**{k: v for k, v in own.args.items()}, "extra_checkpoints": extra})
+        else:
+            units.setdefault(unit.id, unit)
         return unit.id
 
     tables = grid.tables

@@ -41,6 +41,7 @@ from .instability import (
     InstabilitySettings,
     instability_settings,
     instability_sweep,
+    without_plain_alignment,
 )
 from .metrics import lts_score, ticket_summary, trajectory_length, trajectory_length_gain
 from .models import output_layer_name
@@ -195,8 +196,8 @@ def resolve_rewind(cfg: Config, ctx: Context, settings: ImpSettings,
         return resolve_rewind_step(ctx, settings), {"rewind": settings.rewind}
     points = sweep.rewind_points or cfg.training.rewind_points
     if not [p for p in points if p != INDEPENDENT]:
-        raise ConfigError("imp.rewind: 'auto' needs rewind steps to sweep ('independent' is not one); set "
-                          "training.rewind_points or instability.rewind_points")
+        raise ConfigError("imp.rewind: 'auto' needs rewind points to sweep ('independent' is not a rewind step); "
+                          "set training.rewind_points or instability.rewind_points")
     result = instability_sweep(cfg, sweep, ctx=ctx)
     info = {"rewind": "auto", "sweep_dir": str(result.run_dir), "first_stable_step": result.first_stable_step,
             "swept": result.rewind_steps}
@@ -238,7 +239,7 @@ def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> d
     # chance margins only classify results: they do not name the run
     key = {"trunk": cfg.run_hash(), "imp": _without(asdict(settings), "chance_margin")}
     if settings.rewind == "auto" or settings.instability:
-        key["instability"] = _without(asdict(sweep), "chance_margin")
+        key["instability"] = without_plain_alignment(sweep, ("chance_margin",))
     return key
 
 

@@ -212,6 +212,16 @@ def sweep_table(curves: Sequence[Mapping[str, Any]], threshold: float, *, chance
     return sorted(rows, key=lambda r: (r["rewind_step"], r["split"]))
 
 
+def without_plain_alignment(settings: InstabilitySettings, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``asdict(settings)`` without ``drop`` and without alignment fields that change nothing: all of them
+    for plain interpolation (so results from before alignment existed keep their hashes), and the subset
+    size and seed when nothing is aligned or repaired."""
+    default = InstabilitySettings()
+    aligned = settings.align != "none" or settings.repair
+    return {k: v for k, v in asdict(settings).items() if k not in drop
+            and not (k in _ALIGN_FIELDS and (v == getattr(default, k) or not aligned))}
+
+
 def point_name(step: int) -> str:
     """A swept point for people: '50it', or 'independent' for independently trained networks."""
     return INDEPENDENT if step == INDEPENDENT_STEP else format_step(step)
@@ -224,8 +234,10 @@ def independent_members(cfg: Config, ctx: Context, n: int) -> tuple[Members, dic
     """
     states, runs = [], []
     for i in range(n):
+        # other seeds' networks keep no rewind checkpoints: only their final weights are used
         cfg_i = cfg if i == 0 else cfg.with_overrides({"training.init_seed": cfg.training.init_seed + i,
-                                                       "training.noise_seed": cfg.training.noise_seed + i})
+                                                       "training.noise_seed": cfg.training.noise_seed + i,
+                                                       "training.rewind_points": []})
         ctx_i = ctx if i == 0 else prepare(cfg_i)
         result = train_trunk(cfg_i, ctx=ctx_i)
         states.append(trunk_checkpoint(ctx_i, ctx_i.total_steps).member_state_dict(0))
@@ -243,11 +255,8 @@ def sweep_key(cfg: Config, settings: InstabilitySettings, steps: Sequence[int], 
     Threshold and chance margin only classify the measured curves, so they stay out. A sparse sweep
     is named by the masks' and start states' contents as well (and its label).
     """
-    default = InstabilitySettings()
     key = {"trunk": cfg.run_hash(), "steps": list(steps),
-           **{k: v for k, v in asdict(settings).items() if k not in ("rewind_points", "threshold", "chance_margin")
-              # alignment settings name a sweep only when they differ from plain interpolation's
-              and not (k in _ALIGN_FIELDS and v == getattr(default, k))}}
+           **without_plain_alignment(settings, ("rewind_points", "threshold", "chance_margin"))}
     if masks is None and start_states is None and label is None:
         return key
     return {"base": settings_hash(key), "label": label, "masks": mask_digest(masks),

@@ -75,8 +75,9 @@ def dropout_noise(generator: torch.Generator | None) -> Iterator[None]:
 class NoiseDropout(nn.Module):
     """Dropout whose masks are SGD noise: drawn from the generator the training loop puts in place.
 
-    Each member (trunk, sibling, IMP replicate) owns a dropout generator seeded from its noise seed and
-    saved with its training state, so siblings differ in their dropout masks as in their data order and a
+    Each member (trunk, sibling, IMP replicate) owns a dropout generator seeded from its augmentation
+    seed (dropout is noise of the same kind: ``--noise data_order`` holds it fixed across siblings,
+    ``augmentation`` and ``both`` vary it) and saved with its training state, so siblings differ in their dropout masks as in their data order and a
     resumed run draws the same masks. Active only in train mode *and* inside ``dropout_noise(generator)``:
     evaluation, interpolation, BatchNorm resets and Hessian probes see the deterministic network (torch's
     global generator, which ``nn.Dropout`` would use, is part of no run's seeds).

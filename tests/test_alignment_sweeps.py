@@ -185,9 +185,52 @@ def test_imp_rewinding_to_auto_never_rewinds_to_the_independent_point(results_ro
 
     cfg = _cfg(results_root)
     sweep = instability_settings(rewind_points=["independent"], alphas=3)
-    with pytest.raises(ConfigError, match="'auto' needs rewind steps to sweep"):
+    with pytest.raises(ConfigError, match="'auto' needs rewind points to sweep"):
         run_imp(cfg, imp_settings(levels=1, rewind="auto"), sweep)
     assert not list(results_root.glob("imp_*"))
     result = run_imp(cfg, imp_settings(levels=1, rewind="auto"),
                      instability_settings(rewind_points=["independent", "5it", "10it"], alphas=3, threshold=1e-9))
     assert result.rewind_step == 10  # never stable at a threshold of 1e-9: the last swept step, not -1
+
+
+def test_imp_and_sweep_names_from_before_alignment_are_kept():
+    """Hashes computed at commit 16239be, before alignment settings existed: the same settings keep them."""
+    from stability.config import settings_hash
+    from stability.imp import imp_key, imp_settings
+    from stability.presets import get_preset
+
+    cfg = get_preset("lenet5_mnist5k")
+    sweep = instability_settings(rewind_points=["0it", "5it"], siblings=3)
+    got = [settings_hash(imp_key(cfg, imp, sweep)) for imp in
+           (imp_settings(rewind="auto"), imp_settings(rewind="0", instability=True), imp_settings(rewind="0"))]
+    assert got == ["d0aa28316cca", "2f3682d7bb46", "615ec317adf3"]
+    assert settings_hash(sweep_key(cfg, instability_settings(siblings=3), [0, 5])) == "bdd17ac4e9d4"
+    # a subset size or seed without alignment or REPAIR computes nothing different: the same name
+    assert sweep_key(cfg, instability_settings(align_examples=50, align_seed=3), [0]) == \
+        sweep_key(cfg, InstabilitySettings(), [0])
+
+
+def test_a_trunk_that_is_one_points_own_and_anothers_independent_network_is_one_unit(tmp_path):
+    from stability.grid import grid_frame, load_grid, make_plan
+
+    path = tmp_path / "g.toml"
+    path.write_text('preset = "lenet300_mnist5k"\nstages = ["instability"]\n[set]\n"training.steps" = "40it"\n'
+                    '[axes]\n"training.init_seed" = [0, 1]\n"training.noise_seed" = [0, 1]\n'
+                    '[instability]\nrewind_points = ["independent", "5it"]\n')
+    plan = make_plan(load_grid(path, {"runtime.results_root": str(tmp_path / "r")}))
+    trains = [u for u in plan.units if u.kind == "train"]
+    own = [u for u in trains if "independent_of" not in u.args]
+    assert len(own) == 4  # every point keeps its own trunk unit, with its rewind checkpoint
+    assert all(5 in u.args["extra_checkpoints"] for u in own)
+    frame = grid_frame(plan)
+    assert len(frame) == 4 and list(frame["train_status"]) == ["missing"] * 4
+
+
+def test_connect_treats_dropout_as_training_noise_not_architecture(results_root):
+    from stability.trunk import train_trunk
+
+    cfg = _cfg(results_root)
+    plain = train_trunk(cfg)
+    dropped = train_trunk(cfg.with_overrides({"model.dropout": "0.5"}))
+    result = connect(plain.run_dir, dropped.run_dir, connect_settings(alphas=3, align="weights"))
+    assert result.barriers["test"] == result.barriers["test"]  # measured, not refused
