@@ -156,7 +156,7 @@ def cmd_imp(args: argparse.Namespace) -> int:
 
     cfg, extra = load_config(args)
     settings = imp_settings(
-        extra.get("imp"), levels=args.levels, prune_fraction=args.prune_fraction, strategy=args.strategy,
+        extra.get("imp"), levels=args.levels, prune_fraction=args.prune_fraction, strategy=args.strategy, criterion=args.criterion,
         rewind=args.rewind, one_shot=True if args.one_shot else None, baselines=args.baselines,
         replicates=args.replicates, instability=True if args.instability else None)
     sweep = instability_settings(extra.get("instability"))
@@ -403,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-fraction", dest="prune_fraction", type=float,
                    help="fraction of surviving weights removed per level, in (0, 1) (default 0.2)")
     p.add_argument("--strategy", help="global | layerwise | lamp | random (default global)")
+    p.add_argument("--criterion", help="which weights a level keeps (Zhou et al. 2019): large_final (magnitude, "
+                                       "default), small_final, large_init, small_init, large_init_large_final, "
+                                       "small_init_small_final, magnitude_increase, movement, large_final_same_sign, "
+                                       "random")
     p.add_argument("--rewind", help="0 | a step like 500it | auto (first stable step) (default 0)")
     p.add_argument("--one-shot", dest="one_shot", action="store_true",
                    help="prune the dense network straight to each level's density")

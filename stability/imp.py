@@ -46,6 +46,7 @@ from .instability import (
 from .metrics import lts_score, ticket_summary, trajectory_length, trajectory_length_gain
 from .models import output_layer_name
 from .pruning import (
+    CRITERIA,
     STRATEGIES,
     dense_masks,
     layer_densities,
@@ -101,6 +102,7 @@ class ImpSettings:
     rate_overrides: tuple[tuple[str, float], ...] = ()  # layerwise per-layer rates; "output" allowed
     conv_fraction: float = 0.0  # layerwise: rate for convolution weights (0 = prune_fraction)
     pruning_seed: int = 0  # random strategy and random-mask baseline
+    criterion: str = "large_final"  # which weights a level keeps (Zhou et al. 2019; pruning.CRITERIA)
     chance_margin: float = DEFAULT_CHANCE_MARGIN  # networks this close to chance error are flagged untrained
 
     def __post_init__(self) -> None:
@@ -125,6 +127,11 @@ class ImpSettings:
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
                 raise ConfigError(f"imp.rate_overrides: rate for {layer!r} must be a number in [0, 1) (the fraction "
                                   f"of that layer's surviving weights pruned per level), got {rate!r}")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"imp.criterion: unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.criterion != "large_final" and self.strategy not in ("global", "layerwise"):
+            raise ConfigError(f"imp.criterion: {self.criterion!r} applies to strategies global and layerwise, not "
+                              f"{self.strategy!r}")
         if self.rewind != "auto":
             from .steps import Step
 
@@ -237,7 +244,10 @@ def _single(members: Members, i: int) -> Members:
 def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> dict[str, Any]:
     """The settings that name an IMP run (its hash is ``settings_hash`` of this, recorded in its manifest)."""
     # chance margins only classify results: they do not name the run
-    key = {"trunk": cfg.run_hash(), "imp": _without(asdict(settings), "chance_margin")}
+    imp = _without(asdict(settings), "chance_margin")
+    if settings.criterion == "large_final":
+        del imp["criterion"]  # magnitude pruning, as before the criterion existed: the same names
+    key = {"trunk": cfg.run_hash(), "imp": imp}
     if settings.rewind == "auto" or settings.instability:
         key["instability"] = without_plain_alignment(sweep, ("chance_margin",))
     return key
@@ -331,6 +341,7 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
     names = _prunable(rctx, settings)
     rates = _rate_overrides(rctx, settings, names)
     dense_state = dense_final.member_state_dict(0)
+    rewind_state = rewind.member_state_dict(0)  # w_i of the mask criteria
     rows: list[dict[str, Any]] = []
 
     # Level 0: the dense trunk itself.
@@ -371,10 +382,11 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
         if settings.one_shot:
             fraction = 1 - (1 - settings.prune_fraction) ** level
             masks = prune(dense_state, dense_masks(dense_state, names), fraction, settings.strategy,
-                          rate_overrides=_scaled_rates(rates, level), generator=gen)
+                          rate_overrides=_scaled_rates(rates, level), generator=gen, criterion=settings.criterion,
+                          initial=rewind_state)
         else:
             masks = prune(previous_final, masks, settings.prune_fraction, settings.strategy,
-                          rate_overrides=rates, generator=gen)
+                          rate_overrides=rates, generator=gen, criterion=settings.criterion, initial=rewind_state)
         save_tensors(mask_path, masks, {"replicate": r, "level": level, "density": mask_density(masks)})
         kinds = ["imp", *settings.baselines]
         member_masks = {"imp": masks}

@@ -35,6 +35,58 @@ from .errors import ConfigError
 Masks = dict[str, Tensor]
 
 STRATEGIES = ("global", "layerwise", "lamp", "random")
+# Zhou et al. (2019), "Deconstructing Lottery Tickets": which weights a level keeps, scored from the weights
+# at the rewind point (w_i) and at the end of training (w_f). large_final is magnitude pruning.
+CRITERIA = ("large_final", "small_final", "large_init", "small_init", "large_init_large_final",
+            "small_init_small_final", "magnitude_increase", "movement", "large_final_same_sign", "random")
+
+
+def criterion_scores(criterion: str, final: Sequence[Tensor], initial: Sequence[Tensor] | None,
+                     generator: torch.Generator | None = None) -> list[Tensor]:
+    """Keep-scores (higher = kept) of the survivors of one ranking pool, one 1-D tensor per tensor.
+
+    As in Zhou et al.'s code: ``large_init_large_final`` keeps the weights above one percentile
+    threshold in both |w_i| and |w_f|, so its score is the smaller of the two percentile ranks
+    within the pool (``small_init_small_final`` the same on -|w|); ``large_final_same_sign`` scores
+    weights whose sign changed 0; ``random`` draws uniform scores from ``generator``.
+    """
+    if criterion not in CRITERIA:
+        raise ConfigError(f"imp.criterion: unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    wf = [t.double() for t in final]
+    if criterion == "large_final":
+        return [t.abs() for t in wf]
+    if criterion == "small_final":
+        return [-t.abs() for t in wf]
+    if criterion == "random":
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        return [torch.rand(t.shape, generator=generator, device=gen_device, dtype=torch.float64).to(t.device)
+                for t in wf]
+    if initial is None:
+        raise ConfigError(f"imp.criterion: {criterion!r} needs the weights at the rewind point")
+    wi = [t.double() for t in initial]
+    if criterion == "large_init":
+        return [t.abs() for t in wi]
+    if criterion == "small_init":
+        return [-t.abs() for t in wi]
+    if criterion == "magnitude_increase":
+        return [f.abs() - i.abs() for f, i in zip(wf, wi)]
+    if criterion == "movement":
+        return [(f - i).abs() for f, i in zip(wf, wi)]
+    if criterion == "large_final_same_sign":
+        return [torch.where(torch.sign(f) == torch.sign(i), f.abs(), torch.zeros_like(f)) for f, i in zip(wf, wi)]
+    sign = 1.0 if criterion == "large_init_large_final" else -1.0
+    sizes = [t.numel() for t in wf]
+    rank_f = _ranks(torch.cat([sign * t.abs() for t in wf]) if wf else torch.zeros(0, dtype=torch.float64))
+    rank_i = _ranks(torch.cat([sign * t.abs() for t in wi]) if wi else torch.zeros(0, dtype=torch.float64))
+    return list(torch.minimum(rank_f, rank_i).split(sizes))
+
+
+def _ranks(values: Tensor) -> Tensor:
+    """Each value's rank (0 = smallest), ties broken by position, as float64."""
+    ranks = torch.empty(values.numel(), dtype=torch.float64, device=values.device)
+    ranks[torch.sort(values, stable=True).indices] = torch.arange(values.numel(), dtype=torch.float64,
+                                                                   device=values.device)
+    return ranks
 
 # Layers whose ``weight`` is prunable; everything else (biases, norms, embeddings) is left dense.
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -86,6 +138,8 @@ def prune(
     *,
     rate_overrides: Mapping[str, float] | None = None,
     generator: torch.Generator | None = None,
+    criterion: str = "large_final",
+    initial: Mapping[str, Tensor] | None = None,
 ) -> Masks:
     """New masks with ``fraction`` of the surviving weights in ``masks`` removed by ``strategy``.
 
@@ -93,9 +147,14 @@ def prune(
     named in ``masks`` are considered. ``rate_overrides`` (``layerwise`` only)
     maps a parameter or module name to its own rate in [0, 1). ``generator``
     seeds ``random``; without it the global torch RNG is used. The input masks
-    are not modified, and every pruned entry stays pruned.
+    are not modified, and every pruned entry stays pruned. ``criterion`` (``CRITERIA``, Zhou
+    et al. 2019) scores the survivors from ``weights`` (w_f) and ``initial`` (w_i, the weights at
+    the rewind point) for the ``global`` and ``layerwise`` strategies; ``large_final`` is magnitude.
     """
     _check_fraction(fraction)
+    if criterion != "large_final" and strategy not in ("global", "layerwise"):
+        raise ConfigError(f"imp.criterion: {criterion!r} applies to strategies global and layerwise, not "
+                          f"{strategy!r} (lamp scores magnitudes, random ignores weights)")
     if strategy not in STRATEGIES:
         raise ConfigError(
             f"pruning.strategy: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
@@ -117,7 +176,9 @@ def prune(
         for name, alive in survive.items():
             idx = alive.nonzero().squeeze(1)
             count = _round_count(rates[name], idx.numel())
-            scores = weights[name].detach().reshape(-1).to(alive.device)[idx].abs()
+            init = [initial[name].detach().reshape(-1).to(alive.device)[idx]] if initial is not None else None
+            (scores,) = criterion_scores(criterion, [weights[name].detach().reshape(-1).to(alive.device)[idx]], init,
+                                         generator)
             order = torch.sort(scores, stable=True).indices
             removed[name] = idx[order[:count]]
         return _drop(masks, survive, removed)
@@ -133,10 +194,10 @@ def prune(
         picked = torch.randperm(total, generator=generator, device=gen_device)[:count].to(device)
     else:
         if strategy == "global":
-            parts = [
-                weights[n].detach().reshape(-1).to(device)[i].abs().double()
-                for n, i in zip(names, idxs)
-            ]
+            init = ([initial[n].detach().reshape(-1).to(device)[i] for n, i in zip(names, idxs)]
+                    if initial is not None else None)
+            parts = criterion_scores(criterion, [weights[n].detach().reshape(-1).to(device)[i]
+                                                 for n, i in zip(names, idxs)], init, generator)
         else:  # lamp
             scores = lamp_scores(weights, masks)
             parts = [scores[n].reshape(-1).to(device)[i] for n, i in zip(names, idxs)]

@@ -205,3 +205,26 @@ def test_replicates_start_from_their_own_initialization(results_root):
     fresh = _prepare(cfg1).new_model().state_dict()
     assert all(torch.equal(w1[k], fresh[k]) for k in fresh)  # the seed-1 trunk holds seed-1 weights
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_imp_mask_criterion_is_recorded_names_its_own_run_and_changes_the_masks(results_root, capsys):
+    from stability.imp import imp_dir
+    from stability.instability import InstabilitySettings
+
+    cfg = tiny_config(results_root)
+    plain = run_imp(cfg, imp_settings(levels=1))
+    moved = run_imp(cfg, imp_settings(levels=1, criterion="movement"))
+    assert plain.run_dir != moved.run_dir
+    assert imp_dir(cfg, imp_settings(levels=1, criterion="large_final"), InstabilitySettings()).path == plain.run_dir
+    assert moved.summary["settings"]["criterion"] == "movement"
+    a, _ = load_tensors(plain.run_dir / "masks" / "replicate_0_level_1.safetensors")
+    b, _ = load_tensors(moved.run_dir / "masks" / "replicate_0_level_1.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    assert abs(sum(float(v.sum()) for v in a.values()) - sum(float(v.sum()) for v in b.values())) <= len(a)
+    before = sorted(p.name for p in results_root.iterdir())
+    assert main(["imp", "--preset", "lenet300_mnist5k", "--out", str(results_root), "--criterion", "largest"]) == 2
+    assert "imp.criterion: unknown criterion 'largest'" in capsys.readouterr().err
+    assert main(["imp", "--preset", "lenet300_mnist5k", "--out", str(results_root), "--strategy", "lamp",
+                 "--criterion", "movement"]) == 2
+    assert "applies to strategies global and layerwise" in capsys.readouterr().err
+    assert sorted(p.name for p in results_root.iterdir()) == before

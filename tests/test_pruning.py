@@ -346,3 +346,49 @@ def test_gpu_matches_cpu(strategy):
     assert all(gpu[k].is_cuda and torch.equal(gpu[k].cpu(), cpu[k]) for k in SHAPES)
     mixed = prune(cuda_w, masks, 0.3, strategy)  # weights on the GPU, masks on the CPU
     assert all(not mixed[k].is_cuda and torch.equal(mixed[k], cpu[k]) for k in SHAPES)
+
+
+# ---------------------------------------------------------------- Zhou et al. (2019) mask criteria
+@pytest.mark.parametrize("criterion,kept", [
+    ("large_final", [0, 2]),             # |w_f| = 3, .5, 2.5, 2
+    ("small_final", [1, 3]),
+    ("large_init", [1, 2]),              # |w_i| = 1, 1, 2, .5 (ties: the earlier position is pruned first)
+    ("small_init", [1, 3]),
+    ("magnitude_increase", [0, 3]),      # |w_f| - |w_i| = 2, -.5, .5, 1.5
+    ("movement", [0, 3]),                # |w_f - w_i| = 2, .5, .5, 2.5
+    ("large_final_same_sign", [0, 2]),   # w_3 changed sign: score 0
+    ("large_init_large_final", [0, 2]),  # ranks of |w_i| 1,2,3,0 and of |w_f| 3,0,2,1: min 1,0,2,0
+])
+def test_mask_criteria_keep_the_weights_zhou_et_al_keep(criterion, kept):
+    w_i = {"w": torch.tensor([1.0, -1.0, 2.0, 0.5])}
+    w_f = {"w": torch.tensor([3.0, -0.5, 2.5, -2.0])}
+    for strategy in ("global", "layerwise"):
+        masks = prune(w_f, {"w": torch.ones(4)}, 0.5, strategy, criterion=criterion, initial=w_i)
+        assert masks["w"].nonzero().squeeze(1).tolist() == kept, strategy
+
+
+def test_large_init_large_final_keeps_the_weights_above_one_percentile_in_both():
+    # the reference's quadrant: kept iff |w_i| and |w_f| are both above the same percentile threshold
+    w_i = {"w": torch.tensor([4.0, 3.0, 2.0, 1.0])}
+    w_f = {"w": torch.tensor([1.0, 4.0, 3.0, 2.0])}
+    masks = prune(w_f, {"w": torch.ones(4)}, 0.5, "layerwise", criterion="large_init_large_final", initial=w_i)
+    assert masks["w"].tolist() == [0.0, 1.0, 1.0, 0.0]  # 25th percentile: {0,1,2} and {1,2,3} intersect in {1,2}
+    masks = prune(w_f, {"w": torch.ones(4)}, 0.5, "layerwise", criterion="small_init_small_final", initial=w_i)
+    assert masks["w"].tolist() == [0.0, 0.0, 1.0, 1.0]  # small in both: {1,2,3} and {0,2,3} intersect in {2,3}
+
+
+def test_random_criterion_is_seeded_and_keeps_the_exact_count_and_bad_criteria_are_refused():
+    w = {"a": torch.randn(50), "b": torch.randn(30)}
+    ones = {k: torch.ones_like(v) for k, v in w.items()}
+    one = prune(w, ones, 0.25, "layerwise", criterion="random", generator=torch.Generator().manual_seed(1))
+    two = prune(w, ones, 0.25, "layerwise", criterion="random", generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(one[k], two[k]) for k in w)
+    magnitude = prune(w, ones, 0.25, "layerwise")
+    assert [int(one[k].sum()) for k in w] == [int(magnitude[k].sum()) for k in w] == [37, 22]  # 25% per layer
+    assert not torch.equal(one["a"], magnitude["a"])
+    with pytest.raises(ConfigError, match="imp.criterion: unknown criterion 'biggest'"):
+        prune(w, ones, 0.25, "global", criterion="biggest", initial=w)
+    with pytest.raises(ConfigError, match="imp.criterion: 'movement' applies to strategies global and layerwise"):
+        prune(w, ones, 0.25, "lamp", criterion="movement", initial=w)
+    with pytest.raises(ConfigError, match="needs the weights at the rewind point"):
+        prune(w, ones, 0.25, "global", criterion="movement")
