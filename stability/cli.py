@@ -156,7 +156,7 @@ def cmd_imp(args: argparse.Namespace) -> int:
 
     cfg, extra = load_config(args)
     settings = imp_settings(
-        extra.get("imp"), levels=args.levels, prune_fraction=args.prune_fraction, strategy=args.strategy, criterion=args.criterion,
+        extra.get("imp"), levels=args.levels, prune_fraction=args.prune_fraction, strategy=args.strategy, criterion=args.criterion, mask1=args.mask1,
         rewind=args.rewind, one_shot=True if args.one_shot else None, baselines=args.baselines,
         replicates=args.replicates, instability=True if args.instability else None)
     sweep = instability_settings(extra.get("instability"))
@@ -407,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "default), small_final, large_init, small_init, large_init_large_final, "
                                        "small_init_small_final, magnitude_increase, movement, large_final_same_sign, "
                                        "random")
+    p.add_argument("--mask1", help="what the kept weights start from: rewind (default), reinit, reshuffle, "
+                                   "constant, random_sign (Zhou et al. 2019)")
     p.add_argument("--rewind", help="0 | a step like 500it | auto (first stable step) (default 0)")
     p.add_argument("--one-shot", dest="one_shot", action="store_true",
                    help="prune the dense network straight to each level's density")

@@ -47,9 +47,11 @@ from .metrics import lts_score, ticket_summary, trajectory_length, trajectory_le
 from .models import output_layer_name
 from .pruning import (
     CRITERIA,
+    MASK1_ACTIONS,
     STRATEGIES,
     dense_masks,
     layer_densities,
+    mask1_start,
     prunable_names,
     prune,
     random_masks_like,
@@ -103,6 +105,7 @@ class ImpSettings:
     conv_fraction: float = 0.0  # layerwise: rate for convolution weights (0 = prune_fraction)
     pruning_seed: int = 0  # random strategy and random-mask baseline
     criterion: str = "large_final"  # which weights a level keeps (Zhou et al. 2019; pruning.CRITERIA)
+    mask1: str = "rewind"  # what the kept weights start from (pruning.MASK1_ACTIONS)
     chance_margin: float = DEFAULT_CHANCE_MARGIN  # networks this close to chance error are flagged untrained
 
     def __post_init__(self) -> None:
@@ -127,6 +130,8 @@ class ImpSettings:
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
                 raise ConfigError(f"imp.rate_overrides: rate for {layer!r} must be a number in [0, 1) (the fraction "
                                   f"of that layer's surviving weights pruned per level), got {rate!r}")
+        if self.mask1 not in MASK1_ACTIONS:
+            raise ConfigError(f"imp.mask1: unknown action {self.mask1!r}; choose one of {', '.join(MASK1_ACTIONS)}")
         if self.criterion not in CRITERIA:
             raise ConfigError(f"imp.criterion: unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.criterion != "large_final" and self.strategy not in ("global", "layerwise"):
@@ -245,8 +250,10 @@ def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> d
     """The settings that name an IMP run (its hash is ``settings_hash`` of this, recorded in its manifest)."""
     # chance margins only classify results: they do not name the run
     imp = _without(asdict(settings), "chance_margin")
-    if settings.criterion == "large_final":
-        del imp["criterion"]  # magnitude pruning, as before the criterion existed: the same names
+    # magnitude pruning and rewinding, as before these settings existed: the same names
+    for field_name, default in (("criterion", "large_final"), ("mask1", "rewind")):
+        if imp[field_name] == default:
+            del imp[field_name]
     key = {"trunk": cfg.run_hash(), "imp": imp}
     if settings.rewind == "auto" or settings.instability:
         key["instability"] = without_plain_alignment(sweep, ("chance_margin",))
@@ -342,6 +349,8 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
     rates = _rate_overrides(rctx, settings, names)
     dense_state = dense_final.member_state_dict(0)
     rewind_state = rewind.member_state_dict(0)  # w_i of the mask criteria
+    mask1_fresh = (rctx.new_model(seed=derive_seed(rcfg.training.init_seed, "mask1-reinit", r)).state_dict()
+                   if settings.mask1 == "reinit" else None)
     rows: list[dict[str, Any]] = []
 
     # Level 0: the dense trunk itself.
@@ -390,7 +399,9 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
         save_tensors(mask_path, masks, {"replicate": r, "level": level, "density": mask_density(masks)})
         kinds = ["imp", *settings.baselines]
         member_masks = {"imp": masks}
-        starts = {"imp": rewind.member_state_dict(0)}
+        starts = {"imp": mask1_start(settings.mask1, rewind.member_state_dict(0), masks, fresh=mask1_fresh,
+                                     generator=torch.Generator().manual_seed(
+                                         derive_seed(settings.pruning_seed, "mask1", r, level)))}
         if "random" in settings.baselines:
             member_masks["random"] = random_masks_like(masks, torch.Generator().manual_seed(
                 derive_seed(settings.pruning_seed, "random-baseline", r, level)))

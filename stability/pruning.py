@@ -81,6 +81,47 @@ def criterion_scores(criterion: str, final: Sequence[Tensor], initial: Sequence[
     return list(torch.minimum(rank_f, rank_i).split(sizes))
 
 
+# What the kept weights of an IMP ticket start from (Zhou et al. 2019, "mask-1 actions").
+MASK1_ACTIONS = ("rewind", "reinit", "reshuffle", "constant", "random_sign")
+
+
+def mask1_start(action: str, rewound: Mapping[str, Tensor], masks: Masks, *,
+                fresh: Mapping[str, Tensor] | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """The start state of a ticket: ``rewound`` with the masked tensors' kept weights set by ``action``.
+
+    ``rewind``: as they were at the rewind point; ``reinit``: from ``fresh`` (a new draw of the init
+    scheme); ``reshuffle``: the tensor's kept values permuted among its kept positions; ``constant``:
+    ±σ with the rewound sign, σ the std of the whole rewound tensor; ``random_sign``: the rewound
+    magnitudes with random signs. Tensors without a mask (biases, normalization) stay rewound; pruned
+    positions are zeroed by the mask during training either way. ``generator`` seeds the random actions.
+    """
+    if action not in MASK1_ACTIONS:
+        raise ConfigError(f"imp.mask1: unknown action {action!r}; choose one of {', '.join(MASK1_ACTIONS)}")
+    out = {k: v.clone() for k, v in rewound.items()}
+    if action == "rewind":
+        return out
+    if action == "reinit" and fresh is None:
+        raise ConfigError("imp.mask1: 'reinit' needs a freshly initialized state")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    for name in sorted(masks):
+        w, keep = out[name], masks[name].to(out[name].device).bool()
+        if action == "reinit":
+            w = torch.where(keep, fresh[name].to(w), w)
+        elif action == "reshuffle":
+            flat, kept = w.reshape(-1).clone(), keep.reshape(-1).nonzero().squeeze(1)
+            order = torch.randperm(kept.numel(), generator=generator, device=gen_device).to(kept.device)
+            flat[kept] = flat[kept][order]
+            w = flat.view_as(w)
+        elif action == "constant":
+            sigma = w.double().std().to(w.dtype) if w.numel() > 1 else w.abs().mean()
+            w = torch.where(keep, torch.where(w >= 0, sigma, -sigma), w)
+        else:  # random_sign
+            signs = torch.randint(0, 2, w.shape, generator=generator, device=gen_device).to(w.device) * 2 - 1
+            w = torch.where(keep, w.abs() * signs.to(w.dtype), w)
+        out[name] = w
+    return out
+
+
 def _ranks(values: Tensor) -> Tensor:
     """Each value's rank (0 = smallest), ties broken by position, as float64."""
     ranks = torch.empty(values.numel(), dtype=torch.float64, device=values.device)

@@ -228,3 +228,20 @@ def test_imp_mask_criterion_is_recorded_names_its_own_run_and_changes_the_masks(
                  "--criterion", "movement"]) == 2
     assert "applies to strategies global and layerwise" in capsys.readouterr().err
     assert sorted(p.name for p in results_root.iterdir()) == before
+
+
+def test_imp_mask1_action_starts_the_ticket_from_its_values_and_names_its_own_run(results_root):
+    from stability.training import load_members
+    from stability.trunk import prepare as prepare_ctx
+
+    cfg = tiny_config(results_root)
+    plain = run_imp(cfg, imp_settings(levels=1))
+    const = run_imp(cfg, imp_settings(levels=1, mask1="constant"))
+    assert plain.run_dir != const.run_dir and const.summary["settings"]["mask1"] == "constant"
+    # the trained tickets differ (they started from other values under the same mask and data order)
+    ctx = prepare_ctx(cfg)
+    a = load_members(plain.run_dir / "replicate_0" / "level_1" / "final.safetensors", ctx).member_state_dict(0)
+    b = load_members(const.run_dir / "replicate_0" / "level_1" / "final.safetensors", ctx).member_state_dict(0)
+    assert not torch.equal(a["fc.0.weight"], b["fc.0.weight"])
+    with pytest.raises(Exception, match="imp.mask1: unknown action"):
+        imp_settings(mask1="keep")

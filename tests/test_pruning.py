@@ -392,3 +392,30 @@ def test_random_criterion_is_seeded_and_keeps_the_exact_count_and_bad_criteria_a
         prune(w, ones, 0.25, "lamp", criterion="movement", initial=w)
     with pytest.raises(ConfigError, match="needs the weights at the rewind point"):
         prune(w, ones, 0.25, "global", criterion="movement")
+
+
+def test_mask1_actions_set_the_kept_weights_as_zhou_et_al_describe():
+    from stability.pruning import MASK1_ACTIONS, mask1_start
+
+    g = torch.Generator().manual_seed(0)
+    rewound = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(6, generator=g)}
+    fresh = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(6, generator=g)}
+    mask = {"w": (torch.rand(6, 5, generator=g) < 0.5).float()}
+    keep = mask["w"].bool()
+    out = {a: mask1_start(a, rewound, mask, fresh=fresh, generator=torch.Generator().manual_seed(1))
+           for a in MASK1_ACTIONS}
+    for a, state in out.items():
+        assert torch.equal(state["b"], rewound["b"]), a  # tensors without a mask stay rewound
+        assert torch.equal(state["w"][~keep], rewound["w"][~keep]), a  # pruned positions untouched
+    assert torch.equal(out["rewind"]["w"], rewound["w"])
+    assert torch.equal(out["reinit"]["w"][keep], fresh["w"][keep])
+    shuffled = out["reshuffle"]["w"][keep]
+    assert torch.equal(shuffled.sort().values, rewound["w"][keep].sort().values)  # the same values ...
+    assert not torch.equal(shuffled, rewound["w"][keep])  # ... in other places
+    sigma = rewound["w"].double().std().float()
+    assert torch.allclose(out["constant"]["w"][keep], torch.sign(rewound["w"][keep]) * sigma)
+    flipped = out["random_sign"]["w"][keep]
+    assert torch.equal(flipped.abs(), rewound["w"][keep].abs())
+    assert (torch.sign(flipped) != torch.sign(rewound["w"][keep])).any()
+    with pytest.raises(ConfigError, match="imp.mask1: unknown action 'zero'"):
+        mask1_start("zero", rewound, mask)
