@@ -156,7 +156,7 @@ def cmd_imp(args: argparse.Namespace) -> int:
 
     cfg, extra = load_config(args)
     settings = imp_settings(
-        extra.get("imp"), levels=args.levels, prune_fraction=args.prune_fraction, strategy=args.strategy, criterion=args.criterion, mask1=args.mask1,
+        extra.get("imp"), levels=args.levels, prune_fraction=args.prune_fraction, strategy=args.strategy, criterion=args.criterion, mask1=args.mask1, supermask=True if args.supermask else None,
         rewind=args.rewind, one_shot=True if args.one_shot else None, baselines=args.baselines,
         replicates=args.replicates, instability=True if args.instability else None)
     sweep = instability_settings(extra.get("instability"))
@@ -409,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "random")
     p.add_argument("--mask1", help="what the kept weights start from: rewind (default), reinit, reshuffle, "
                                    "constant, random_sign (Zhou et al. 2019)")
+    p.add_argument("--supermask", action="store_true",
+                   help="also record each ticket's test accuracy before training (Zhou et al.'s supermasks)")
     p.add_argument("--rewind", help="0 | a step like 500it | auto (first stable step) (default 0)")
     p.add_argument("--one-shot", dest="one_shot", action="store_true",
                    help="prune the dense network straight to each level's density")

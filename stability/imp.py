@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .config import Config, settings_from_table, settings_hash
-from .engine import Members, derive_seed
+from .engine import Members, StackedModel, derive_seed
 from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
 from .instability import (
@@ -106,6 +106,7 @@ class ImpSettings:
     pruning_seed: int = 0  # random strategy and random-mask baseline
     criterion: str = "large_final"  # which weights a level keeps (Zhou et al. 2019; pruning.CRITERIA)
     mask1: str = "rewind"  # what the kept weights start from (pruning.MASK1_ACTIONS)
+    supermask: bool = False  # also record each ticket's test accuracy before training (Zhou et al.'s supermasks)
     chance_margin: float = DEFAULT_CHANCE_MARGIN  # networks this close to chance error are flagged untrained
 
     def __post_init__(self) -> None:
@@ -251,7 +252,7 @@ def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> d
     # chance margins only classify results: they do not name the run
     imp = _without(asdict(settings), "chance_margin")
     # magnitude pruning and rewinding, as before these settings existed: the same names
-    for field_name, default in (("criterion", "large_final"), ("mask1", "rewind")):
+    for field_name, default in (("criterion", "large_final"), ("mask1", "rewind"), ("supermask", False)):
         if imp[field_name] == default:
             del imp[field_name]
     key = {"trunk": cfg.run_hash(), "imp": imp}
@@ -413,6 +414,7 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
         start = Members.from_model_states([starts[k] for k in kinds], list(rewind.params), rewind_step,
                                           rewind.order_seeds * len(kinds), rewind.aug_seeds * len(kinds), ctx.device)
         rewound_imp = _single(start, 0)  # kept apart: training advances ``start`` in place
+        supermask = _untrained_accuracy(rctx, rewound_imp, masks) if settings.supermask else None
         ldir.path.mkdir(parents=True, exist_ok=True)
         eval_every = to_iterations(cfg.training.eval_every, ctx.ipe)
         try:
@@ -436,6 +438,8 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
             row = {"replicate": r, "level": level, "kind": kind, "density": mask_density(kind_masks),
                    "rewind_step": rewind_step, **_early_stop(metrics, i),
                    "trajectory_length": _trajectory(rctx, members.member_state_dict(i)), "instability": ""}
+            if supermask is not None and kind == "imp":
+                row["supermask_test_accuracy"] = supermask  # in record.json and imp.json, not levels.csv
             if settings.instability and kind == "imp":
                 row["instability"] = _sparse_instability(rcfg, rctx, sweep, rewound_imp, masks, rewind_step,
                                                          f"r{r}-level{level}-{ldir.hash}")
@@ -464,6 +468,15 @@ def _scaled_rates(rates: dict[str, float] | None, level: int) -> dict[str, float
     if not rates:
         return None
     return {k: 1 - (1 - v) ** level for k, v in rates.items()}
+
+
+def _untrained_accuracy(ctx: Context, start: Members, masks: Mapping[str, Tensor]) -> float:
+    """Test accuracy of the ticket's start state under its mask, before any training (a supermask's)."""
+    sm = StackedModel(ctx.model)
+    params = {k: v * masks[k].to(v) if k in masks else v for k, v in start.params.items()}
+    x, y = ctx.data.split("test")
+    _, err = sm.evaluate(params, start.buffers, x, y, ctx.cfg.runtime.eval_batch_size)
+    return 1.0 - float(err[0])
 
 
 def _sparse_instability(cfg: Config, ctx: Context, sweep: InstabilitySettings, start: Members,
@@ -517,6 +530,9 @@ def _summarize(rows: list[dict[str, Any]], settings: ImpSettings, rewind_step: i
     summary: dict[str, Any] = {"settings": asdict(settings), "rewind_step": rewind_step, "rewind": rewind_info,
                                "flagged": flagged,
                                "config": cfg.to_dict(), "target_density": (1 - settings.prune_fraction) ** settings.levels}
+    if settings.supermask:
+        summary["supermask"] = [{k: row[k] for k in ("replicate", "level", "density", "supermask_test_accuracy")}
+                                for row in rows if "supermask_test_accuracy" in row]
     summary["tickets"] = _tickets(frame, "test_accuracy")
     summary["tickets_early_stop"] = _tickets(frame, "early_stop_test_accuracy")
     # Trajectory-length gains of Best Sparse and Sparsest Matching (aggregate), against the dense network.
