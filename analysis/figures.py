@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from stability.errors import ConfigError
+from stability.metrics import matching_tolerance
 
 from .load import (
     Source,
@@ -657,8 +658,7 @@ def plot_rewind_comparison(levels: Mapping[str, pd.DataFrame], *, value: str = "
 def _dense_and_tolerance(df: pd.DataFrame, value: str) -> tuple[float, float]:
     """Mean dense (level 0) accuracy and the matching tolerance: its std over replicates, or 0.2 points."""
     dense = df[(df["kind"] == "imp") & (df["level"] == 0)][value].dropna().astype(float)
-    tol = float(dense.std()) if len(dense) > 1 else 0.002
-    return float(dense.mean()), tol
+    return float(dense.mean()), matching_tolerance(dense.tolist())
 
 
 @_styled

@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from .config import Config, from_dict, settings_from_table, settings_hash
-from .engine import StackedModel
+from .engine import Members, StackedModel
 from .errors import ConfigError
-from .health import chance_error, is_untrained
-from .interpolation import ALIGN_METHODS, CurveSettings, error_barrier, evaluate_aligned_path
+from .health import DEFAULT_CHANCE_MARGIN, chance_error
+from .instability import SPLITS, flag_curves, pair_barriers
+from .interpolation import ALIGN_METHODS, CurveSettings, curve_rows
 from .schema import (
     CONNECT,
     CONNECT_SUMMARY,
@@ -38,8 +39,6 @@ from .schema import (
 from .store import RunDir, load_tensors, read_record, write_csv, write_json
 from .training import load_members
 from .trunk import load_weights, prepare
-
-SPLITS = ("test", "train", "val")
 
 
 @dataclass(frozen=True)
@@ -165,24 +164,18 @@ def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = 
            **{k: v for k, v in asdict(settings).items() if k != "allow_different_masks"}}
     run = RunDir(cfg.runtime.results_root, CONNECT, settings_hash(key))
     curve_settings = settings.curve_settings(cfg.runtime.eval_batch_size)
-    alphas = curve_settings.grid()
-    device = ctx.device
-    sa = {k: v.to(device) for k, v in a.state.items()}
-    sb = {k: v.to(device) for k, v in b.state.items()}
+    # the two networks as the two members of a sweep point: measured as a sweep measures its siblings
+    members = Members.from_model_states([a.state, b.state], sm.param_names, 0, [0, 0], [0, 0], ctx.device)
     with run.claim():
         run.start({"connect": asdict(settings), "a": a.source, "b": b.source}, key, {})
-        rows, barriers, loss_barriers, untrained = [], {}, {}, []
-        for split in settings.splits:
-            x, y = ctx.data.split(split)
-            errs, losses = evaluate_aligned_path(sm, sa, sb, alphas, x, y, curve_settings, ctx.data.x_train)
-            chance = chance_error(y)
-            flag = "untrained" if is_untrained(errs[0], chance, 0.05) or is_untrained(errs[-1], chance, 0.05) else ""
-            if flag:
-                untrained.append(split)
-            rows += [{"rewind_step": "", "pair": "a-b", "split": split, "alpha": al, "error": e, "loss": lo, "flag": flag}
-                     for al, e, lo in zip(alphas, errs, losses)]
-            barriers[split] = error_barrier(errs)
-            loss_barriers[split] = error_barrier(losses)
+        rows = curve_rows(sm, members, settings.splits, ctx.data, curve_settings, rewind_step="")
+        for row in rows:
+            row["pair"] = "a-b"
+        flag_curves(rows, {s: chance_error(ctx.data.split(s)[1]) for s in settings.splits}, DEFAULT_CHANCE_MARGIN)
+        untrained = [s for s in settings.splits if any(r["flag"] for r in rows if r["split"] == s)]
+        by_pair = pair_barriers(rows)
+        barriers = {s: by_pair["", s, "a-b"][0] for s in settings.splits}
+        loss_barriers = {s: by_pair["", s, "a-b"][1] for s in settings.splits}
         summary = {"a": a.source, "b": b.source, "settings": asdict(settings), "alignment":
                    settings.align + ("+repair" if settings.repair else ""), "barrier": barriers,
                    "loss_barrier": loss_barriers, "untrained": untrained, "sparse": a.masks is not None,

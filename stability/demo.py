@@ -15,6 +15,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse
 import math
 import platform
+import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -103,7 +104,7 @@ def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False,
         with stage(f"{name}: instability sweep over {', '.join(points)} ({settings.siblings} siblings each)"):
             sweeps[name] = instability_sweep(cfg, sweep_settings[name])
     alignments = _alignment_sweeps(sweeps, sweep_settings, {"lenet300_mnist5k": lenet, "lenet5_mnist5k": conv},
-                                   stage)
+                                   settings.alignments, stage)
     hs = hessian_settings(top_k=3, smallest=True, trace_probes=settings.trace_probes, density=True,
                           samples=settings.hessian_samples)
     with stage("lenet300_mnist5k: Hessian over training (λ1..3, λmin, trace, density)"):
@@ -134,7 +135,7 @@ def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False,
 
 
 def _alignment_sweeps(sweeps: dict[str, SweepResult], sweep_settings: dict[str, Any], configs: dict[str, Any],
-                      stage: Stage) -> dict[str, dict[str, SweepResult]]:
+                      alignments: tuple[str, ...], stage: Stage) -> dict[str, dict[str, SweepResult]]:
     """The naive sweeps' networks again at k = independent, 0 and the first stable step, aligned each way.
 
     The siblings and the independently trained networks are the naive sweep's (reused, not retrained).
@@ -147,17 +148,13 @@ def _alignment_sweeps(sweeps: dict[str, SweepResult], sweep_settings: dict[str, 
             points.append(f"{naive.first_stable_step}it")
         out[name] = {"none": naive}
         with stage(f"{name}: barriers modulo permutation at {', '.join(points)} "
-                   f"({', '.join(base_alignments())})"):
-            for alignment in base_alignments():
+                   f"({', '.join(alignments)})"):
+            for alignment in alignments:
                 align, _, repair = alignment.partition("+")
                 settings = replace(base, rewind_points=tuple(points), align=align, repair=bool(repair),
                                    splits=("test",))  # summary.md reports the test barrier
                 out[name][alignment] = instability_sweep(configs[name], settings)
     return out
-
-
-def base_alignments() -> tuple[str, ...]:
-    return DemoSettings().alignments
 
 
 def _figures(root: Path, out: Path) -> list[Path]:
@@ -258,16 +255,14 @@ def stabilized_lth_lines(imps: dict[str, ImpResult], threshold: float = 0.02) ->
     """
     zero, auto = imps["0"], imps["auto"]
 
-    def by_level(result: ImpResult) -> dict[int, tuple[float, float, float]]:
+    def by_level(result: ImpResult) -> dict[int, tuple[float, float]]:
+        """Level -> mean and spread (std over replicates; NaN with one) of the tickets' test accuracy."""
         out = {}
         for level in sorted({r["level"] for r in result.levels}):
             accs = [r["final_test_accuracy"] for r in result.levels if r["level"] == level and r["kind"] == "imp"
                     and r.get("status", "ok") == "ok"]
-            dens = [r["density"] for r in result.levels if r["level"] == level and r["kind"] == "imp"]
             if accs:
-                mean = sum(accs) / len(accs)
-                spread = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else float("nan")
-                out[level] = (dens[0], mean, spread)
+                out[level] = (statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else math.nan)
         return out
 
     z, a = by_level(zero), by_level(auto)
@@ -275,7 +270,7 @@ def stabilized_lth_lines(imps: dict[str, ImpResult], threshold: float = 0.02) ->
     mz, ma = set(tz["aggregate"]["matching_levels"]), set(ta["aggregate"]["matching_levels"])
     separating = sorted(level for level in ma - mz if level in z and level in a)
     beyond = [level for level in separating
-              if not any(map(_isnan, (z[level][2], a[level][2]))) and a[level][1] - z[level][1] > z[level][2] + a[level][2]]
+              if a[level][0] - z[level][0] > z[level][1] + a[level][1]]  # False when a spread is NaN
     lines = ["## Does the stabilized lottery ticket hypothesis show here?", "",
              (f"Rewinding to step 0: matching at levels {sorted(mz) or 'none'}; rewinding to the first stable step "
              f"({auto.rewind_step}it): matching at levels {sorted(ma) or 'none'}."), ""]
@@ -321,10 +316,6 @@ def _sparse_stability_lines(*results: ImpResult, threshold: float = 0.02) -> lis
                        "rewind point, not the dense one's: a sparse network that is stable where the dense one is "
                        "not explains a matching ticket found by rewinding to 0.")]
     return lines
-
-
-def _isnan(x: float) -> bool:
-    return math.isnan(x)
 
 
 def _rel(path: Path, out: Path) -> str:

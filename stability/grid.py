@@ -233,7 +233,7 @@ def make_plan(grid: Grid) -> Plan:
             # keeps every checkpoint either asks for, and counts as the point's own trunk
             own = old if "independent_of" not in old.args else unit
             extra = sorted(set(old.args["extra_checkpoints"]) | set(unit.args["extra_checkpoints"]))
-            units[unit.id] = replace(own, args={**{k: v for k, v in own.args.items()}, "extra_checkpoints": extra})
+            units[unit.id] = replace(own, args={**own.args, "extra_checkpoints": extra})
         else:
             units.setdefault(unit.id, unit)
         return unit.id

@@ -17,7 +17,7 @@ plain interpolation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import combinations
 
 import torch
@@ -167,20 +167,53 @@ def alignment_subset(x_train: Tensor, settings: CurveSettings) -> Tensor:
 
 
 def align_pair(model: nn.Module, a: Mapping[str, Tensor], b: Mapping[str, Tensor], settings: CurveSettings,
-               x_align: Tensor | None, masks: Mapping[str, Tensor] | None = None,
-               ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-    """Network b (and its masks) with its hidden units permuted to match a's (``settings.align``)."""
+               x_align: Tensor | None) -> dict[str, Tensor]:
+    """Network b with its hidden units permuted to match a's (``settings.align``; ``none`` = b as it is)."""
     from .align import activation_matching, apply_permutation, permutation_spec, weight_matching
 
     if settings.align == "none":
-        return dict(b), dict(masks) if masks is not None else None
+        return dict(b)
     spec = permutation_spec(model)
     if settings.align == "weights":
         perms = weight_matching(spec, a, b, seed=settings.align_seed)
     else:
         assert x_align is not None
         perms = activation_matching(model, spec, a, b, x_align)
-    return apply_permutation(spec, perms, b), apply_permutation(spec, perms, masks) if masks is not None else None
+    return apply_permutation(spec, perms, b)
+
+
+def repaired_path(sm: StackedModel, a: Mapping[str, Tensor], b: Mapping[str, Tensor], alphas: Sequence[float],
+                  x_align: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Stacked parameters and buffers of θ(α) after REPAIR, every α renormalized on its own.
+
+    REPAIR's statistics come from ``x_align``, whichever split the path is then evaluated on (its
+    BatchNorm reset replaces the ``bn`` option's).
+    """
+    from .align import repair, repair_endpoints
+
+    ends = repair_endpoints(sm.model, a, b, x_align)
+    w = torch.tensor(list(alphas), dtype=torch.float64, device=x_align.device)
+    mids = interpolate_stacks(a, b, w)
+    states = [repair(sm.model, a, b, {k: v[j] for k, v in mids.items()}, float(alpha), x_align, endpoints=ends)
+              for j, alpha in enumerate(alphas)]
+    params = {k: torch.stack([st[k] for st in states]) for k in sm.param_names}
+    buffers = {k: torch.stack([st[k] for st in states]) for k in sm.buffer_names}
+    return params, buffers
+
+
+def evaluate_stacked(sm: StackedModel, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,
+                     y: Tensor, settings: CurveSettings) -> tuple[list[float], list[float]]:
+    """Error and loss of stacked networks ``{name: [A, ...]}``, in chunks of ``max_members``."""
+    errors: list[float] = []
+    losses: list[float] = []
+    n = next(iter(params.values())).shape[0]
+    for start in range(0, n, settings.max_members):
+        part = slice(start, start + settings.max_members)
+        loss, err = sm.evaluate({k: v[part] for k, v in params.items()}, {k: v[part] for k, v in buffers.items()},
+                                x, y, settings.eval_batch_size)
+        errors.extend(err.tolist())
+        losses.extend(loss.tolist())
+    return errors, losses
 
 
 def evaluate_aligned_path(sm: StackedModel, a: Mapping[str, Tensor], b: Mapping[str, Tensor], alphas: Sequence[float],
@@ -191,28 +224,10 @@ def evaluate_aligned_path(sm: StackedModel, a: Mapping[str, Tensor], b: Mapping[
         if x_train is None:
             raise ConfigError("instability.align: activation matching and REPAIR need training data")
         x_align = alignment_subset(x_train, settings)
-    b, _ = align_pair(sm.model, a, b, settings, x_align)
+    b = align_pair(sm.model, a, b, settings, x_align)
     if not settings.repair:
         return evaluate_path(sm, a, b, alphas, x, y, settings, x_train)
-    from .align import repair, repair_endpoints
-
-    ends = repair_endpoints(sm.model, a, b, x_align)
-    errors: list[float] = []
-    losses: list[float] = []
-    for start in range(0, len(alphas), settings.max_members):
-        chunk = alphas[start : start + settings.max_members]
-        # each θ(α) renormalized on its own (REPAIR's BatchNorm reset replaces the ``bn`` option)
-        states = []
-        for alpha in chunk:
-            w = torch.tensor([alpha], dtype=torch.float64, device=x.device)
-            mid = {k: v[0] for k, v in interpolate_stacks(a, b, w).items()}
-            states.append(repair(sm.model, a, b, mid, float(alpha), x_align, endpoints=ends))
-        params = {k: torch.stack([st[k] for st in states]) for k in sm.param_names}
-        buffers = {k: torch.stack([st[k] for st in states]) for k in sm.buffer_names}
-        loss, err = sm.evaluate(params, buffers, x, y, settings.eval_batch_size)
-        errors.extend(err.tolist())
-        losses.extend(loss.tolist())
-    return errors, losses
+    return evaluate_stacked(sm, *repaired_path(sm, a, b, alphas, x_align), x, y, settings)
 
 
 def pairs(n: int) -> list[tuple[int, int]]:
@@ -228,13 +243,13 @@ def curve_rows(sm: StackedModel, members: Members, splits: Iterable[str], data, 
     rows = []
     for i, j in pairs(members.n):
         a, b = members.member_state_dict(i), members.member_state_dict(j)
-        if settings.align != "none":
-            b, _ = align_pair(sm.model, a, b, settings, x_align)  # once per pair, for every split
+        # aligned, and repaired, once per pair: the same networks are evaluated on every split
+        b = align_pair(sm.model, a, b, settings, x_align)
+        repaired = repaired_path(sm, a, b, alphas, x_align) if settings.repair else None
         for split in splits:
             x, y = data.split(split)
-            if settings.repair:
-                errs, losses = evaluate_aligned_path(sm, a, b, alphas, x, y, replace(settings, align="none"),
-                                                     data.x_train, x_align)
+            if repaired is not None:
+                errs, losses = evaluate_stacked(sm, *repaired, x, y, settings)
             else:
                 errs, losses = evaluate_path(sm, a, b, alphas, x, y, settings, data.x_train)
             for alpha, e, loss in zip(alphas, errs, losses):

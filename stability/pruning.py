@@ -24,7 +24,7 @@ give the same mask on any device.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 
 import torch
@@ -41,6 +41,20 @@ CRITERIA = ("large_final", "small_final", "large_init", "small_init", "large_ini
             "small_init_small_final", "magnitude_increase", "movement", "large_final_same_sign", "random")
 
 
+# Elementwise keep-scores of the criteria (higher = kept), from w_f alone or from (w_f, w_i).
+_FINAL_ONLY: dict[str, Callable[[Tensor], Tensor]] = {
+    "large_final": lambda f: f.abs(),
+    "small_final": lambda f: -f.abs(),
+}
+_ELEMENTWISE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "large_init": lambda f, i: i.abs(),
+    "small_init": lambda f, i: -i.abs(),
+    "magnitude_increase": lambda f, i: f.abs() - i.abs(),
+    "movement": lambda f, i: (f - i).abs(),
+    "large_final_same_sign": lambda f, i: torch.where(torch.sign(f) == torch.sign(i), f.abs(), torch.zeros_like(f)),
+}
+
+
 def criterion_scores(criterion: str, final: Sequence[Tensor], initial: Sequence[Tensor] | None,
                      generator: torch.Generator | None = None) -> list[Tensor]:
     """Keep-scores (higher = kept) of the survivors of one ranking pool, one 1-D tensor per tensor.
@@ -53,27 +67,17 @@ def criterion_scores(criterion: str, final: Sequence[Tensor], initial: Sequence[
     if criterion not in CRITERIA:
         raise ConfigError(f"imp.criterion: unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     wf = [t.double() for t in final]
-    if criterion == "large_final":
-        return [t.abs() for t in wf]
-    if criterion == "small_final":
-        return [-t.abs() for t in wf]
     if criterion == "random":
         gen_device = generator.device if generator is not None else torch.device("cpu")
         return [torch.rand(t.shape, generator=generator, device=gen_device, dtype=torch.float64).to(t.device)
                 for t in wf]
+    if criterion in _FINAL_ONLY:
+        return [_FINAL_ONLY[criterion](f) for f in wf]
     if initial is None:
         raise ConfigError(f"imp.criterion: {criterion!r} needs the weights at the rewind point")
     wi = [t.double() for t in initial]
-    if criterion == "large_init":
-        return [t.abs() for t in wi]
-    if criterion == "small_init":
-        return [-t.abs() for t in wi]
-    if criterion == "magnitude_increase":
-        return [f.abs() - i.abs() for f, i in zip(wf, wi)]
-    if criterion == "movement":
-        return [(f - i).abs() for f, i in zip(wf, wi)]
-    if criterion == "large_final_same_sign":
-        return [torch.where(torch.sign(f) == torch.sign(i), f.abs(), torch.zeros_like(f)) for f, i in zip(wf, wi)]
+    if criterion in _ELEMENTWISE:
+        return [_ELEMENTWISE[criterion](f, i) for f, i in zip(wf, wi)]
     sign = 1.0 if criterion == "large_init_large_final" else -1.0
     sizes = [t.numel() for t in wf]
     rank_f = _ranks(torch.cat([sign * t.abs() for t in wf]) if wf else torch.zeros(0, dtype=torch.float64))

@@ -1,6 +1,7 @@
 """``StackedModel``: one template module run over stacked member tensors ``{name: [N, ...]}``."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -201,13 +202,17 @@ class StackedModel:
             xs = [xx.contiguous(memory_format=torch.channels_last) for xx in xs]
             p_views = [[t.contiguous(memory_format=torch.channels_last) for t in v] if v[0].dim() == 4 else v
                        for v in p_views]
+        def noise(i: int):
+            # member i's dropout masks from its own generator; nothing to set up for models without dropout
+            return dropout_noise(dropout_gens[i]) if dropout_gens else contextlib.nullcontext()
+
         outs = []
         slots = self._slots
         if slots is None or any(k not in slots for k in p_names + b_names):
             for i in range(n):
                 p = {k: v[i] for k, v in zip(p_names, p_views)}
                 b = {k: v[i] for k, v in zip(b_names, b_views)}
-                with dropout_noise(dropout_gens[i] if dropout_gens else None):
+                with noise(i):
                     outs.append(functional_call(self.model, (p, b), (xs[i],)))
             return torch.stack(outs)
         # What functional_call does, without its per-call bookkeeping (~20 µs per tensor, which
@@ -220,7 +225,7 @@ class StackedModel:
             for i in range(n):
                 for (d, leaf), v in zip(places, views):
                     d[leaf] = v[i]
-                with dropout_noise(dropout_gens[i] if dropout_gens else None):
+                with noise(i):
                     outs.append(self.model(xs[i]))
         finally:
             for (d, leaf), t in zip(places, originals):
