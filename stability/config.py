@@ -24,6 +24,9 @@ from .steps import Step
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
+# How a run trains: plain weight training, strong tickets (edge-popup; Zhou et al.'s learned supermask)
+# over frozen weights, or NEq (neurons at equilibrium skip their updates).
+METHODS = ("standard", "edgepopup", "supermask", "neq")
 DEVICES = ("auto", "cpu", "cuda")
 # Tables of a TOML config besides the run's SECTIONS: the later stages' settings.
 STAGE_TABLES = ("instability", "imp", "hessian")
@@ -100,6 +103,7 @@ class TrainingConfig:
     rewind_points: tuple[str, ...] = ()  # checkpoints kept besides step 0 and T
     eval_every: str = "100it"
     checkpoint_every: str = "200it"  # resumable state cadence; does not change results
+    method: str = "standard"  # standard | edgepopup | supermask | neq (names the run only when not standard)
 
     # rewind points are produced on demand by exact resume, so they do not name the run
     UNHASHED = ("rewind_points", "checkpoint_every")
@@ -400,6 +404,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"schedule.kind: unknown schedule {cfg.schedule.kind!r}; choose one of {', '.join(SCHEDULES)}")
     if not (cfg.schedule.gamma >= 0 and math.isfinite(cfg.schedule.gamma)):
         raise ConfigError(f"schedule.gamma: must be a finite number >= 0, got {cfg.schedule.gamma}")
+    if cfg.training.method not in METHODS:
+        raise ConfigError(f"training.method: unknown method {cfg.training.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.training.batch_size < 1:
         raise ConfigError(f"training.batch_size: must be >= 1, got {cfg.training.batch_size}")
     if cfg.dataset.val_size < 0:

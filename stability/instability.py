@@ -249,7 +249,7 @@ def independent_members(cfg: Config, ctx: Context, n: int) -> tuple[Members, dic
 
 def sweep_key(cfg: Config, settings: InstabilitySettings, steps: Sequence[int], *,
               masks: Mapping[str, Tensor] | None = None, start_states: Mapping[int, Any] | None = None,
-              label: str | None = None) -> dict[str, Any]:
+              label: str | None = None, freeze: bool = False) -> dict[str, Any]:
     """The settings that name a sweep (its run hash is ``settings_hash`` of this, recorded in its manifest).
 
     Threshold and chance margin only classify the measured curves, so they stay out. A sparse sweep
@@ -259,8 +259,9 @@ def sweep_key(cfg: Config, settings: InstabilitySettings, steps: Sequence[int], 
            **without_plain_alignment(settings, ("rewind_points", "threshold", "chance_margin"))}
     if masks is None and start_states is None and label is None:
         return key
-    return {"base": settings_hash(key), "label": label, "masks": mask_digest(masks),
-            "start_states": states_digest(start_states)}
+    key = {"base": settings_hash(key), "label": label, "masks": mask_digest(masks),
+           "start_states": states_digest(start_states)}
+    return {**key, "mask0": "freeze"} if freeze else key
 
 
 def states_digest(states: Mapping[int, Any] | None) -> str | None:
@@ -279,11 +280,13 @@ def sweep_dir(cfg: Config, settings: InstabilitySettings, steps: Sequence[int], 
 
 def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySettings(), *,
                       ctx: Context | None = None, masks: Mapping[str, Tensor] | None = None,
-                      start_states: Mapping[int, Any] | None = None, label: str | None = None) -> SweepResult:
+                      start_states: Mapping[int, Any] | None = None, label: str | None = None,
+                      freeze: bool = False) -> SweepResult:
     """Train siblings at every rewind point from one trunk and measure their instability.
 
     ``masks`` and ``start_states`` (rewind step -> single-member Members) serve sparse networks:
-    the siblings then start from those weights instead of the dense trunk's checkpoints.
+    the siblings then start from those weights instead of the dense trunk's checkpoints; ``freeze``
+    holds the masks' removed weights at their start values instead of zero.
     """
     settings.validate()
     ctx = ctx or prepare(cfg)
@@ -305,15 +308,15 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
     t0 = time.perf_counter()
     if start_states is None:
         train_trunk(cfg, extra_checkpoints=[k for k in steps if k >= 0], ctx=ctx)
-    key = sweep_key(cfg, settings, steps, masks=masks, start_states=start_states, label=label)
+    key = sweep_key(cfg, settings, steps, masks=masks, start_states=start_states, label=label, freeze=freeze)
     run = RunDir(cfg.runtime.results_root, INSTABILITY, settings_hash(key))
     with run.claim():
-        return _sweep(cfg, settings, ctx, run, key, steps, masks, start_states, label, t0)
+        return _sweep(cfg, settings, ctx, run, key, steps, masks, start_states, label, t0, freeze)
 
 
 def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir, key: dict[str, Any],
            steps: list[int], masks: Mapping[str, Tensor] | None, start_states: Mapping[int, Any] | None,
-           label: str | None, t0: float) -> SweepResult:
+           label: str | None, t0: float, freeze: bool = False) -> SweepResult:
     run.start({"training": cfg.to_dict(), "instability": asdict(settings)}, key, {"label": label})
     sm = StackedModel(ctx.model)
     curve_settings = settings.curve_settings(cfg.runtime.eval_batch_size)
@@ -331,7 +334,7 @@ def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir
                 members, info = independent_members(cfg, ctx, settings.siblings)
             else:
                 sib = train_siblings(ctx, k, settings.sibling_settings(), masks=masks, start=start,
-                                     label=None if start is None else f"{label}@{k}")
+                                     label=None if start is None else f"{label}@{k}", freeze=freeze)
                 members, info = sib.members, siblings_info(sib)
         except TrainingDiverged as exc:
             diverged[k] = exc.info()

@@ -109,7 +109,8 @@ def start_members(ctx: Context, source: Members, n: int, order: Sequence[int], a
 
 
 def train_branch(ctx: Context, run: RunDir, start: Members, end_step: int, *,
-                 masks: Mapping[str, Tensor] | None = None, desc: str = "branch", eval_every: int = 0) -> Members:
+                 masks: Mapping[str, Tensor] | None = None, freeze: bool = False, desc: str = "branch",
+                 eval_every: int = 0) -> Members:
     """Train members from their step to ``end_step`` in ``run`` (resumable); writes ``run/final.safetensors``.
 
     A damaged ``final.safetensors`` is moved aside and the branch trained again from its newest intact
@@ -124,14 +125,14 @@ def train_branch(ctx: Context, run: RunDir, start: Members, end_step: int, *,
                 return members
         except CheckpointError as exc:
             quarantine(final, str(exc))
-    members = resumable_train(ctx, run, start, end_step, masks=masks, eval_every=eval_every, desc=desc)
+    members = resumable_train(ctx, run, start, end_step, masks=masks, freeze=freeze, eval_every=eval_every, desc=desc)
     save_state(final, members)
     return members
 
 
 def siblings_key(cfg: Config, rewind_step: int, settings: SiblingSettings, *,
                  masks: Mapping[str, Tensor] | None = None, noise_seeds: Sequence[tuple[int, int]] | None = None,
-                 start: Members | None = None, label: str | None = None) -> dict[str, Any]:
+                 start: Members | None = None, label: str | None = None, freeze: bool = False) -> dict[str, Any]:
     """The settings that name a sibling set (its run hash is ``settings_hash`` of this)."""
     if noise_seeds is not None:
         if len(noise_seeds) < 2:
@@ -141,6 +142,8 @@ def siblings_key(cfg: Config, rewind_step: int, settings: SiblingSettings, *,
         order, aug = sibling_seeds(cfg.training.noise_seed, settings)
     key = {"trunk": cfg.run_hash(), "rewind_step": rewind_step, "order_seeds": order, "aug_seeds": aug,
            "optimizer_state": settings.optimizer_state, "masks": mask_digest(masks), "start": label}
+    if freeze:  # removed weights frozen rather than pruned (named only then: older sets keep their hash)
+        key["mask0"] = "freeze"
     if start is not None:  # named by the start state's contents, not only by its label
         key["start_state"] = tensors_digest({**{f"param/{k}": v for k, v in start.params.items()},
                                              **{f"buffer/{k}": v for k, v in start.buffers.items()}})[:16]
@@ -154,17 +157,19 @@ def siblings_dir(cfg: Config, rewind_step: int, settings: SiblingSettings = Sibl
 
 def train_siblings(ctx: Context, rewind_step: int, settings: SiblingSettings = SiblingSettings(), *,
                    masks: Mapping[str, Tensor] | None = None, noise_seeds: Sequence[tuple[int, int]] | None = None,
-                   start: Members | None = None, label: str | None = None) -> SiblingsResult:
+                   start: Members | None = None, label: str | None = None, freeze: bool = False) -> SiblingsResult:
     """Train N siblings from the trunk's checkpoint at ``rewind_step`` (or from ``start``) to the final step.
 
     ``noise_seeds`` overrides the derived (order, augmentation) seed pairs. ``masks`` keeps pruned
-    weights at zero. The siblings are a run of their own in the store, reused when complete.
+    weights at zero, or with ``freeze`` at their values in the start state. The siblings are a run of their
+    own in the store, reused when complete.
     """
     settings.validate()
     cfg = ctx.cfg
     if not 0 <= rewind_step < ctx.total_steps:
         raise ConfigError(f"instability.rewind_points: step {rewind_step} is not before the final step {ctx.total_steps}")
-    key = siblings_key(cfg, rewind_step, settings, masks=masks, noise_seeds=noise_seeds, start=start, label=label)
+    key = siblings_key(cfg, rewind_step, settings, masks=masks, noise_seeds=noise_seeds, start=start, label=label,
+                       freeze=freeze)
     order, aug = key["order_seeds"], key["aug_seeds"]
     trunk = trunk_dir(cfg)
     run = RunDir(cfg.runtime.results_root, SIBLINGS, settings_hash(key))
@@ -188,7 +193,7 @@ def train_siblings(ctx: Context, rewind_step: int, settings: SiblingSettings = S
                       {"rewind_step": rewind_step, "final_step": ctx.total_steps, "trunk": str(trunk.path)})
             members0 = start_members(ctx, start, len(order), order, aug, settings.optimizer_state)
             t0 = time.perf_counter()
-            members = train_branch(ctx, run, members0, ctx.total_steps, masks=masks,
+            members = train_branch(ctx, run, members0, ctx.total_steps, masks=masks, freeze=freeze,
                                    desc=f"siblings @{format_step(rewind_step)}")
             run.update(status="complete", seconds=round(time.perf_counter() - t0, 3))
     return SiblingsResult(run.path, rewind_step, ctx.total_steps, members, order, aug, reused)

@@ -162,12 +162,14 @@ def read_metrics(run: RunDir) -> list[dict[str, Any]] | None:
 
 
 def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
-                    masks: Mapping[str, Tensor] | None = None, eval_every: int = 0, keep: Collection[int] = (),
-                    desc: str = "train") -> Members:
+                    masks: Mapping[str, Tensor] | None = None, freeze: bool = False, eval_every: int = 0,
+                    keep: Collection[int] = (), desc: str = "train") -> Members:
     """Train ``start`` (or the newest intact saved state) to ``end_step`` inside ``run``.
 
     ``eval_every`` > 0 evaluates every member at the start step, every ``eval_every`` steps and at
-    the end into ``metrics.csv``; ``keep`` are the steps saved as ``checkpoints/step_<k>``. A
+    the end into ``metrics.csv``; ``keep`` are the steps saved as ``checkpoints/step_<k>``. ``masks``
+    prune (the mask-0 coordinates held at zero) or, with ``freeze``, freeze (held at their values in
+    ``start``, which a resumed state holds too, bit for bit). A
     non-finite loss or weight marks the run ``diverged`` in its manifest and raises TrainingDiverged.
     """
     cfg = ctx.cfg
@@ -182,7 +184,7 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
         return bool(eval_every) and (s == first or s % eval_every == 0 or s == end_step)
 
     members, rows = _resume(ctx, run, start, end_step, keep, eval_due)
-    if masks:
+    if masks and not freeze:
         from .pruning import apply_masks_
 
         apply_masks_(members.params, masks)
@@ -211,7 +213,8 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
             if s % state_every == 0 and s != end_step:
                 save_state(latest, m)
 
-        spec = TrainSpec(ctx.data, cfg, ctx.ipe, masks=masks, after_step=after_step, augmentation=ctx.augmentation)
+        spec = TrainSpec(ctx.data, cfg, ctx.ipe, masks=masks, freeze=freeze, after_step=after_step,
+                         augmentation=ctx.augmentation)
         train_members(sm, members, spec, end_step)
     except TrainingDiverged as exc:
         exc.run_dir = str(run.path)

@@ -36,6 +36,9 @@ class TrainSpec:
     cfg: Config
     ipe: int
     masks: Mapping[str, Tensor] | None = None  # {name: [N, ...] or [...]} 0/1
+    # What the mask-0 coordinates do: False = they are pruned (held at zero); True = they are frozen,
+    # holding the values they have when training starts (Zhou et al.'s mask-0 action ``freeze``).
+    freeze: bool = False
     after_step: Callable[[Members, float], None] | None = None  # called with the batch loss after each step
     augmentation: str | None = None
 
@@ -66,6 +69,7 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
     if members.optimizer_state:
         opt.load_state_dict({"state": members.optimizer_state["state"], "param_groups": opt.state_dict()["param_groups"]})
     masks = [spec.masks.get(n) if spec.masks else None for n in model.param_names]
+    held = _held_values(plist, masks) if spec.freeze else None
     n = members.n
     members.optimizer = opt
     fast_update = opt.update if isinstance(opt, _MemberwiseFusedAdam) else None
@@ -105,7 +109,13 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
                 fast_update()
         else:
             opt.step()
-        if spec.masks:
+        if held is not None:
+            # Frozen coordinates are put back exactly (weight decay and momentum would move them).
+            with torch.no_grad():
+                for p, h in zip(plist, held):
+                    if h is not None:
+                        p.copy_(torch.where(h[0], p, h[1]))
+        elif spec.masks:
             with torch.no_grad():
                 for p, m in zip(plist, masks):
                     if m is not None:
@@ -124,6 +134,12 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
     for p in plist:
         p.requires_grad_(False)
     return members
+
+
+def _held_values(plist: Sequence[Tensor], masks: Sequence[Tensor | None]) -> list[tuple[Tensor, Tensor] | None]:
+    """(kept, values) per parameter: where the mask is 1, and the values every coordinate holds now."""
+    return [None if m is None else (torch.broadcast_to(m != 0, p.shape).clone(), p.detach().clone())
+            for p, m in zip(plist, masks)]
 
 
 def _stop(members: Members, opt: torch.optim.Optimizer, plist: Sequence[Tensor]) -> None:
