@@ -157,6 +157,7 @@ def cmd_imp(args: argparse.Namespace) -> int:
     cfg, extra = load_config(args)
     settings = imp_settings(
         extra.get("imp"), levels=args.levels, prune_fraction=args.prune_fraction, strategy=args.strategy, criterion=args.criterion, mask1=args.mask1, supermask=True if args.supermask else None,
+        mask0=args.mask0, mask_from=args.mask_from,
         rewind=args.rewind, one_shot=True if args.one_shot else None, baselines=args.baselines,
         replicates=args.replicates, instability=True if args.instability else None)
     sweep = instability_settings(extra.get("instability"))
@@ -168,14 +169,20 @@ def cmd_imp(args: argparse.Namespace) -> int:
     how = f" (auto: first stable step {info.get('first_stable_step')})" if info.get("rewind") == "auto" else ""
     print(f"IMP: {settings.levels} levels, {settings.strategy} pruning {settings.prune_fraction:.0%} per level, "
           f"rewind to {result.rewind_step}it{how}")
+    source = result.summary.get("mask_source", "own")
+    print(f"criterion {settings.criterion if source == 'own' else '-'}, mask-1 {settings.mask1}, mask-0 {settings.mask0}, "
+          f"masks {'found here' if source == 'own' else 'from ' + str(source.get('run_dir'))}")
     print(f"{'rep':>3} {'level':>5} {'kind':>7} {'density':>8} {'final acc':>9} {'early-stop acc':>14} {'at':>7} "
-          f"{'instability':>11} {'status':>9}")
+          f"{'instability':>11} {'status':>9} {'updated':>7} {'untrained':>9}")
+
+    def number(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else "-"
+
     for row in result.levels:
-        inst = row["instability"]
-        inst_text = f"{inst:.4f}" if isinstance(inst, float) else "-"
         print(f"{row['replicate']:>3} {row['level']:>5} {row['kind']:>7} {row['density']:>8.4f} "
               f"{row['final_test_accuracy']:>9.4f} {row['early_stop_test_accuracy']:>14.4f} "
-              f"{row['early_stop_step']:>5}it {inst_text:>11} {row.get('status', 'ok'):>9}")
+              f"{row['early_stop_step']:>5}it {number(row['instability']):>11} {row.get('status', 'ok'):>9} "
+              f"{number(row.get('updated_fraction')):>7} {number(row.get('supermask_test_accuracy')):>9}")
     tickets = result.summary["tickets"]
     agg = tickets["aggregate"]
     print(f"dense accuracy {tickets['dense_accuracy']:.4f}, matching tolerance {tickets['tolerance']:.4f}")
@@ -409,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "random")
     p.add_argument("--mask1", help="what the kept weights start from: rewind (default), reinit, reshuffle, "
                                    "constant, random_sign (Zhou et al. 2019)")
+    p.add_argument("--mask0", help="what the removed weights do: zero (pruned, default), freeze (held at their "
+                                   "rewound values: lottery heroes), freeze_if_moving_away (Zhou et al. 2019)")
+    p.add_argument("--mask-from", dest="mask_from", metavar="IMP_RUN",
+                   help="train the masks of another IMP run (an imp_<hash> directory) here instead of pruning: "
+                        "ticket transfer to another optimizer, seed or dataset")
     p.add_argument("--supermask", action="store_true",
                    help="also record each ticket's test accuracy before training (Zhou et al.'s supermasks)")
     p.add_argument("--rewind", help="0 | a step like 500it | auto (first stable step) (default 0)")

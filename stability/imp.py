@@ -45,16 +45,20 @@ from .instability import (
 )
 from .metrics import lts_score, ticket_summary, trajectory_length, trajectory_length_gain
 from .models import output_layer_name
+from .flops import backward_macs, layer_costs, weight_gradient_saved
 from .pruning import (
     CRITERIA,
+    MASK0_ACTIONS,
     MASK1_ACTIONS,
     STRATEGIES,
     dense_masks,
     layer_densities,
+    mask0_start,
     mask1_start,
     prunable_names,
     prune,
     random_masks_like,
+    updated_fraction,
 )
 from .pruning import density as mask_density
 from .schema import (
@@ -107,6 +111,8 @@ class ImpSettings:
     criterion: str = "large_final"  # which weights a level keeps (Zhou et al. 2019; pruning.CRITERIA)
     mask1: str = "rewind"  # what the kept weights start from (pruning.MASK1_ACTIONS)
     supermask: bool = False  # also record each ticket's test accuracy before training (Zhou et al.'s supermasks)
+    mask0: str = "zero"  # what the removed weights do (pruning.MASK0_ACTIONS): zero, freeze, freeze_if_moving_away
+    mask_from: str = ""  # an IMP run directory whose masks this run trains (ticket transfer) instead of pruning
     chance_margin: float = DEFAULT_CHANCE_MARGIN  # networks this close to chance error are flagged untrained
 
     def __post_init__(self) -> None:
@@ -131,6 +137,8 @@ class ImpSettings:
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
                 raise ConfigError(f"imp.rate_overrides: rate for {layer!r} must be a number in [0, 1) (the fraction "
                                   f"of that layer's surviving weights pruned per level), got {rate!r}")
+        if self.mask0 not in MASK0_ACTIONS:
+            raise ConfigError(f"imp.mask0: unknown action {self.mask0!r}; choose one of {', '.join(MASK0_ACTIONS)}")
         if self.mask1 not in MASK1_ACTIONS:
             raise ConfigError(f"imp.mask1: unknown action {self.mask1!r}; choose one of {', '.join(MASK1_ACTIONS)}")
         if self.criterion not in CRITERIA:
@@ -246,15 +254,75 @@ def _single(members: Members, i: int) -> Members:
                    [members.aug_seeds[i]])
 
 
+@dataclass(frozen=True)
+class MaskSource:
+    """The IMP run whose masks a transfer run trains: its directory, a digest of the masks, what it was."""
+
+    run_dir: str
+    digest: str
+    files: dict[tuple[int, int], str] = field(repr=False)
+    info: dict[str, Any] = field(repr=False)
+
+    def masks(self, replicate: int, level: int, device: torch.device) -> dict[str, Tensor]:
+        return load_tensors(self.files[(replicate, level)], device)[0]
+
+
+def mask_source(settings: ImpSettings) -> MaskSource:
+    """The masks ``imp.mask_from`` names: every (replicate, level) this run needs, or a ConfigError."""
+    from .store import tensors_digest
+
+    root = Path(settings.mask_from)
+    if not (root / MASKS).is_dir():
+        raise ConfigError(f"imp.mask_from: {settings.mask_from!r} is not an IMP run directory (no {MASKS}/ folder in "
+                          "it); give the imp_<hash> directory whose masks to train")
+    files, digests = {}, {}
+    for r in range(settings.replicates):
+        for level in range(1, settings.levels + 1):
+            path = root / mask_name(r, level)
+            if not path.is_file():
+                held = sorted(p.name for p in (root / MASKS).glob("*.safetensors"))
+                raise ConfigError(f"imp.mask_from: {settings.mask_from!r} has no mask for replicate {r}, level {level} "
+                                  f"(it holds {', '.join(held) or 'none'}); ask for fewer imp.levels or replicates")
+            try:
+                digests[f"{r}/{level}"] = tensors_digest(load_tensors(path)[0])
+            except CheckpointError as exc:
+                raise ConfigError(f"imp.mask_from: mask {str(path)!r} cannot be read ({exc})") from None
+            files[(r, level)] = str(path)
+    try:
+        manifest = read_json(root / "manifest.json")
+    except (RecordError, FileNotFoundError):
+        manifest = {}
+    config = (manifest.get("config") or {}).get("training", {}) if isinstance(manifest, dict) else {}
+    info = {"run_dir": str(root), "hash": root.name.split("_", 1)[-1],
+            "dataset": config.get("dataset", {}).get("name"), "model": config.get("model", {}).get("name"),
+            "optimizer": config.get("optimizer", {}).get("name"), "init_seed": config.get("training", {}).get("init_seed")}
+    return MaskSource(str(root), settings_hash(digests), files, info)
+
+
+def _check_transferred(masks: Mapping[str, Tensor], names: list[str], shapes: Mapping[str, Tensor], where: str) -> None:
+    """A transferred mask must cover exactly this model's prunable tensors, with their shapes."""
+    if set(masks) != set(names):
+        raise ConfigError(f"imp.mask_from: the mask {where} is for other tensors (missing {sorted(set(names) - set(masks))[:4]}, "
+                          f"unexpected {sorted(set(masks) - set(names))[:4]}); masks transfer between models of the "
+                          "same architecture only")
+    for n in names:
+        if tuple(masks[n].shape) != tuple(shapes[n].shape):
+            raise ConfigError(f"imp.mask_from: the mask {where} has shape {tuple(masks[n].shape)} for {n}, the model's "
+                              f"is {tuple(shapes[n].shape)}; masks transfer between models of the same shape only")
+
+
 # ---------------------------------------------------------------- the driver
 def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> dict[str, Any]:
     """The settings that name an IMP run (its hash is ``settings_hash`` of this, recorded in its manifest)."""
     # chance margins only classify results: they do not name the run
     imp = _without(asdict(settings), "chance_margin")
     # magnitude pruning and rewinding, as before these settings existed: the same names
-    for field_name, default in (("criterion", "large_final"), ("mask1", "rewind"), ("supermask", False)):
+    for field_name, default in (("criterion", "large_final"), ("mask1", "rewind"), ("supermask", False),
+                                ("mask0", "zero"), ("mask_from", "")):
         if imp[field_name] == default:
             del imp[field_name]
+    if settings.mask_from:  # named by the masks' contents, not by where they are
+        imp["mask_from"] = mask_source(settings).digest
     key = {"trunk": cfg.run_hash(), "imp": imp}
     if settings.rewind == "auto" or settings.instability:
         key["instability"] = without_plain_alignment(sweep, ("chance_margin",))
@@ -289,21 +357,26 @@ def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(),
     if settings.rewind != "auto":
         resolve_rewind(cfg, ctx, settings, sweep)  # check the step before anything is written
     _rate_overrides(ctx, settings, _prunable(ctx, settings))  # layer names, before anything is written
+    source = mask_source(settings) if settings.mask_from else None
+    if source is not None:  # every mask fits this model, before anything is written
+        shapes = dict(ctx.model.named_parameters())
+        for (r, level), path in source.files.items():
+            _check_transferred(source.masks(r, level, torch.device("cpu")), _prunable(ctx, settings), shapes, path)
     t0 = time.perf_counter()
     rewind_step, rewind_info = resolve_rewind(cfg, ctx, settings, sweep)
     train_trunk(cfg, extra_checkpoints=[rewind_step], ctx=ctx)  # a diverged dense trunk stops here, before any record
     with run.claim():
-        return _imp(cfg, ctx, settings, sweep, run, rewind_step, rewind_info, t0)
+        return _imp(cfg, ctx, settings, sweep, run, rewind_step, rewind_info, t0, source)
 
 
 def _imp(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySettings, run: RunDir,
-         rewind_step: int, rewind_info: dict[str, Any], t0: float) -> ImpResult:
+         rewind_step: int, rewind_info: dict[str, Any], t0: float, source: MaskSource | None = None) -> ImpResult:
     run.start({"training": cfg.to_dict(), "imp": asdict(settings), "instability": asdict(sweep)},
               imp_key(cfg, settings, sweep), {"rewind_step": rewind_step})
     rows: list[dict[str, Any]] = []
     for r in range(settings.replicates):
         try:
-            rows.extend(_run_replicate(cfg, ctx, settings, sweep, run, r, rewind_step))
+            rows.extend(_run_replicate(cfg, ctx, settings, sweep, run, r, rewind_step, source))
         except TrainingDiverged as exc:  # the dense trunk of replicate r: no reference, no IMP for it
             print(f"warning: the dense trunk of IMP replicate {r} diverged ({exc}); the replicate counts as "
                   "finding no ticket", file=sys.stderr)
@@ -314,6 +387,7 @@ def _imp(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySet
                          "instability": "", "status": "diverged"})
         write_csv(run / LEVELS, rows, LEVEL_COLUMNS)
     summary = _summarize(rows, settings, rewind_step, rewind_info, cfg)
+    summary["mask_source"] = source.info if source is not None else "own"
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary.update(_where(run))
     write_csv(run / LEVELS, rows, LEVEL_COLUMNS)
@@ -337,7 +411,7 @@ def _load_result(run: RunDir) -> ImpResult:
 
 
 def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySettings, run: RunDir,
-                   r: int, rewind_step: int) -> list[dict[str, Any]]:
+                   r: int, rewind_step: int, source: MaskSource | None = None) -> list[dict[str, Any]]:
     """All levels of one replicate (init seed ``init_seed + r``); finished levels are read back."""
     rcfg = cfg.with_overrides({"training.init_seed": str(cfg.training.init_seed + r)})
     # The replicate's own template model: its trunk starts from init seed init_seed + r.
@@ -353,10 +427,16 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
     mask1_fresh = (rctx.new_model(seed=derive_seed(rcfg.training.init_seed, "mask1-reinit", r)).state_dict()
                    if settings.mask1 == "reinit" else None)
     rows: list[dict[str, Any]] = []
+    costs = layer_costs(rctx.model, ctx.data.input_shape)
+    design = {"criterion": settings.criterion if source is None else "",  # how this run's tickets are made
+              "mask1": settings.mask1, "mask0": settings.mask0,
+              "mask_source": "own" if source is None else Path(source.run_dir).name}
+    freeze = settings.mask0 != "zero"
 
     # Level 0: the dense trunk itself.
     level0 = {"replicate": r, "level": 0, "kind": "imp", "density": 1.0, "rewind_step": rewind_step,
-              **_early_stop(trunk.metrics, 0), "trajectory_length": _trajectory(rctx, dense_state), "instability": ""}
+              **_early_stop(trunk.metrics, 0), "trajectory_length": _trajectory(rctx, dense_state), "instability": "",
+              "updated_fraction": 1.0, "backward_flops_saved": 0.0}
     level0["status"] = _status(level0, chance, settings.chance_margin)
     masks = dense_masks(dense_state, names)
     if settings.instability:
@@ -389,7 +469,10 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
                       "training it again", file=sys.stderr)
                 _forget_level(ldir, record_path, mask_path)
         gen = torch.Generator().manual_seed(derive_seed(settings.pruning_seed, "prune", r, level))
-        if settings.one_shot:
+        if source is not None:
+            masks = source.masks(r, level, ctx.device)
+            _check_transferred(masks, names, dict(rctx.model.named_parameters()), source.files[(r, level)])
+        elif settings.one_shot:
             fraction = 1 - (1 - settings.prune_fraction) ** level
             masks = prune(dense_state, dense_masks(dense_state, names), fraction, settings.strategy,
                           rate_overrides=_scaled_rates(rates, level), generator=gen, criterion=settings.criterion,
@@ -410,6 +493,9 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
         if "reinit" in settings.baselines:
             member_masks["reinit"] = masks
             starts["reinit"] = rctx.new_model(seed=derive_seed(rcfg.training.init_seed, "reinit", r)).state_dict()
+        if freeze:  # the removed weights of every kind keep their start values (or zero, where not moving away)
+            starts = {k: mask0_start(settings.mask0, s, member_masks[k], initial=rewind_state, final=previous_final)
+                      for k, s in starts.items()}
         stacked_masks = {n: torch.stack([member_masks[k][n] for k in kinds]).to(ctx.device) for n in names}
         start = Members.from_model_states([starts[k] for k in kinds], list(rewind.params), rewind_step,
                                           rewind.order_seeds * len(kinds), rewind.aug_seeds * len(kinds), ctx.device)
@@ -418,7 +504,7 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
         ldir.path.mkdir(parents=True, exist_ok=True)
         eval_every = to_iterations(cfg.training.eval_every, ctx.ipe)
         try:
-            members = train_branch(rctx, ldir, start, ctx.total_steps, masks=stacked_masks,
+            members = train_branch(rctx, ldir, start, ctx.total_steps, masks=stacked_masks, freeze=freeze,
                                    desc=f"imp r{r} level {level}", eval_every=eval_every)
         except TrainingDiverged as exc:
             print(f"warning: IMP replicate {r} level {level} diverged ({exc}); no later level of this replicate "
@@ -437,12 +523,14 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
             kind_masks = member_masks[kind]
             row = {"replicate": r, "level": level, "kind": kind, "density": mask_density(kind_masks),
                    "rewind_step": rewind_step, **_early_stop(metrics, i),
-                   "trajectory_length": _trajectory(rctx, members.member_state_dict(i)), "instability": ""}
+                   "trajectory_length": _trajectory(rctx, members.member_state_dict(i)), "instability": "",
+                   **design, "updated_fraction": updated_fraction(kind_masks, rewind.params),
+                   "backward_flops_saved": weight_gradient_saved(costs, kind_masks) / backward_macs(costs)}
             if supermask is not None and kind == "imp":
-                row["supermask_test_accuracy"] = supermask  # in record.json and imp.json, not levels.csv
+                row["supermask_test_accuracy"] = supermask
             if settings.instability and kind == "imp":
                 row["instability"] = _sparse_instability(rcfg, rctx, sweep, rewound_imp, masks, rewind_step,
-                                                         f"r{r}-level{level}-{ldir.hash}")
+                                                         f"r{r}-level{level}-{ldir.hash}", freeze)
             row["status"] = _status(row, chance, settings.chance_margin)
             level_rows.append(row)
         write_json(record_path, {"rows": level_rows, "layer_densities": layer_densities(masks)})
@@ -480,13 +568,14 @@ def _untrained_accuracy(ctx: Context, start: Members, masks: Mapping[str, Tensor
 
 
 def _sparse_instability(cfg: Config, ctx: Context, sweep: InstabilitySettings, start: Members,
-                        masks: Mapping[str, Tensor] | None, step: int, label: str) -> float:
+                        masks: Mapping[str, Tensor] | None, step: int, label: str, freeze: bool = False) -> float:
     """Mean test-error barrier of siblings of the (sparse) network rewound to ``step``."""
     settings = InstabilitySettings(**{**asdict(sweep), "rewind_points": (format_step(step),), "splits": ("test",)})
     if masks is None:
         result = instability_sweep(cfg, settings, ctx=ctx)
     else:
-        result = instability_sweep(cfg, settings, ctx=ctx, masks=masks, start_states={step: start}, label=label)
+        result = instability_sweep(cfg, settings, ctx=ctx, masks=masks, start_states={step: start}, label=label,
+                                   freeze=freeze)
     return result.table[0]["instability_mean"]
 
 

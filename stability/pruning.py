@@ -87,6 +87,11 @@ def criterion_scores(criterion: str, final: Sequence[Tensor], initial: Sequence[
 
 # What the kept weights of an IMP ticket start from (Zhou et al. 2019, "mask-1 actions").
 MASK1_ACTIONS = ("rewind", "reinit", "reshuffle", "constant", "random_sign")
+# What the removed weights do: ``zero`` (pruned), ``freeze`` (held at their start values: the "lottery
+# heroes" of Tartaglione et al., the weights that are updated being the ticket), ``freeze_if_moving_away``
+# (Zhou et al.: held at their start values where training moved them away from zero, |w_f| > |w_i|,
+# zeroed elsewhere).
+MASK0_ACTIONS = ("zero", "freeze", "freeze_if_moving_away")
 
 
 def mask1_start(action: str, rewound: Mapping[str, Tensor], masks: Masks, *,
@@ -124,6 +129,35 @@ def mask1_start(action: str, rewound: Mapping[str, Tensor], masks: Masks, *,
             w = torch.where(keep, w.abs() * signs.to(w.dtype), w)
         out[name] = w
     return out
+
+
+def mask0_start(action: str, start: Mapping[str, Tensor], masks: Masks, *, initial: Mapping[str, Tensor],
+                final: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``start`` with the masks' removed positions set as mask-0 ``action`` wants them before training.
+
+    ``zero``: 0; ``freeze``: unchanged (training then holds them); ``freeze_if_moving_away``: unchanged
+    where ``|final| > |initial|`` (the weights at the end and at the rewind point of the training that
+    chose the mask), 0 elsewhere. Kept positions and unmasked tensors are never touched.
+    """
+    if action not in MASK0_ACTIONS:
+        raise ConfigError(f"imp.mask0: unknown action {action!r}; choose one of {', '.join(MASK0_ACTIONS)}")
+    out = {k: v.clone() for k, v in start.items()}
+    if action == "freeze":
+        return out
+    for name in sorted(masks):
+        w, keep = out[name], masks[name].to(out[name].device).bool()
+        hold = keep
+        if action == "freeze_if_moving_away":
+            hold = keep | (final[name].to(w.device).abs() > initial[name].to(w.device).abs())
+        out[name] = torch.where(hold, w, torch.zeros_like(w))
+    return out
+
+
+def updated_fraction(masks: Masks, params: Mapping[str, Tensor]) -> float:
+    """Fraction of all parameters that training updates: the masks' kept weights and every unmasked tensor."""
+    total = sum(v.numel() for v in params.values())
+    fixed = sum(int(m.numel() - m.count_nonzero()) for m in masks.values())
+    return (total - fixed) / total
 
 
 def _ranks(values: Tensor) -> Tensor:

@@ -7,12 +7,14 @@ spelled anywhere else. A run lives in ``<results_root>/<kind>_<hash>/``.
 | kind          | files                                                                     |
 |---------------|---------------------------------------------------------------------------|
 | train         | manifest.json, metrics.csv, checkpoints/step_<k>.safetensors,             |
-|               | state/latest.safetensors, summary.json                                    |
+|               | state/latest.safetensors, summary.json (+ neq.csv with method = neq)      |
 | siblings      | manifest.json, final.safetensors, state/latest.safetensors                |
 | instability   | manifest.json, curves.csv, sweep.csv, instability.json                    |
 | imp           | manifest.json, levels.csv, masks/replicate_<r>_level_<l>.safetensors,     |
 |               | imp.json, replicate_<r>/level_<l>/{record.json, metrics.csv, final...}    |
 | hessian       | manifest.json, hessian.csv, density.csv, hessian.json                     |
+| earlybird     | manifest.json, points.csv, distances.csv, earlybird.json,                 |
+|               | ticket_mask.safetensors, ticket_<digest>/{metrics.csv, final...}          |
 
 Every run directory also holds ``.lock`` while a process computes it.
 """
@@ -32,6 +34,11 @@ SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 LATEST_STATE = "state/latest.safetensors"
 FINAL_STATE = "final.safetensors"
+# training.method = neq (stability.neq): one row per member and NEq layer (and one "all" row) at each NEq
+# evaluation; the frozen neurons skip their updates from that step to the next evaluation
+NEQ_RECORDS = "neq.csv"
+NEQ_COLUMNS = ["step", "member", "layer", "neurons", "frozen", "frozen_fraction", "at_equilibrium",
+               "mean_abs_velocity", "backward_macs", "macs_saved", "saved_fraction"]
 
 
 def checkpoint_name(step: int) -> str:
@@ -73,6 +80,18 @@ def level_dir(replicate: int) -> str:
     return f"replicate_{replicate}"
 
 
+# ---------------------------------------------------------------- early-bird tickets (earlybird_<hash>/)
+# Not in RUN_KINDS (like CONNECT): a run of this kind is made only by ``stability earlybird``.
+EARLYBIRD = "earlybird"
+EARLYBIRD_POINTS = "points.csv"  # one row per mask point: distance to the previous mask, window max, detection
+EARLYBIRD_DISTANCES = "distances.csv"  # every pair of mask points (step_a, step_b, distance)
+EARLYBIRD_SUMMARY = "earlybird.json"
+EARLYBIRD_MASK = "ticket_mask.safetensors"  # the mask drawn at the detected step, as a weight mask
+EARLYBIRD_TICKET = "ticket"  # the ticket's training sub-run: ticket_<mask digest>/{metrics.csv, final...}
+EARLYBIRD_POINT_COLUMNS = ["step", "distance_previous", "window_max", "below_threshold", "detected", "kept",
+                           "total"]
+EARLYBIRD_DISTANCE_COLUMNS = ["step_a", "step_b", "distance"]
+
 # ---------------------------------------------------------------- Hessian probes
 HESSIAN_TABLE = "hessian.csv"
 DENSITY_TABLE = "density.csv"
@@ -98,7 +117,8 @@ SWEEP_COLUMNS = ["rewind_step", "split", "instability_mean", "instability_std", 
                  "loss_barrier_std", "pairs", "stable", "status"]
 LEVEL_COLUMNS = ["replicate", "level", "kind", "density", "final_test_accuracy", "final_test_loss",
                  "early_stop_step", "early_stop_test_accuracy", "early_stop_val_loss", "trajectory_length",
-                 "instability", "rewind_step", "status"]
+                 "instability", "rewind_step", "status", "criterion", "mask1", "mask0", "mask_source",
+                 "supermask_test_accuracy", "updated_fraction", "backward_flops_saved"]
 # hessian.csv: the point (step, or rewind_step and alpha), lambda_1..lambda_k, then these
 HESSIAN_COLUMNS = ["lambda_1", "lambda_min", "trace", "trace_stderr", "n_hvp", "seconds"]
 DENSITY_COLUMNS = ["x", "density"]

@@ -54,6 +54,7 @@ def _check_splits(s: DataSplits, cfg: DatasetConfig) -> None:
 def test_registry_keys():
     assert set(DATASETS) == {
         "mnist5k",
+        "mnist5k_permuted",
         "mnist1d",
         "digits",
         "mnist",

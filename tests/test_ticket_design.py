@@ -1,0 +1,206 @@
+"""Zhou et al.'s mask-0 actions (frozen "lottery heroes") and ticket transfer (Morcos et al. 2019)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TINY_ARGS, tiny_config
+
+from stability.cli import main
+from stability.config import ModelConfig
+from stability.data import permuted_pixels
+from stability.errors import ConfigError
+from stability.flops import backward_macs, layer_costs, weight_gradient_saved
+from stability.imp import imp_key, imp_settings, run_imp
+from stability.instability import InstabilitySettings
+from stability.models import build_model
+from stability.pruning import mask0_start, updated_fraction
+from stability.store import load_tensors, read_csv
+from stability.trunk import load_weights
+
+
+def _masks(run_dir, level, replicate=0):
+    return load_tensors(run_dir / "masks" / f"replicate_{replicate}_level_{level}.safetensors")[0]
+
+
+def _final(run_dir, level, member=0, replicate=0):
+    t, _ = load_tensors(run_dir / f"replicate_{replicate}" / f"level_{level}" / "final.safetensors")
+    return {k[6:]: v[member] for k, v in t.items() if k.startswith("param/")}
+
+
+def test_mask0_start_on_a_hand_example():
+    start = {"w": torch.tensor([1.0, -2.0, 3.0, -4.0]), "b": torch.tensor([5.0])}
+    masks = {"w": torch.tensor([1.0, 0.0, 0.0, 0.0])}
+    initial = {"w": torch.tensor([0.5, -1.0, 1.0, -1.0])}
+    final = {"w": torch.tensor([0.1, -3.0, 0.5, 0.0])}  # positions 1 moved away from zero, 2 and 3 towards it
+    zero = mask0_start("zero", start, masks, initial=initial, final=final)
+    assert zero["w"].tolist() == [1.0, 0.0, 0.0, 0.0] and zero["b"].tolist() == [5.0]
+    assert mask0_start("freeze", start, masks, initial=initial, final=final)["w"].tolist() == [1.0, -2.0, 3.0, -4.0]
+    away = mask0_start("freeze_if_moving_away", start, masks, initial=initial, final=final)
+    assert away["w"].tolist() == [1.0, -2.0, 0.0, 0.0]
+    with pytest.raises(ConfigError, match="imp.mask0: unknown action 'keep'; choose one of zero, freeze"):
+        mask0_start("keep", start, masks, initial=initial, final=final)
+
+
+def test_updated_fraction_and_backward_flops_on_hand_counts():
+    # LeNet-300-100 at width 0.1: 784x30, 30x10, 10x10 weights; biases 30, 10, 10.
+    model = build_model(ModelConfig(width=0.1), (1, 28, 28), 10, 0)
+    params = dict(model.named_parameters())
+    assert {k: tuple(v.shape) for k, v in params.items() if k.endswith("weight")} == {
+        "fc.0.weight": (30, 784), "fc.1.weight": (10, 30), "fc.2.weight": (10, 10)}
+    masks = {"fc.0.weight": torch.zeros(30, 784), "fc.1.weight": torch.ones(10, 30), "fc.2.weight": torch.ones(10, 10)}
+    masks["fc.0.weight"][:, :392] = 1  # half of the first layer
+    total = 23520 + 300 + 100 + 50
+    assert updated_fraction(masks, params) == pytest.approx((total - 11760) / total)
+    costs = layer_costs(model, (1, 28, 28))
+    # weight gradients 23520 + 300 + 100 MACs; input gradients of all but the first layer: 300 + 100
+    assert backward_macs(costs) == 23920 + 400
+    assert weight_gradient_saved(costs, masks) == 11760
+    # a convolution: each weight is used once per output position (3x3 conv, 8x8 input, padding 1: 64 positions)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(256, 10))
+    c = layer_costs(conv, (1, 8, 8))
+    assert [(x.weight, x.forward, x.input_gradient, x.out_units) for x in c] == [
+        ("0.weight", 36 * 64, 0, 4), ("2.weight", 2560, 2560, 10)]
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heroes")
+    cfg = tiny_config(root, optimizer__name="sgd", optimizer__lr="0.05", optimizer__momentum="0.9",
+                      optimizer__weight_decay="1e-3")
+    results = {action: run_imp(cfg, imp_settings(levels=2, rewind="5it", mask0=action, baselines=["random"]))
+               for action in ("zero", "freeze", "freeze_if_moving_away")}
+    return cfg, results
+
+
+def test_freeze_keeps_removed_weights_bit_identical_to_their_rewound_values(frozen_run):
+    cfg, results = frozen_run
+    run = results["freeze"].run_dir
+    rewound = load_weights(tiny_trunk(cfg), 5)
+    for level in (1, 2):
+        masks, final = _masks(run, level), _final(run, level)
+        for name, m in masks.items():
+            removed = m == 0
+            assert removed.any()
+            # removed: exactly the rewound values, through momentum and weight decay
+            assert torch.equal(final[name][removed], rewound[name][removed])
+            # kept: trained (not one of them left at its rewound value)
+            assert not torch.equal(final[name][~removed], rewound[name][~removed])
+    # the random-mask baseline is frozen the same way, under its own mask
+    random_final = _final(run, 1, member=1)
+    level1 = [r for r in results["freeze"].levels if r["level"] == 1]
+    assert [r["kind"] for r in level1] == ["imp", "random"]
+    assert sum(int((random_final[n] == rewound[n]).sum()) for n in rewound if n.endswith("weight")) > 0
+
+
+def tiny_trunk(cfg):
+    from stability.trunk import trunk_dir
+
+    return trunk_dir(cfg)
+
+
+def test_freeze_if_moving_away_freezes_only_weights_that_moved_away_from_zero(frozen_run):
+    cfg, results = frozen_run
+    run = results["freeze_if_moving_away"].run_dir
+    rewound = load_weights(tiny_trunk(cfg), 5)
+    dense_final = load_weights(tiny_trunk(cfg), 30)
+    masks, final = _masks(run, 1), _final(run, 1)
+    counts = [0, 0]
+    for name, m in masks.items():
+        away = dense_final[name].abs() > rewound[name].abs()
+        frozen, zeroed = (m == 0) & away, (m == 0) & ~away
+        counts[0] += int(frozen.sum())
+        counts[1] += int(zeroed.sum())
+        assert torch.equal(final[name][frozen], rewound[name][frozen])
+        assert torch.all(final[name][zeroed] == 0)
+    assert min(counts) > 0  # both cases occur
+
+
+def test_mask0_is_recorded_and_names_the_run_only_when_not_zero(frozen_run):
+    cfg, results = frozen_run
+    zero, freeze = results["zero"], results["freeze"]
+    assert len({r.run_dir for r in results.values()}) == 3
+    assert "mask0" not in imp_key(cfg, imp_settings(levels=2, rewind="5it"), InstabilitySettings())["imp"]
+    # the same masks at level 1 (the same dense network chose them), other trained weights
+    assert all(torch.equal(_masks(zero.run_dir, 1)[n], _masks(freeze.run_dir, 1)[n]) for n in _masks(zero.run_dir, 1))
+    rows = read_csv(freeze.run_dir / "levels.csv")
+    level1 = next(r for r in rows if r["level"] == 1 and r["kind"] == "imp")
+    assert (level1["mask0"], level1["mask1"], level1["criterion"], level1["mask_source"]) == \
+        ("freeze", "rewind", "large_final", "own")
+    # every prunable weight of the level-1 mask that was removed is not updated
+    m = _masks(freeze.run_dir, 1)
+    n_params = sum(v.numel() for v in build_model(cfg.model, (1, 28, 28), 10, 0).parameters())
+    removed = sum(int((v == 0).sum()) for v in m.values())
+    assert level1["updated_fraction"] == pytest.approx(1 - removed / n_params)
+    assert 0.15 < level1["backward_flops_saved"] < 0.2  # 20% of the weights: their weight gradients
+    zero_rows = read_csv(zero.run_dir / "levels.csv")
+    assert next(r for r in zero_rows if r["level"] == 1)["final_test_accuracy"] != level1["final_test_accuracy"]
+
+
+def test_freeze_sparse_instability_holds_the_removed_weights(tmp_path):
+    cfg = tiny_config(tmp_path)
+    result = run_imp(cfg, imp_settings(levels=1, rewind="5it", mask0="freeze", instability=True))
+    level1 = next(r for r in result.levels if r["level"] == 1)
+    assert isinstance(level1["instability"], float) and level1["instability"] >= -1e-9
+    # its siblings are a run of their own (named mask0 = freeze)
+    import json
+
+    sibling_keys = [json.loads((p / "manifest.json").read_text())["hashed_settings"]
+                    for p in tmp_path.glob("siblings_*")]
+    assert any(k.get("mask0") == "freeze" for k in sibling_keys)
+
+
+def test_transfer_trains_another_runs_masks_and_says_where_they_came_from(tmp_path):
+    source_cfg = tiny_config(tmp_path)
+    source = run_imp(source_cfg, imp_settings(levels=2, rewind="5it"))
+    # to another optimizer (Adam), and to the pixel-permuted task of the same shape
+    for overrides in ({"optimizer.name": "adam", "optimizer.lr": "1e-3"}, {"dataset.name": "mnist5k_permuted"}):
+        cfg = source_cfg.with_overrides(overrides)
+        result = run_imp(cfg, imp_settings(levels=2, rewind="5it", mask_from=str(source.run_dir)))
+        assert result.summary["mask_source"]["run_dir"] == str(source.run_dir)
+        assert result.summary["mask_source"]["dataset"] == "mnist5k"
+        for level in (1, 2):
+            a, b = _masks(source.run_dir, level), _masks(result.run_dir, level)
+            assert all(torch.equal(a[n], b[n]) for n in a)
+        rows = read_csv(result.run_dir / "levels.csv")
+        assert {r["mask_source"] for r in rows if r["level"] > 0} == {source.run_dir.name}
+    # the source's masks name the run by their contents, so the same masks elsewhere give the same hash
+    moved = tmp_path / "elsewhere"
+    import shutil
+
+    shutil.copytree(source.run_dir, moved)
+    key_a = imp_key(source_cfg, imp_settings(levels=2, mask_from=str(source.run_dir)), InstabilitySettings())
+    key_b = imp_key(source_cfg, imp_settings(levels=2, mask_from=str(moved)), InstabilitySettings())
+    assert key_a == key_b
+
+
+def test_permuted_task_is_mnist5k_with_its_pixels_in_one_fixed_order(tmp_path):
+    from stability.config import DatasetConfig
+    from stability.data import load_dataset
+
+    plain, permuted = load_dataset(DatasetConfig()), load_dataset(DatasetConfig(name="mnist5k_permuted"))
+    order = torch.as_tensor(permuted_pixels())
+    assert sorted(order.tolist()) == list(range(784)) and order.tolist() != list(range(784))
+    assert torch.equal(plain.x_train.flatten(1)[:, order], permuted.x_train.flatten(1))
+    assert torch.equal(plain.y_test, permuted.y_test)
+
+
+def test_transfer_refuses_masks_that_do_not_fit(tmp_path, capsys):
+    source_cfg = tiny_config(tmp_path)
+    source = run_imp(source_cfg, imp_settings(levels=1, rewind="5it"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    root = f"--set=runtime.results_root={tmp_path}"
+    # another width: the shapes differ
+    code = main(["imp", "--preset", "lenet300_mnist5k", *TINY_ARGS, "--set=model.width=0.2", root,
+                 "--levels", "1", "--mask-from", str(source.run_dir)])
+    assert code == 2 and "imp.mask_from" in capsys.readouterr().err
+    # more levels than the source has
+    code = main(["imp", "--preset", "lenet300_mnist5k", *TINY_ARGS, root, "--levels", "3", "--mask-from",
+                 str(source.run_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no mask for replicate 0, level 2" in err
+    # not an IMP run
+    code = main(["imp", "--preset", "lenet300_mnist5k", *TINY_ARGS, root, "--mask-from", str(tmp_path)])
+    assert code == 2 and "is not an IMP run directory" in capsys.readouterr().err
+    code = main(["imp", "--preset", "lenet300_mnist5k", *TINY_ARGS, root, "--mask0", "keep"])
+    assert code == 2 and "imp.mask0: unknown action 'keep'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
