@@ -655,6 +655,97 @@ def plot_rewind_comparison(levels: Mapping[str, pd.DataFrame], *, value: str = "
     return fig
 
 
+# The settings that place a ticket in Zhou et al.'s design space, as levels.csv columns (and the labels used).
+DESIGN_COLUMNS = {"criterion": "criterion", "mask1": "mask-1", "mask0": "mask-0", "mask_source": "masks from"}
+
+
+def design_labels(levels: pd.DataFrame, by: Sequence[str] | None = None) -> pd.Series:
+    """A legend label per row naming its ticket design: the design columns ``by`` (default: those that vary).
+
+    Level 0 (the dense network) has no design of its own; its rows get the label of their run's other rows.
+    """
+    cols = [c for c in (by or DESIGN_COLUMNS) if c in levels.columns]
+    sparse = levels[levels["level"] > 0] if "level" in levels.columns else levels
+    if by is None:
+        cols = [c for c in cols if sparse[c].astype(str).nunique() > 1] or cols[:1]
+    if not cols:
+        raise ConfigError(f"design_labels: the levels have none of the design columns {', '.join(DESIGN_COLUMNS)}")
+
+    def text(row: pd.Series) -> str:
+        return ", ".join(str(row[c]) if len(cols) == 1 else f"{DESIGN_COLUMNS[c]} {row[c]}" for c in cols)
+
+    labels = sparse.apply(text, axis=1) if len(sparse) else pd.Series(dtype=str)
+    out = pd.Series("", index=levels.index, dtype=object)
+    out.loc[labels.index] = labels
+    if "run_hash" in levels.columns:  # the dense rows of each run take the run's label
+        first = labels.groupby(levels.loc[labels.index, "run_hash"]).first()
+        dense = levels.index.difference(labels.index)
+        out.loc[dense] = levels.loc[dense, "run_hash"].map(first).fillna("dense")
+    return out
+
+
+@_styled
+def plot_ticket_design(levels: pd.DataFrame, *, by: Sequence[str] | None = None,
+                       value: str = "final_test_accuracy", title: str | None = None) -> Figure:
+    """Zhou et al. (2019), Figure 2: test accuracy (%) vs weights remaining, one line per ticket design.
+
+    ``levels``: the IMP tickets of several runs (e.g. ``imp_levels(root)``); lines are labelled by the
+    design columns in ``by`` (criterion, mask1, mask0, mask_source; default: those that vary). Mean ±
+    std over replicates; the dense networks (level 0) are a dotted level with their spread shaded.
+    """
+    if value not in _VALUES:
+        raise ConfigError(f"value: unknown quantity {value!r}; choose from {', '.join(_VALUES)}")
+    _require(levels, ["kind", "level", "density", value], "plot_ticket_design")
+    imp = levels[levels["kind"] == "imp"].copy()
+    imp["design"] = design_labels(imp, by)
+    fig = PaperFigure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    dense = imp[imp["level"] == 0][value].dropna().astype(float)
+    if len(dense):
+        mean, std = float(dense.mean()) * 100, float(dense.std(ddof=0)) * 100 if len(dense) > 1 else 0.0
+        ax.axhline(mean, color="0.3", linestyle=":", linewidth=1.2, label=f"dense ({mean:.1f}%)")
+        if std:
+            ax.axhspan(mean - std, mean + std, color="0.85", zorder=0)
+    for i, (design, part) in enumerate(imp[imp["level"] > 0].groupby("design", sort=False)):
+        stats = _level_stats(part, value).dropna(subset=["mean"]).sort_values("density", ascending=False)
+        ax.errorbar(stats["density"] * 100, stats["mean"] * 100, yerr=_std(stats["std"]) * 100, marker="o",
+                    markersize=4, capsize=2, color=f"C{i}", label=design)
+    _percent_axis(ax, imp["density"])
+    ax.set_ylabel(_VALUES[value])
+    _legend(ax, loc="best", fontsize="small")
+    _title(fig, "Ticket design space", imp, title, _imp_note(imp))
+    return fig
+
+
+@_styled
+def plot_supermask(levels: pd.DataFrame, *, by: Sequence[str] | None = None, chance: float | None = None,
+                   title: str | None = None) -> Figure:
+    """Supermasks (Zhou et al. 2019): test accuracy (%) of the *untrained* ticket at every level, per design.
+
+    Reads ``supermask_test_accuracy`` (IMP with ``--supermask``); ``chance``, when given, is drawn as a level.
+    """
+    _require(levels, ["kind", "level", "density", "supermask_test_accuracy"], "plot_supermask")
+    imp = levels[(levels["kind"] == "imp") & (levels["level"] > 0)].copy()
+    imp = imp[pd.to_numeric(imp["supermask_test_accuracy"], errors="coerce").notna()]
+    if imp.empty:
+        raise ValueError("plot_supermask: no level has a supermask accuracy (run IMP with --supermask)")
+    imp["supermask_test_accuracy"] = imp["supermask_test_accuracy"].astype(float)
+    imp["design"] = design_labels(imp, by)
+    fig = PaperFigure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (design, part) in enumerate(imp.groupby("design", sort=False)):
+        stats = _level_stats(part, "supermask_test_accuracy").sort_values("density", ascending=False)
+        ax.errorbar(stats["density"] * 100, stats["mean"] * 100, yerr=_std(stats["std"]) * 100, marker="o",
+                    markersize=4, capsize=2, color=f"C{i}", label=design)
+    if chance is not None:
+        ax.axhline(chance * 100, color="0.35", linestyle=":", linewidth=1.2, label="chance")
+    _percent_axis(ax, imp["density"])
+    ax.set_ylabel("Test accuracy before training (%)")
+    _legend(ax, loc="best", fontsize="small")
+    _title(fig, "Supermasks: untrained tickets", imp, title, _imp_note(imp))
+    return fig
+
+
 def _dense_and_tolerance(df: pd.DataFrame, value: str) -> tuple[float, float]:
     """Mean dense (level 0) accuracy and the matching tolerance: its std over replicates, or 0.2 points."""
     dense = df[(df["kind"] == "imp") & (df["level"] == 0)][value].dropna().astype(float)
@@ -1007,6 +1098,23 @@ def _plot_imp_runs(results_root: Source, out: Path, formats: tuple[str, ...]) ->
         written += save_figure(plot_imp_early_stop(df), out / f"imp_early_stop_{run}", formats)
         if df["instability"].notna().any():
             written += save_figure(plot_imp(df, value="instability"), out / f"imp_instability_{run}", formats)
+        if pd.to_numeric(df["supermask_test_accuracy"], errors="coerce").notna().any():
+            written += save_figure(plot_supermask(df), out / f"supermask_{run}", formats)
+    # Runs of the same trunk and schedule that differ only in their ticket design: Zhou et al.'s comparison.
+    designs: dict[tuple[Any, ...], list[str]] = {}
+    design_keys = {f"imp.{k}" for k in ("criterion", "mask1", "mask0", "mask_from", "supermask", "baselines")}
+    for run in find_runs(results_root, "imp"):
+        if run.hash in by_run:
+            trunk = (run.manifest.get("hashed_settings") or {}).get("trunk")
+            others = tuple(sorted((k, str(v)) for k, v in run.settings.items()
+                                  if k.startswith("imp.") and k not in design_keys))
+            designs.setdefault((trunk, others), []).append(run.hash)
+    for hashes in designs.values():
+        if len(hashes) > 1:
+            both = pd.concat([by_run[h] for h in sorted(hashes)], ignore_index=True)
+            if design_labels(both[both["level"] > 0]).nunique() > 1:
+                written += save_figure(plot_ticket_design(both), out / f"ticket_design_{'_'.join(sorted(hashes))}",
+                                       formats)
     # Runs of the same trunk and pruning settings that differ only in where they rewind to: one comparison each.
     groups: dict[tuple[Any, ...], list[str]] = {}
     for run in find_runs(results_root, "imp"):
@@ -1039,6 +1147,7 @@ __all__ = [
     "check_formats",
     "check_kinds",
     "describe",
+    "design_labels",
     "eos_threshold",
     "plot_alignment_curves",
     "plot_all",
@@ -1050,7 +1159,10 @@ __all__ = [
     "plot_instability_by_alignment",
     "plot_interpolation",
     "plot_matching_vs_instability",
+    "plot_neq",
     "plot_rewind_comparison",
+    "plot_supermask",
+    "plot_ticket_design",
     "plot_training",
     "save_figure",
     "step_text",

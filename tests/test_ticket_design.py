@@ -204,3 +204,45 @@ def test_transfer_refuses_masks_that_do_not_fit(tmp_path, capsys):
     code = main(["imp", "--preset", "lenet300_mnist5k", *TINY_ARGS, root, "--mask0", "keep"])
     assert code == 2 and "imp.mask0: unknown action 'keep'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_design_space_figures_from_the_records(frozen_run, tmp_path):
+    import analysis
+    from analysis.figures import design_labels, plot_all, plot_supermask, plot_ticket_design
+
+    cfg, results = frozen_run
+    levels = analysis.imp_levels(cfg.runtime.results_root)
+    imp = levels[levels["kind"] == "imp"]
+    labels = design_labels(imp)
+    assert set(labels[imp["level"] > 0]) == {"zero", "freeze", "freeze_if_moving_away"}
+    assert set(labels[imp["level"] == 0]) == {"zero", "freeze", "freeze_if_moving_away"}  # each run's dense row
+    fig = plot_ticket_design(levels)
+    lines = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert {"zero", "freeze", "freeze_if_moving_away"} <= lines and any(t.startswith("dense (") for t in lines)
+    with pytest.raises(ValueError, match="no level has a supermask accuracy"):
+        plot_supermask(levels)
+    written = plot_all(cfg.runtime.results_root, tmp_path / "figures", formats="png")
+    assert any(p.name.startswith("ticket_design_") for p in written)
+
+
+def test_supermask_accuracy_is_the_masked_untrained_network_evaluated_directly(tmp_path):
+    import analysis
+    from analysis.figures import plot_supermask
+
+    from stability.engine import StackedModel
+    from stability.trunk import prepare
+
+    cfg = tiny_config(tmp_path)
+    result = run_imp(cfg, imp_settings(levels=2, rewind="5it", supermask=True))
+    ctx = prepare(cfg)
+    rewound = load_weights(tiny_trunk(cfg), 5)
+    sm = StackedModel(ctx.model)
+    x, y = ctx.data.split("test")
+    for level in (1, 2):
+        masks = _masks(result.run_dir, level)
+        params = {k: (v * masks[k] if k in masks else v).unsqueeze(0) for k, v in rewound.items()}
+        _, err = sm.evaluate(params, {}, x, y)
+        row = next(r for r in result.levels if r["level"] == level)
+        assert row["supermask_test_accuracy"] == pytest.approx(1 - float(err[0]), abs=1e-12)
+    fig = plot_supermask(analysis.imp_levels(tmp_path), chance=0.1)
+    assert len(fig.axes[0].lines) >= 2
