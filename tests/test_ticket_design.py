@@ -246,3 +246,17 @@ def test_supermask_accuracy_is_the_masked_untrained_network_evaluated_directly(t
         assert row["supermask_test_accuracy"] == pytest.approx(1 - float(err[0]), abs=1e-12)
     fig = plot_supermask(analysis.imp_levels(tmp_path), chance=0.1)
     assert len(fig.axes[0].lines) >= 2
+
+
+@pytest.mark.slow
+def test_frozen_tickets_killed_at_file_boundaries_resume_identically(tmp_path, monkeypatch):
+    from test_faults import _kill_and_resume
+
+    settings = imp_settings(levels=1, rewind="5it", mask0="freeze_if_moving_away")
+
+    def run(root):
+        return run_imp(tiny_config(root, optimizer__name="sgd", optimizer__lr="0.05", optimizer__momentum="0.9",
+                                   optimizer__weight_decay="1e-3"), settings)
+
+    n_writes, checked = _kill_and_resume(tmp_path, monkeypatch, run, "heroes", stride=4)
+    assert checked >= 2 * (n_writes // 4)
