@@ -63,6 +63,7 @@ from .pruning import (
 from .pruning import density as mask_density
 from .schema import (
     FINAL_STATE,
+    MANIFEST,
     IMP,
     IMP_SUMMARY,
     LATEST_STATE,
@@ -289,7 +290,7 @@ def mask_source(settings: ImpSettings) -> MaskSource:
                 raise ConfigError(f"imp.mask_from: mask {str(path)!r} cannot be read ({exc})") from None
             files[(r, level)] = str(path)
     try:
-        manifest = read_json(root / "manifest.json")
+        manifest = read_json(root / MANIFEST)
     except (RecordError, FileNotFoundError):
         manifest = {}
     config = (manifest.get("config") or {}).get("training", {}) if isinstance(manifest, dict) else {}
@@ -343,6 +344,9 @@ def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(),
     """
     settings.validate()
     sweep = (sweep_settings or InstabilitySettings()).validate()
+    if cfg.training.method in ("edgepopup", "supermask"):  # strong tickets: frozen weights, nothing to prune
+        raise ConfigError(f"training.method: IMP prunes trained weights; {cfg.training.method!r} trains scores over "
+                          "frozen weights (its own masks); run IMP with training.method = standard")
     ctx = prepare(cfg)
     run = imp_dir(cfg, settings, sweep)
     if run.is_complete():
