@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_interpolation.py
 	$(PY) benchmarks/bench_hessian.py
 	$(PY) benchmarks/bench_align.py
+	$(PY) benchmarks/bench_neq.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check stability analysis tests benchmarks

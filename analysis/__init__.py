@@ -11,6 +11,8 @@ from typing import Any
 from .load import (
     Run,
     aggregate,
+    earlybird_distances,
+    earlybird_points,
     filter,
     find_runs,
     flatten_settings,
@@ -18,15 +20,18 @@ from .load import (
     hessian_tracks,
     imp_levels,
     interpolation_curves,
+    neq_records,
     runs,
     settings_of,
+    strong_tickets,
     sweeps,
     training_curves,
 )
 
 _FIGURES = ("plot_interpolation", "plot_instability", "plot_imp", "plot_imp_early_stop", "plot_rewind_comparison",
             "plot_hessian", "plot_density", "plot_training", "plot_all", "save_figure", "eos_threshold",
-            "plot_alignment_curves", "plot_instability_by_alignment", "plot_matching_vs_instability")
+            "plot_alignment_curves", "plot_instability_by_alignment", "plot_matching_vs_instability", "plot_strong_tickets",
+            "plot_ticket_design", "plot_supermask", "plot_earlybird_distances", "plot_neq")
 
 
 def __getattr__(name: str) -> Any:
@@ -40,6 +45,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Run",
     "aggregate",
+    "earlybird_distances",
+    "earlybird_points",
     "eos_threshold",
     "filter",
     "find_runs",
@@ -48,9 +55,11 @@ __all__ = [
     "hessian_tracks",
     "imp_levels",
     "interpolation_curves",
+    "neq_records",
     "plot_alignment_curves",
     "plot_all",
     "plot_density",
+    "plot_earlybird_distances",
     "plot_hessian",
     "plot_imp",
     "plot_imp_early_stop",
@@ -58,11 +67,16 @@ __all__ = [
     "plot_instability_by_alignment",
     "plot_interpolation",
     "plot_matching_vs_instability",
+    "plot_neq",
     "plot_rewind_comparison",
+    "plot_strong_tickets",
+    "plot_supermask",
+    "plot_ticket_design",
     "plot_training",
     "runs",
     "save_figure",
     "settings_of",
+    "strong_tickets",
     "sweeps",
     "training_curves",
 ]

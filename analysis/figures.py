@@ -47,7 +47,7 @@ from .load import (
 )
 
 FORMATS = ("png", "pdf")
-KINDS = ("curves", "sweep", "imp", "hessian", "training", "all")
+KINDS = ("curves", "sweep", "imp", "hessian", "training", "earlybird", "neq", "all")
 
 _STYLE = {
     "axes.spines.top": False,
@@ -1020,9 +1020,105 @@ def plot_training(curves: pd.DataFrame, *, splits: Sequence[str] = ("train", "te
     return fig
 
 
+# --------------------------------------------------------------------------- early-bird tickets
+@_styled
+def plot_earlybird_distances(distances: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """The mask distance of every pair of mask points as a heat map (You et al. 2020, Figure 2).
+
+    ``distances`` is :func:`analysis.load.earlybird_distances`: one panel per run, both axes the
+    training iteration of the mask, colour the normalized Hamming distance; the early-bird step is
+    marked by dashed lines on both axes (the panel says when detection never fired).
+    """
+    _require(distances, ["step_a", "step_b", "distance"], "plot_earlybird_distances")
+    runs_in = list(dict.fromkeys(distances["run_hash"])) if "run_hash" in distances.columns else [None]
+    fig = PaperFigure(figsize=(4.9 * len(runs_in), 3.9), layout="constrained")
+    axes = fig.subplots(1, len(runs_in), squeeze=False)[0]
+    for ax, run in zip(axes, runs_in):
+        part = distances if run is None else distances[distances["run_hash"] == run]
+        matrix = part.pivot_table(index="step_a", columns="step_b", values="distance", aggfunc="first")
+        steps = [int(s) for s in matrix.index]
+        values = matrix.to_numpy(float)
+        # each panel its own scale (magnitude masks move far less than channel masks); as in the paper,
+        # a smaller distance is warmer
+        image = ax.imshow(values, cmap=matplotlib.colormaps["RdYlBu"], vmin=0.0, vmax=float(np.nanmax(values)) or 1.0,
+                          interpolation="nearest")
+        fig.colorbar(image, ax=ax, shrink=0.85, label="Mask distance (fraction of positions)")
+        # At most ~8 labelled ticks per axis: every point is a row, but their names would overlap.
+        every = max(1, math.ceil(len(steps) / 8))
+        ticks = list(range(0, len(steps), every))
+        for set_ticks, set_labels in ((ax.set_xticks, ax.set_xticklabels), (ax.set_yticks, ax.set_yticklabels)):
+            set_ticks(ticks)
+            set_labels([f"{steps[i]:,}" for i in ticks])
+        ax.tick_params(axis="x", labelrotation=45)
+        ax.grid(False)
+        ax.set_xlabel("Training iteration of mask")
+        ax.set_ylabel("Training iteration of mask")
+        first = part.iloc[0]
+        detected = first.get("detected_step")
+        what = f"{first.get('mask', 'mask')} masks"
+        if "target_density" in part.columns and not pd.isna(first.get("target_density")):
+            what += f", density {float(first['target_density']):.0%}"
+        if detected is not None and not pd.isna(detected) and int(detected) in steps:
+            i = steps.index(int(detected))
+            ax.axvline(i, color="black", linestyle="--", linewidth=1.0)
+            ax.axhline(i, color="black", linestyle="--", linewidth=1.0)
+            ax.plot([i], [i], marker="*", markersize=12, color="black", markeredgecolor="white", linestyle="none")
+            what += f"\nearly bird at {step_text(detected)}"
+        else:
+            what += "\nno early bird detected"
+        if "threshold" in part.columns and not pd.isna(first.get("threshold")):
+            what += f" (ε = {float(first['threshold']):g}, l = {int(first['window'])})"
+        ax.set_title(what + (f" [{run}]" if run is not None and len(runs_in) > 1 else ""))
+    _title(fig, "Early-bird mask distances", distances, title)
+    return fig
+
+
+# --------------------------------------------------------------------------- NEq (neurons at equilibrium)
+@_styled
+def plot_neq(records: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """NEq against plain training and the random baselines: frozen neurons (%), backward FLOPs saved (%) and
+    test accuracy (%) over training, one line per run (mean over members), from ``load.neq_records``.
+
+    Each NEq evaluation's fraction holds until the next one (drawn as steps).
+    """
+    _require(records, ["step", "layer", "frozen_fraction", "saved_fraction", "test_error", "variant"], "plot_neq")
+    df = records[records["layer"] == "all"]
+    fig = PaperFigure(figsize=(12.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, 3)
+    runs_in = list(dict.fromkeys(df["run_hash"])) if "run_hash" in df.columns else [None]
+    order = {"plain": 0, "NEq": 1}
+    runs_in.sort(key=lambda r: order.get(str((df if r is None else df[df["run_hash"] == r])["variant"].iloc[0]), 2))
+    labels = [str((df if r is None else df[df["run_hash"] == r])["variant"].iloc[0]) for r in runs_in]
+    for i, run in enumerate(runs_in):
+        part = df if run is None else df[df["run_hash"] == run]
+        label = labels[i] + (f" ({run})" if labels.count(labels[i]) > 1 else "")
+        color = "k" if labels[i] == "plain" else f"C{i}"
+        end = float(part["step"].max())
+        for ax, col in ((axes[0], "frozen_fraction"), (axes[1], "saved_fraction")):
+            stats = aggregate(part, "step", col).dropna(subset=["mean"])
+            x = [*stats["step"].to_numpy(float), end]
+            y = [*(stats["mean"].to_numpy(float) * 100), float(stats["mean"].iloc[-1]) * 100 if len(stats) else 0.0]
+            ax.plot(x, y, drawstyle="steps-post", color=color, label=label)
+        stats = aggregate(part, "step", "test_error").dropna(subset=["mean"])
+        acc = (1 - stats["mean"].to_numpy(float)) * 100
+        axes[2].plot(stats["step"].to_numpy(float), acc, color=color, marker="o", label=label)
+    axes[0].set_ylabel("Frozen neurons (%)")
+    axes[0].set_title("Neurons skipping their update")
+    axes[1].set_ylabel("Backward FLOPs saved (%)")
+    axes[1].set_title("Backward pass saved (weight gradients)")
+    axes[2].set_ylabel("Test accuracy (%)")
+    axes[2].set_title("Accuracy")
+    for ax in axes:
+        ax.set_xlabel("Training iteration")
+        ax.legend(loc="best")
+    members = int(df["member"].nunique()) if "member" in df.columns else 1
+    _title(fig, "NEq", df, title, f"mean over {members} members" if members > 1 else None)
+    return fig
+
+
 # --------------------------------------------------------------------------- everything at once
 def check_kinds(kinds: str | Iterable[str]) -> tuple[str, ...]:
-    """Validated figure kinds for :func:`plot_all` (curves, sweep, imp, hessian, training, all)."""
+    """Validated figure kinds for :func:`plot_all` (curves, sweep, imp, hessian, training, earlybird, neq, all)."""
     items = kinds.split(",") if isinstance(kinds, str) else list(kinds)
     out = tuple(dict.fromkeys(k.strip().lower() for k in items if k.strip()))
     bad = [k for k in out if k not in KINDS]
@@ -1078,6 +1174,7 @@ def plot_all(results_root: Source, out_dir: str | os.PathLike[str], formats: str
                 emit(plot_alignment_curves(df), f"interpolation_alignment_{i}")
         if "imp" in wanted:
             written.extend(_plot_imp_runs(results_root, out, formats))
+            written.extend(_plot_strong_runs(results_root, out, formats))  # strong tickets beside IMP's
         if "hessian" in wanted:
             frames = hessian_tracks(results_root)
             for run, df in frames.groupby("run_hash", sort=False):
@@ -1086,6 +1183,20 @@ def plot_all(results_root: Source, out_dir: str | os.PathLike[str], formats: str
             frames = hessian_densities(results_root)
             for run, df in frames.groupby("run_hash", sort=False):
                 emit(plot_density(df), f"density_{run}")
+        if "earlybird" in wanted:
+            from .load import earlybird_distances
+
+            for run, df in earlybird_distances(results_root).groupby("run_hash", sort=False):
+                emit(plot_earlybird_distances(df), f"earlybird_{run}")
+        if "neq" in wanted:
+            from .load import neq_records
+
+            records = neq_records(results_root)
+            # one figure per model and data, when NEq trained there: NEq, its baselines and plain training
+            keys = [k for k in ("model.name", "dataset.name") if k in records.columns]
+            for i, (_, df) in enumerate(records.groupby(keys, sort=False, dropna=False) if keys else []):
+                if (df["variant"] != "plain").any():
+                    emit(plot_neq(df), f"neq_{i}")
     return written
 
 
@@ -1141,6 +1252,102 @@ def _plot_imp_runs(results_root: Source, out: Path, formats: tuple[str, ...]) ->
     return written
 
 
+# --------------------------------------------------------------------------- strong lottery tickets
+_STRONG_STYLE = {
+    "edgepopup": {"color": "C2", "marker": "D", "linestyle": "-", "label": "edge-popup (Ramanujan et al.)"},
+    "supermask": {"color": "C4", "marker": "v", "linestyle": "none", "label": "learned supermask (Zhou et al.)"},
+}
+
+
+def _kept_axis(ax: Any, densities: Iterable[float]) -> None:
+    """``_percent_axis`` (log, 100 → 1) ticked at the densities drawn, thinned so that no two labels overlap."""
+    pct = sorted({float(f"{float(d) * 100:.3g}") for d in densities if d > 0}, reverse=True)
+    _percent_axis(ax, [p / 100 for p in pct])
+    ticks: list[float] = []
+    for value in pct:
+        if not ticks or value < ticks[-1] / 1.15:
+            ticks.append(value)
+    if ticks:
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.set_xlabel("Weights kept (%, log scale)")
+
+
+@_styled
+def plot_strong_tickets(frame: pd.DataFrame, dense: float | pd.DataFrame | None = None,
+                        imp: pd.DataFrame | None = None, *, title: str | None = None) -> Figure:
+    """Test accuracy (%) of strong tickets (scores trained over frozen random weights) vs percent of weights kept.
+
+    ``frame`` is :func:`analysis.load.strong_tickets`: edge-popup is one line, mean ± std over runs (seeds) at
+    each ``kept``; supermask runs are points at their learned density. ``dense`` (a test accuracy, or a frame
+    with ``final_test_accuracy``, e.g. ``strong_tickets(..., include_dense=True)`` of ``method == "standard"``)
+    is a horizontal line (band ± std); ``imp`` (an :func:`analysis.load.imp_levels` frame) adds the IMP
+    tickets (trained weights) at their densities. Log x of percent kept, 100 → 1, as ``plot_imp``.
+    """
+    _require(frame, ["method", "density", "final_test_accuracy"], "plot_strong_tickets")
+    fig = PaperFigure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    strong = frame[frame["method"].isin(tuple(_STRONG_STYLE))]
+    densities = list(strong["density"].dropna())
+    for method, style in _STRONG_STYLE.items():
+        part = strong[strong["method"] == method].dropna(subset=["density", "final_test_accuracy"])
+        if part.empty:
+            continue
+        style = dict(style)
+        label = style.pop("label")
+        if method == "edgepopup":
+            stats = aggregate(part, "kept", ["density", "final_test_accuracy"]).sort_values("density_mean")
+            ax.errorbar(stats["density_mean"] * 100, stats["final_test_accuracy_mean"] * 100,
+                        yerr=_std(stats["final_test_accuracy_std"]) * 100, label=label, **style)
+        else:
+            ax.errorbar(part["density"] * 100, part["final_test_accuracy"] * 100, label=label, **style)
+    if imp is not None and not imp.empty:
+        _require(imp, ["kind", "level", "density", "final_test_accuracy"], "plot_strong_tickets (imp)")
+        _imp_lines(ax, imp, "final_test_accuracy", 100.0, ("imp",), lambda _: "IMP tickets (trained weights)")
+        densities += list(imp["density"].dropna())
+    if dense is not None:
+        if isinstance(dense, pd.DataFrame):
+            _require(dense, ["final_test_accuracy"], "plot_strong_tickets (dense)")
+            values = pd.to_numeric(dense["final_test_accuracy"], errors="coerce").dropna()
+            mean, std = float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
+            label = f"dense training ({_count(len(values), 'run')})"
+        else:
+            mean, std, label = float(dense), 0.0, "dense training"
+        ax.axhline(mean * 100, color="0.2", linestyle="--", linewidth=1.2, label=label)
+        if std > 0:
+            ax.axhspan((mean - std) * 100, (mean + std) * 100, color="0.2", alpha=0.1, linewidth=0)
+    _kept_axis(ax, densities)
+    ax.set_ylabel("Test accuracy at the end of training (%)")
+    ax.legend(loc="best")
+    seeds = int(strong["init_seed"].nunique()) if "init_seed" in strong.columns and not strong.empty else 0
+    note = "frozen weights, trained scores" + (f"; mean ± std over {seeds} init seeds" if seeds > 1 else "")
+    _title(fig, "Strong lottery tickets", strong if not strong.empty else frame, title, note)
+    return fig
+
+
+def _plot_strong_runs(results_root: Source, out: Path, formats: tuple[str, ...]) -> list[Path]:
+    """One strong-ticket figure per model and dataset with strong runs, with that model's dense runs and IMP tickets."""
+    from .load import strong_tickets
+
+    frame = strong_tickets(results_root, include_dense=True)
+    if frame.empty or not frame["method"].isin(tuple(_STRONG_STYLE)).any():
+        return []
+    keys = [k for k in ("model.name", "model.width", "model.depth", "dataset.name") if k in frame]
+    levels = imp_levels(results_root)
+    written: list[Path] = []
+    for i, (key, part) in enumerate(frame.groupby(keys, sort=True, dropna=False)):
+        strong = part[part["method"] != "standard"]
+        if strong.empty:
+            continue
+        dense = part[part["method"] == "standard"]
+        imp = levels
+        for k, v in zip(keys, key if isinstance(key, tuple) else (key,)):
+            if k in imp.columns:
+                imp = imp[imp[k] == v]
+        fig = plot_strong_tickets(strong, dense=dense if not dense.empty else None, imp=imp if not imp.empty else None)
+        written += save_figure(fig, out / f"strong_tickets_{i}", formats)
+    return written
+
+
 __all__ = [
     "FORMATS",
     "KINDS",
@@ -1161,6 +1368,7 @@ __all__ = [
     "plot_matching_vs_instability",
     "plot_neq",
     "plot_rewind_comparison",
+    "plot_strong_tickets",
     "plot_supermask",
     "plot_ticket_design",
     "plot_training",

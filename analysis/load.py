@@ -271,6 +271,91 @@ def imp_levels(source: Source) -> pd.DataFrame:
     return _combine(frames, LEVEL_COLUMNS)
 
 
+# --------------------------------------------------------------------------- early-bird tickets
+# What every early-bird row carries from the run's earlybird.json besides its record's own columns.
+EARLYBIRD_INFO = ["detected_step", "mask", "target_density", "threshold", "window", "rule",
+                  "ticket_final_test_accuracy", "dense_final_test_accuracy"]
+EARLYBIRD_POINT_COLUMNS = [*schema.EARLYBIRD_POINT_COLUMNS, *EARLYBIRD_INFO]
+EARLYBIRD_DISTANCE_COLUMNS = [*schema.EARLYBIRD_DISTANCE_COLUMNS, *EARLYBIRD_INFO]
+
+
+def _earlybird_frames(source: Source, table: str, columns: Sequence[str]) -> pd.DataFrame:
+    frames = []
+    for run in find_runs(source, schema.EARLYBIRD):
+        df = _read_csv(run.path / table)
+        if df is None:
+            continue
+        info = _read_json(run.path / schema.EARLYBIRD_SUMMARY)
+        ticket = info.get("ticket") or {}
+        df["detected_step"] = _number(info.get("detected_step"))
+        for key in ("mask", "target_density", "threshold", "window", "rule"):
+            df[key] = info.get(key, run.settings.get(f"earlybird.{key}"))
+        df["ticket_final_test_accuracy"] = _number(ticket.get("final_test_accuracy"))
+        df["dense_final_test_accuracy"] = _number(info.get("dense_final_test_accuracy"))
+        frames.append(_with_run(df, run, columns))
+    return _combine(frames, columns)
+
+
+def earlybird_points(source: Source) -> pd.DataFrame:
+    """points.csv of every early-bird run: per mask point the distance to the previous mask and the window max.
+
+    ``detected_step`` is the run's early-bird step (NaN when detection never fired, and then
+    ``ticket_final_test_accuracy`` is NaN too: no ticket was trained).
+    """
+    return _earlybird_frames(source, schema.EARLYBIRD_POINTS, EARLYBIRD_POINT_COLUMNS)
+
+
+def earlybird_distances(source: Source) -> pd.DataFrame:
+    """distances.csv of every early-bird run: the mask distance of every pair of mask points (step_a, step_b)."""
+    return _earlybird_frames(source, schema.EARLYBIRD_DISTANCES, EARLYBIRD_DISTANCE_COLUMNS)
+
+
+# --------------------------------------------------------------------------- NEq (training.method = neq)
+NEQ_RECORD_COLUMNS = [*schema.NEQ_COLUMNS, "test_error", "variant"]
+
+
+def neq_variant(settings: Mapping[str, Any]) -> str:
+    """How a trunk trained, for legends: 'plain', 'NEq', 'random 30%' (random baseline), 'matched random'."""
+    if settings.get("training.method", "standard") != "neq":
+        return "plain" if settings.get("training.method", "standard") == "standard" else str(settings["training.method"])
+    baseline = settings.get("neq.baseline", "none")
+    if baseline == "random":
+        return f"random {float(settings.get('neq.random_fraction', 0.0)):.0%}"
+    return "matched random" if baseline == "matched" else "NEq"
+
+
+def neq_records(source: Source, include_plain: bool = True) -> pd.DataFrame:
+    """neq.csv of every NEq trunk: per NEq evaluation, member and layer (and ``layer = all``), the frozen neurons
+    and backward MACs saved, with the test error at that step from metrics.csv and the run's ``variant``.
+
+    metrics.csv rows at steps without an NEq evaluation (the final step) come as ``layer = all`` rows with
+    NaN NEq columns. With ``include_plain``, plain trunks (``training.method = standard``) come as
+    ``layer = all`` rows with nothing frozen and nothing saved (variant ``plain``), to compare against.
+    """
+    frames = []
+    for run in find_runs(source, schema.TRAIN):
+        method = run.settings.get("training.method", "standard")
+        metrics = _read_csv(run.path / schema.METRICS)
+        accuracy = None if metrics is None else metrics[["step", "member", "test_error"]]
+        if method == "neq":
+            df = _read_csv(run.path / schema.NEQ_RECORDS)
+            if df is None:
+                continue
+            if accuracy is not None:
+                on_all = df["layer"] == "all"
+                merged = df[on_all].merge(accuracy, on=["step", "member"], how="left")
+                rest = accuracy[~accuracy["step"].isin(df["step"])].assign(layer="all")
+                df = pd.concat([df[~on_all], merged, rest], ignore_index=True, sort=False)
+        elif method == "standard" and include_plain and accuracy is not None:
+            df = accuracy.assign(layer="all", frozen=0, frozen_fraction=0.0, macs_saved=0, saved_fraction=0.0)
+        else:
+            continue
+        df = df.sort_values(["step", "member"], kind="stable").reset_index(drop=True)
+        df["variant"] = neq_variant(run.settings)
+        frames.append(_with_run(df, run, NEQ_RECORD_COLUMNS))
+    return _combine(frames, NEQ_RECORD_COLUMNS)
+
+
 def _track_kind(df: pd.DataFrame) -> str:
     return "alpha" if "alpha" in df.columns and "step" not in df.columns else "step"
 
@@ -381,6 +466,47 @@ def settings_of(df: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------- strong lottery tickets
+# One row per trunk run that trains scores over frozen weights (training.method = edgepopup | supermask).
+STRONG_COLUMNS = ["method", "kept", "density", "final_test_accuracy", "final_step", "init_seed"]
+_STRONG_METHODS = ("edgepopup", "supermask")
+
+
+def strong_tickets(source: Source, include_dense: bool = False) -> pd.DataFrame:
+    """Strong-ticket train runs: test accuracy at the final step against the fraction of weights kept.
+
+    ``method`` is edgepopup or supermask; ``kept`` is edge-popup's setting (``strong.kept``; NaN for the
+    supermask, whose density is learned); ``density`` is the evaluation mask's measured fraction of weights
+    kept (read from the final checkpoint). ``include_dense=True`` adds plain training runs (``standard``,
+    kept = density = 1). Runs without a final summary (still going) are left out.
+    """
+    frames = []
+    for run in find_runs(source, "train"):
+        method = str(run.settings.get("training.method", "standard"))
+        if method not in _STRONG_METHODS and not (include_dense and method == "standard"):
+            continue
+        summary = _read_json(run.path / schema.SUMMARY)
+        if "final_test_accuracy" not in summary:
+            continue
+        density, kept = 1.0, 1.0
+        if method in _STRONG_METHODS:
+            from stability.strong import run_mask_density  # torch only for strong runs
+
+            try:
+                density = run_mask_density(run.path)
+            except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: the row says NaN, never a crash
+                warnings.warn(f"{str(run.path)!r}: cannot read the final mask ({exc})", stacklevel=2)
+                density = None
+            density = float("nan") if density is None else density
+            kept = float(run.settings.get("strong.kept", 0.5)) if method == "edgepopup" else float("nan")
+        row = {"method": method, "kept": kept, "density": density,
+               "final_test_accuracy": _number(summary.get("final_test_accuracy")),
+               "final_step": _number(summary.get("final_step")),
+               "init_seed": run.settings.get("training.init_seed", 0)}
+        frames.append(_with_run(pd.DataFrame([row]), run, STRONG_COLUMNS))
+    return _combine(frames, STRONG_COLUMNS)
+
+
 __all__ = [
     "Run",
     "aggregate",
@@ -391,8 +517,11 @@ __all__ = [
     "hessian_tracks",
     "imp_levels",
     "interpolation_curves",
+    "neq_records",
+    "neq_variant",
     "runs",
     "settings_of",
+    "strong_tickets",
     "sweeps",
     "training_curves",
 ]

@@ -100,6 +100,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, _ = load_config(args)
     result = train_trunk(cfg)
     summary = result.summary
+    if cfg.training.method in ("edgepopup", "supermask"):  # strong tickets: the evaluation mask's density
+        from .strong import run_mask_density
+
+        summary["mask_density"] = run_mask_density(result.run_dir)
+        summary["method"] = cfg.training.method
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -109,6 +114,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"final step          {summary['final_step']}it")
     print(f"final test accuracy {summary['final_test_accuracy']:.4f}")
     print(f"rewind checkpoints  {', '.join(summary['checkpoints'])}")
+    if summary.get("mask_density") is not None:
+        print(f"mask density        {summary['mask_density']:.4f} ({summary['method']}: weights the evaluation keeps)")
+    if summary.get("neq", {}).get("evaluations"):  # training.method = neq
+        neq = summary["neq"]
+        print(f"NEq                 {neq['evaluations']} evaluations; frozen neurons {neq['mean_frozen_fraction']:.2%} "
+              f"on average ({neq['final_frozen_fraction']:.2%} at the last); backward FLOPs saved "
+              f"{neq['backward_flops_saved_fraction']:.2%}")
     print(f"time                {summary['seconds']:.1f} s")
     if summary["untrained"]:
         print(f"warning: the final test error is within {summary['chance_margin']} of chance "
@@ -370,6 +382,47 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_earlybird(args: argparse.Namespace) -> int:
+    from .earlybird import earlybird_settings, run_earlybird
+
+    cfg, _ = load_config(args)
+    settings = earlybird_settings(mask=args.mask, density=args.density, threshold=args.threshold,
+                                  window=args.window, rule=args.rule, every=args.every, rewind=args.rewind,
+                                  prune_fraction=args.prune_fraction)
+    result = run_earlybird(cfg, settings)
+    s = result.summary
+    if args.json:
+        print(json.dumps(s, indent=2, default=str))
+        return 0
+    if result.reused:
+        print(f"already complete: nothing to do; results are in {result.run_dir}")
+    print(f"early-bird search: {s['mask']} masks at density {s['target_density']:.4f}, threshold {s['threshold']}, "
+          f"window {s['window']} ({s['rule']} distances), {len(result.steps)} mask points every {s['every']}it")
+    print(f"{'step':>9} {'distance':>9} {'window max':>10}")
+    for row in result.points:
+        cells = [f"{row[k]:.4f}" if isinstance(row[k], float) else "-" for k in ("distance_previous", "window_max")]
+        mark = "  <- early bird" if row["detected"] is True else ""
+        print(f"{row['step']:>7}it {cells[0]:>9} {cells[1]:>10}{mark}")
+    if not s["detected"]:
+        print(s["note"])
+        print(f"dense trunk test accuracy {s['dense_final_test_accuracy']:.4f}")
+        print(f"results: {result.run_dir}")
+        return 0
+    ticket, cost = s["ticket"], s["cost"]
+    print(f"early-bird step: {s['detected_step']}it")
+    extra = f", channels {ticket['channel_density']:.4f}" if "channel_density" in ticket else ""
+    print(f"ticket: weight density {ticket['weight_density']:.4f}{extra}; rewound to {ticket['rewind_step']}it, "
+          f"trained to {s['final_step']}it")
+    print(f"test accuracy: ticket {ticket['final_test_accuracy']:.4f} (early stop {ticket['early_stop_test_accuracy']:.4f} "
+          f"at {ticket['early_stop_step']}it), dense trunk {s['dense_final_test_accuracy']:.4f}")
+    print(f"iterations: early bird {cost['early_bird_iterations']} ({cost['search_iterations']} to draw + "
+          f"{cost['ticket_iterations']} to train the ticket) vs IMP {cost['imp_iterations']} (dense + "
+          f"{cost['imp_levels']} level{'s' if cost['imp_levels'] != 1 else ''} at prune fraction {cost['prune_fraction']} to density "
+          f"{cost['imp_density']:.4f}); IMP / early bird = {cost['imp_over_early_bird']:.2f}")
+    print(f"results: {result.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     parser = argparse.ArgumentParser(prog="stability", description="Stability to SGD noise, linear mode connectivity, "
@@ -485,6 +538,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="the results root")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("earlybird", help="early-bird tickets (You et al. 2020): the mask drawn early, and its ticket",
+                       description="Masks that pruning to a density would choose at mask points along the trunk, "
+                                   "their pairwise Hamming distances, the early-bird step (the first point where "
+                                   "the largest distance in the window is below the threshold), and the ticket "
+                                   "pruned there, rewound and trained. No detection: no ticket, said so, exit 0.",
+                       epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p)
+    p.add_argument("--mask", help="magnitude (global |w| over prunable weights) | channel (BatchNorm |gamma|) "
+                                  "(default magnitude)")
+    p.add_argument("--density", type=float, help="kept fraction in (0, 1): of prunable weights, or of BatchNorm "
+                                                 "channels (default 0.5)")
+    p.add_argument("--threshold", type=float, help="epsilon in (0, 1]: fires when every distance in the window is "
+                                                   "below it (default 0.1)")
+    p.add_argument("--window", type=int, help="distances in the FIFO queue, >= 2 (default 5)")
+    p.add_argument("--rule", help="consecutive (the paper's Algorithm 1: neighbouring masks) | latest (the "
+                                  "authors' code: the newest mask against each earlier one) (default consecutive)")
+    p.add_argument("--every", help="mask points every this many steps, e.g. 10it (default training.eval_every)")
+    p.add_argument("--rewind", help="where the ticket starts: 0 or a step like 500it (default 0)")
+    p.add_argument("--prune-fraction", dest="prune_fraction", type=float,
+                   help="IMP's per-level fraction in (0, 1) for the cost comparison (default 0.2)")
+    p.set_defaults(func=cmd_earlybird)
 
     from .plot_cli import add_parser as add_plot_parser
 

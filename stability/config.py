@@ -109,6 +109,54 @@ class TrainingConfig:
     UNHASHED = ("rewind_points", "checkpoint_every")
 
 
+# ---- strong lottery tickets (training.method = edgepopup | supermask; stability.strong) ----
+STRONG_METHODS = ("edgepopup", "supermask")
+STRONG_WEIGHT_INITS = ("signed_constant", "kaiming_normal", "default")
+STRONG_SCORE_INITS = ("kaiming_uniform", "kaiming_normal")
+STRONG_EVAL_MASKS = ("expected", "sample")
+
+
+@dataclass(frozen=True)
+class StrongConfig:
+    """Strong lottery tickets over frozen weights: edge-popup's fraction kept, the inits, supermask evaluation.
+
+    Only read when ``training.method`` is ``edgepopup`` or ``supermask``; a non-default value with another
+    method is refused (so these settings name a run only together with the method they belong to).
+    """
+
+    kept: float = 0.5  # edgepopup: fraction of each layer's weights kept, in (0, 1]
+    weight_init: str = "signed_constant"  # signed_constant | kaiming_normal | default (the model's own)
+    score_init: str = "kaiming_uniform"  # kaiming_uniform (edge-popup's code) | kaiming_normal
+    eval_mask: str = "expected"  # supermask: expected (sigmoid(score) > 0.5) | sample (a fixed seeded draw)
+
+    UNHASHED = ()
+
+
+# ---- NEq: neurons at equilibrium skip their updates (training.method = neq; stability.neq) ----
+NEQ_BASELINES = ("none", "random", "matched")
+NEQ_VELOCITIES = ("reference", "paper")
+
+
+@dataclass(frozen=True)
+class NeqConfig:
+    """NEq (Bragagnolo et al. 2022): which neurons skip their updates, checked at every NEq evaluation.
+
+    Only read when ``training.method`` is ``neq``; a non-default value with another method is refused
+    (so these settings name a run only together with NEq).
+    """
+
+    eps: float = 1e-3  # a neuron is at equilibrium when |velocity| < eps
+    mu: float = 0.5  # mu_eq, the velocity's momentum, in [0, 1)
+    velocity: str = "reference"  # reference (EIDOSLAB/NEq's code) | paper (v_t = dphi_t - mu v_{t-1})
+    examples: int = 500  # validation examples whose outputs are compared (at most the validation split)
+    seed: int = 0  # picks those examples, and the random baselines' neurons
+    every: str = ""  # NEq evaluation cadence; empty = training.eval_every
+    baseline: str = "none"  # none (NEq) | random (random_fraction of each layer) | matched (NEq's count, at random)
+    random_fraction: float = 0.0  # baseline random: fraction of each layer's neurons frozen, in (0, 1]
+
+    UNHASHED = ()
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how to run; nothing here changes results."""
@@ -131,6 +179,8 @@ SECTIONS: dict[str, type] = {
     "schedule": ScheduleConfig,
     "training": TrainingConfig,
     "runtime": RuntimeConfig,
+    "strong": StrongConfig,
+    "neq": NeqConfig,
 }
 
 
@@ -144,6 +194,8 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    strong: StrongConfig = field(default_factory=StrongConfig)
+    neq: NeqConfig = field(default_factory=NeqConfig)
 
     # ---- derived -------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -228,7 +280,7 @@ def coerce(section_name: str, key: str, value: Any) -> Any:
 
 
 # Settings whose values are steps ("500it", "2ep"): a bare number is taken as written.
-_STEP_KEYS = ("steps", "warmup", "eval_every", "checkpoint_every", "rewind")
+_STEP_KEYS = ("steps", "warmup", "eval_every", "checkpoint_every", "rewind", "every")
 
 
 def coerce_field(cls: type, section: str, key: str, value: Any) -> Any:
@@ -408,6 +460,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"training.method: unknown method {cfg.training.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.training.batch_size < 1:
         raise ConfigError(f"training.batch_size: must be >= 1, got {cfg.training.batch_size}")
+    validate_strong(cfg)
+    validate_neq(cfg)
     if cfg.dataset.val_size < 0:
         raise ConfigError(f"dataset.val_size: must be >= 0, got {cfg.dataset.val_size}")
     if cfg.runtime.device not in DEVICES:
@@ -425,6 +479,54 @@ def validate(cfg: Config) -> Config:
     Step.parse(cfg.schedule.warmup, "schedule.warmup")
     check_results_root(cfg.runtime.results_root)
     return cfg
+
+
+def validate_strong(cfg: Config) -> None:
+    """The ``[strong]`` settings: allowed values, and set only with the method they belong to."""
+    st, method = cfg.strong, cfg.training.method
+    if not (0 < st.kept <= 1):
+        raise ConfigError(f"strong.kept: the fraction of each layer's weights kept must be in (0, 1], got {st.kept}")
+    for key, allowed in (("weight_init", STRONG_WEIGHT_INITS), ("score_init", STRONG_SCORE_INITS),
+                         ("eval_mask", STRONG_EVAL_MASKS)):
+        if getattr(st, key) not in allowed:
+            raise ConfigError(f"strong.{key}: unknown value {getattr(st, key)!r}; choose one of {', '.join(allowed)}")
+    default = StrongConfig()
+    changed = [f.name for f in fields(StrongConfig) if getattr(st, f.name) != getattr(default, f.name)]
+    if changed and method not in STRONG_METHODS:
+        raise ConfigError(f"strong.{changed[0]}: applies only with training.method = {' or '.join(STRONG_METHODS)} "
+                          f"(strong tickets), not {method!r}; set training.method or leave [strong] at its defaults")
+    only = {"kept": "edgepopup", "eval_mask": "supermask"}
+    for key in changed:
+        if key in only and method != only[key]:
+            raise ConfigError(f"strong.{key}: applies only with training.method = {only[key]}, not {method!r}")
+
+
+def validate_neq(cfg: Config) -> None:
+    """The ``[neq]`` settings: allowed values, and set only with ``training.method = neq``."""
+    nq = cfg.neq
+    if not (nq.eps >= 0 and math.isfinite(nq.eps)):
+        raise ConfigError(f"neq.eps: the equilibrium threshold must be a finite number >= 0, got {nq.eps}")
+    if not 0 <= nq.mu < 1:
+        raise ConfigError(f"neq.mu: the velocity momentum mu_eq must be in [0, 1), got {nq.mu}")
+    for key, allowed in (("velocity", NEQ_VELOCITIES), ("baseline", NEQ_BASELINES)):
+        if getattr(nq, key) not in allowed:
+            raise ConfigError(f"neq.{key}: unknown value {getattr(nq, key)!r}; choose one of {', '.join(allowed)}")
+    if nq.examples < 1:
+        raise ConfigError(f"neq.examples: the number of validation examples must be >= 1, got {nq.examples}")
+    if nq.every:
+        Step.parse(nq.every, "neq.every")
+    if not 0 <= nq.random_fraction <= 1:
+        raise ConfigError(f"neq.random_fraction: must be a fraction in (0, 1], got {nq.random_fraction}")
+    if nq.baseline == "random" and nq.random_fraction == 0:
+        raise ConfigError("neq.random_fraction: neq.baseline = random needs the fraction of neurons to freeze, "
+                          "in (0, 1] (e.g. the mean fraction an NEq run froze); got 0")
+    if nq.baseline != "random" and nq.random_fraction != 0:
+        raise ConfigError(f"neq.random_fraction: applies only with neq.baseline = random, not {nq.baseline!r}")
+    default = NeqConfig()
+    changed = [f.name for f in fields(NeqConfig) if getattr(nq, f.name) != getattr(default, f.name)]
+    if changed and cfg.training.method != "neq":
+        raise ConfigError(f"neq.{changed[0]}: applies only with training.method = neq, not "
+                          f"{cfg.training.method!r}; set training.method = neq or leave [neq] at its defaults")
 
 
 def check_results_root(root: str) -> None:

@@ -153,6 +153,15 @@ def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = 
         if _comparable(getattr(a.cfg, section)) != _comparable(getattr(b.cfg, section)):
             raise ConfigError(f"RUN: the two networks differ in [{section}] ({getattr(a.cfg, section)} vs "
                               f"{getattr(b.cfg, section)}); only networks of the same architecture on the same data connect")
+    methods = {a.cfg.training.method, b.cfg.training.method}
+    if methods & {"edgepopup", "supermask"}:
+        # strong tickets: only the scores are interpolated, so both must sit on the same frozen weights
+        frozen = [k for k in a.state if k.endswith((".weight", ".bias"))]  # buffers in a strong model
+        if (len(methods) > 1 or a.cfg.strong != b.cfg.strong or settings.align != "none" or settings.repair
+                or any(k not in b.state or not torch.equal(a.state[k], b.state[k]) for k in frozen)):
+            raise ConfigError("RUN: strong tickets (edgepopup, supermask) connect only to strong tickets of the same "
+                              "method and [strong] settings over the same frozen weights (the same init seed), "
+                              "without alignment or REPAIR; these two differ")
     if settings.align != "none" and not settings.allow_different_masks and not _same_masks(a.masks, b.masks):
         raise ConfigError("connect.align: the two networks have different masks, so the aligned interpolation "
                               "has neither's sparsity pattern; pass --allow-different-masks to align them anyway")

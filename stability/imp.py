@@ -34,6 +34,7 @@ from torch import Tensor
 from .config import Config, settings_from_table, settings_hash
 from .engine import Members, StackedModel, derive_seed
 from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
+from .flops import backward_macs, layer_costs, weight_gradient_saved
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
 from .instability import (
     INDEPENDENT,
@@ -45,7 +46,6 @@ from .instability import (
 )
 from .metrics import lts_score, ticket_summary, trajectory_length, trajectory_length_gain
 from .models import output_layer_name
-from .flops import backward_macs, layer_costs, weight_gradient_saved
 from .pruning import (
     CRITERIA,
     MASK0_ACTIONS,
@@ -63,13 +63,13 @@ from .pruning import (
 from .pruning import density as mask_density
 from .schema import (
     FINAL_STATE,
-    MANIFEST,
     IMP,
     IMP_SUMMARY,
     LATEST_STATE,
     LEVEL_COLUMNS,
     LEVEL_RECORD,
     LEVELS,
+    MANIFEST,
     MASKS,
     METRICS,
     level_dir,
@@ -347,6 +347,9 @@ def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(),
     if cfg.training.method in ("edgepopup", "supermask"):  # strong tickets: frozen weights, nothing to prune
         raise ConfigError(f"training.method: IMP prunes trained weights; {cfg.training.method!r} trains scores over "
                           "frozen weights (its own masks); run IMP with training.method = standard")
+    if cfg.training.method == "neq":  # refused before the dense trunk is trained, not at the first level
+        raise ConfigError("training.method: neq trains dense networks and cannot train IMP's masked levels; run IMP "
+                          "with training.method = standard")
     ctx = prepare(cfg)
     run = imp_dir(cfg, settings, sweep)
     if run.is_complete():
@@ -390,6 +393,8 @@ def _imp(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySet
                          "early_stop_test_accuracy": nan, "early_stop_val_loss": nan, "trajectory_length": nan,
                          "instability": "", "status": "diverged"})
         write_csv(run / LEVELS, rows, LEVEL_COLUMNS)
+    # every row with every column, as levels.csv gives them back to a rerun ("" where a row has no value)
+    rows = [{**dict.fromkeys(LEVEL_COLUMNS, ""), **row} for row in rows]
     summary = _summarize(rows, settings, rewind_step, rewind_info, cfg)
     summary["mask_source"] = source.info if source is not None else "own"
     summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -625,7 +630,7 @@ def _summarize(rows: list[dict[str, Any]], settings: ImpSettings, rewind_step: i
                                "config": cfg.to_dict(), "target_density": (1 - settings.prune_fraction) ** settings.levels}
     if settings.supermask:
         summary["supermask"] = [{k: row[k] for k in ("replicate", "level", "density", "supermask_test_accuracy")}
-                                for row in rows if "supermask_test_accuracy" in row]
+                                for row in rows if row.get("supermask_test_accuracy", "") != ""]
     summary["tickets"] = _tickets(frame, "test_accuracy")
     summary["tickets_early_stop"] = _tickets(frame, "early_stop_test_accuracy")
     # Trajectory-length gains of Best Sparse and Sparsest Matching (aggregate), against the dense network.

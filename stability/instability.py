@@ -302,6 +302,11 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
     if settings.align != "none" or settings.repair:
         from .align import permutation_spec
 
+        if cfg.training.method in ("edgepopup", "supermask"):
+            raise ConfigError(f"instability.align: the siblings of a strong ticket ({cfg.training.method}) share their "
+                              "frozen weights and differ only in their scores; permuting one of them would give the "
+                              "two endpoints different frozen weights. Use align = none (and no repair) here")
+
         permutation_spec(ctx.model)  # a model alignment cannot handle is refused before any training
     if independent:
         steps = [INDEPENDENT_STEP, *steps]

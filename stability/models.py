@@ -98,9 +98,15 @@ class NoiseDropout(nn.Module):
         return f"p={self.p}"
 
 
+def noise_generator() -> torch.Generator | None:
+    """The generator ``dropout_noise`` put in place (None outside the training loop): for layers that draw SGD noise."""
+    return _DROPOUT_GENERATOR.get()
+
+
 def has_dropout(model: nn.Module) -> bool:
-    """Whether the model has an active ``NoiseDropout`` layer (then it trains one member at a time)."""
-    return any(isinstance(m, NoiseDropout) and m.p > 0 for m in model.modules())
+    """Whether the model draws training noise, an active ``NoiseDropout`` layer or a layer that says
+    ``draws_noise`` (the supermask's sampled masks): then it trains one member at a time."""
+    return any((isinstance(m, NoiseDropout) and m.p > 0) or getattr(m, "draws_noise", False) for m in model.modules())
 
 
 def _fc_forward(layers: nn.ModuleList, x: torch.Tensor, dropout: nn.Module | None = None) -> torch.Tensor:
@@ -136,7 +142,9 @@ class MaxPool2d(nn.MaxPool2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and x.requires_grad) or not self._plain_2x2() or x.dim() != 4:
+        # Grad mode alone decides: inside ``vmap`` a tensor that carries a gradient reads
+        # ``requires_grad = False``, and the shortcut would then split the gradient at ties.
+        if torch.is_grad_enabled() or not self._plain_2x2() or x.dim() != 4:
             return super().forward(x)
         h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
         if h == 0 or w == 0:

@@ -16,11 +16,12 @@ from typing import Any
 from .errors import ConfigError
 
 # Kept here as well as in analysis.figures so that `stability --help` does not import matplotlib.
-KINDS = ("curves", "sweep", "imp", "hessian", "training", "all")
+KINDS = ("curves", "sweep", "imp", "hessian", "training", "earlybird", "neq", "all")
 FORMATS = ("png", "pdf")
 _KIND_HELP = ("curves = interpolation curves, sweep = instability vs rewind step, imp = lottery-ticket levels "
-              "and rewind comparisons, hessian = eigenvalues, trace and spectral density, training = loss and "
-              "error curves, all = every figure the records allow")
+              "and rewind comparisons (and strong tickets beside them), hessian = eigenvalues, trace and spectral density, training = loss and "
+              "error curves, earlybird = early-bird mask distances, neq = frozen neurons and FLOPs saved over training, "
+              "all = every figure the records allow")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

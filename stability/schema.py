@@ -14,7 +14,7 @@ spelled anywhere else. A run lives in ``<results_root>/<kind>_<hash>/``.
 |               | imp.json, replicate_<r>/level_<l>/{record.json, metrics.csv, final...}    |
 | hessian       | manifest.json, hessian.csv, density.csv, hessian.json                     |
 | earlybird     | manifest.json, points.csv, distances.csv, earlybird.json,                 |
-|               | ticket_mask.safetensors, ticket_<digest>/{metrics.csv, final...}          |
+|               | mask.safetensors, ticket_<digest>/{metrics.csv, final...}                 |
 
 Every run directory also holds ``.lock`` while a process computes it.
 """
@@ -86,7 +86,7 @@ EARLYBIRD = "earlybird"
 EARLYBIRD_POINTS = "points.csv"  # one row per mask point: distance to the previous mask, window max, detection
 EARLYBIRD_DISTANCES = "distances.csv"  # every pair of mask points (step_a, step_b, distance)
 EARLYBIRD_SUMMARY = "earlybird.json"
-EARLYBIRD_MASK = "ticket_mask.safetensors"  # the mask drawn at the detected step, as a weight mask
+EARLYBIRD_MASK = "mask.safetensors"  # the mask drawn at the detected step, as a weight mask
 EARLYBIRD_TICKET = "ticket"  # the ticket's training sub-run: ticket_<mask digest>/{metrics.csv, final...}
 EARLYBIRD_POINT_COLUMNS = ["step", "distance_previous", "window_max", "below_threshold", "detected", "kept",
                            "total"]

@@ -32,7 +32,7 @@ from .engine import (
     first_nonfinite,
     train_members,
 )
-from .errors import CheckpointError, RecordError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
 from .schema import (
     CHECKPOINT_GLOB,
     CHECKPOINTS,
@@ -183,7 +183,17 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
     def eval_due(s: int) -> bool:
         return bool(eval_every) and (s == first or s % eval_every == 0 or s == end_step)
 
-    members, rows = _resume(ctx, run, start, end_step, keep, eval_due)
+    neq = None
+    if cfg.training.method == "neq":  # neurons at equilibrium skip their updates (stability.neq)
+        from .neq import NeqRun
+
+        if masks:
+            raise ConfigError("training.method: neq trains dense networks; it cannot be combined with masks "
+                              "(pruning or frozen weights); use training.method = standard here")
+        neq = NeqRun(ctx, run, first, start.n)
+    members, rows = _resume(ctx, run, start, end_step, keep, eval_due, neq.covered if neq else None)
+    if neq is not None:
+        masks, freeze = neq.attach(members), True
     if masks and not freeze:
         from .pruning import apply_masks_
 
@@ -214,7 +224,7 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
                 save_state(latest, m)
 
         spec = TrainSpec(ctx.data, cfg, ctx.ipe, masks=masks, freeze=freeze, after_step=after_step,
-                         augmentation=ctx.augmentation)
+                         augmentation=ctx.augmentation, update_masks=neq)
         train_members(sm, members, spec, end_step)
     except TrainingDiverged as exc:
         exc.run_dir = str(run.path)
@@ -227,7 +237,7 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
 
 
 def _resume(ctx: Context, run: RunDir, start: Members, end_step: int, keep: set[int],
-            eval_due) -> tuple[Members, list[dict[str, Any]]]:
+            eval_due, records_cover=None) -> tuple[Members, list[dict[str, Any]]]:
     """The newest intact saved state whose metrics rows are on disk, and those rows (else ``start``, [])."""
     latest = run / LATEST_STATE
     rows_disk = read_metrics(run) if eval_due(start.step) else []
@@ -238,6 +248,8 @@ def _resume(ctx: Context, run: RunDir, start: Members, end_step: int, keep: set[
 
     def covered(s: int) -> bool:
         """Every evaluation before step s has all members' rows (the one at s may be redone)."""
+        if records_cover is not None and not records_cover(s):  # a method's own records (NEq's neq.csv)
+            return False
         if not eval_due(start.step):
             return True
         return all(counts.get(t) == n for t in range(start.step, s) if eval_due(t))

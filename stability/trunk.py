@@ -39,6 +39,7 @@ from .plugins import load_plugins
 from .schema import SUMMARY, TRAIN, checkpoint_name
 from .steps import format_step, to_iterations
 from .store import RunDir, load_tensors, quarantine, read_record, write_json
+from .strong import model_for_run
 from .training import (
     METRIC_COLUMNS,
     Progress,
@@ -83,7 +84,8 @@ class Context:
     def new_model(self, seed: int | None = None) -> nn.Module:
         """A freshly initialized model (seeded by init_seed unless given)."""
         seed = self.cfg.training.init_seed if seed is None else seed
-        return build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, seed).to(self.device)
+        model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, seed)
+        return model_for_run(model, self.cfg, seed).to(self.device)  # strong tickets: scores over frozen weights
 
     @property
     def augmentation(self) -> str | None:
@@ -106,12 +108,17 @@ def prepare(cfg: Config) -> Context:
     total = to_iterations(cfg.training.steps, ipe, "training.steps")
     if total < 1:
         raise ConfigError(f"training.steps: must be at least 1 iteration, got {cfg.training.steps!r}")
-    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.training.init_seed).to(device)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.training.init_seed)
+    model = model_for_run(model, cfg, cfg.training.init_seed).to(device)  # strong tickets: scores over frozen weights
     ctx = Context(cfg, device, data, model, ipe, total)
     ctx.steps(cfg.training.rewind_points, "training.rewind_points")
     for key in ("eval_every", "checkpoint_every"):
         if to_iterations(getattr(cfg.training, key), ipe, f"training.{key}") < 1:
             raise ConfigError(f"training.{key}: must be at least 1 iteration")
+    if cfg.training.method == "neq":
+        from .neq import check_settings
+
+        check_settings(ctx)
     return ctx
 
 
@@ -157,6 +164,7 @@ class TrainResult:
     reused: bool = False
     seconds: float = 0.0
     chance_test_error: float = float("nan")  # error of always predicting the most frequent test class
+    neq: dict[str, Any] | None = None  # training.method = neq: frozen neurons and backward FLOPs saved
 
     @property
     def final(self) -> dict[str, Any]:
@@ -175,6 +183,7 @@ class TrainResult:
             "seconds": round(self.seconds, 3), "chance_test_error": self.chance_test_error,
             "chance_margin": DEFAULT_CHANCE_MARGIN,
             "untrained": is_untrained(test_error, self.chance_test_error, DEFAULT_CHANCE_MARGIN),
+            **({"neq": self.neq} if self.neq is not None else {}),
         }
 
 
@@ -194,6 +203,10 @@ def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Cont
             raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
         if status == "complete":
             rows, problem = _finished_records(run)
+            if problem is None and cfg.training.method == "neq":
+                from .neq import read_records
+
+                problem = None if read_records(run) is not None else "neq.csv is missing or damaged"
             if problem is None:
                 run.check_reuse(cfg.runtime.accept_other_versions)
                 ensure_checkpoints(ctx, run, wanted)
@@ -276,6 +289,12 @@ def produce_checkpoints(ctx: Context, run: RunDir, steps: Iterable[int]) -> None
         if members is None:
             members = initial_members(ctx)  # step 0 is the seeded initialization: always reproducible
         spec = TrainSpec(ctx.data, ctx.cfg, ctx.ipe, augmentation=ctx.augmentation)
+        if ctx.cfg.training.method == "neq":  # replayed with NEq's state from the checkpoint, records untouched
+            from .neq import NeqTracker
+
+            tracker = NeqTracker(ctx, 0)
+            tracker.restore(members)
+            spec.masks, spec.freeze, spec.update_masks = tracker.masks(), True, tracker
         train_members(sm, members, spec, target)
         save_state(checkpoint_path(run, target), members)
 
@@ -284,5 +303,10 @@ def _result(run: RunDir, T: int, reused: bool, seconds: float, ctx: Context,
             rows: list[dict[str, Any]] | None = None) -> TrainResult:
     if rows is None:
         rows = read_metrics(run) or []
+    neq = None
+    if ctx.cfg.training.method == "neq":
+        from .neq import run_summary
+
+        neq = run_summary(run, 0, T)
     return TrainResult(run.path, run.hash, T, saved_checkpoints(run), rows, reused, seconds,
-                       chance_error(ctx.data.split("test")[1]))
+                       chance_error(ctx.data.split("test")[1]), neq)

@@ -21,7 +21,7 @@ def _case(command, args=(), match="", toml=None, out="runs", id=None):
 CASES = [
     # ---- misspelt TOML sections and keys
     _case("train", match="unknown section [trainng]; sections are dataset, model, optimizer, schedule, training, "
-          "runtime, instability, imp, hessian", toml='[trainng]\nsteps = "10it"\n', id="toml-section"),
+          "runtime, strong, neq, instability, imp, hessian", toml='[trainng]\nsteps = "10it"\n', id="toml-section"),
     _case("train", match="unknown section [instabilty]", toml="[instabilty]\nsiblings = 3\n", id="toml-stage-section"),
     _case("train", match="[imp] must be a table", toml="imp = 3\n", id="toml-stage-not-a-table"),
     _case("train", match="preset must be a string", toml='preset = ["lenet300_mnist5k"]\n', id="toml-preset-list"),

@@ -448,6 +448,20 @@ def test_fast_max_pool_gives_torchs_values_and_gradients(shape, channels_last):
             assert torch.equal(MaxPool2d(3, stride=2)(x), nn.MaxPool2d(3, stride=2)(x))
 
 
+def test_fast_max_pool_under_vmap_sends_tied_gradients_where_torch_does():
+    """Inside vmap a tensor carrying a gradient reads requires_grad False: the pool must still be torch's."""
+    p = torch.zeros(2, 1, 1, 4, 4, requires_grad=True)  # two members; every window tied
+    g = torch.arange(4.0).view(1, 1, 2, 2) + 1
+
+    def f(pi):
+        return (MaxPool2d(2)(pi) * g).sum()
+
+    grad_vmap = torch.autograd.grad(vmap(f)(p).sum(), p)[0]
+    expected = torch.autograd.grad(sum(f(p[i]) for i in range(2)), p)[0]
+    assert torch.equal(grad_vmap, expected)  # torch's kernel: all of a window's gradient to one element
+    assert int((expected != 0).sum()) == 2 * 4
+
+
 def test_lenet5_pools_with_the_fast_max_pool():
     model = build_model(ModelConfig(name="lenet5"), (1, 28, 28), 10, seed=0)
     assert sum(isinstance(m, MaxPool2d) for m in model.modules()) == 2

@@ -210,7 +210,7 @@ def test_design_space_figures_from_the_records(frozen_run, tmp_path):
     import analysis
     from analysis.figures import design_labels, plot_all, plot_supermask, plot_ticket_design
 
-    cfg, results = frozen_run
+    cfg, _ = frozen_run
     levels = analysis.imp_levels(cfg.runtime.results_root)
     imp = levels[levels["kind"] == "imp"]
     labels = design_labels(imp)
@@ -228,7 +228,6 @@ def test_design_space_figures_from_the_records(frozen_run, tmp_path):
 def test_supermask_accuracy_is_the_masked_untrained_network_evaluated_directly(tmp_path):
     import analysis
     from analysis.figures import plot_supermask
-
     from stability.engine import StackedModel
     from stability.trunk import prepare
 

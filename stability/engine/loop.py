@@ -40,6 +40,10 @@ class TrainSpec:
     # holding the values they have when training starts (Zhou et al.'s mask-0 action ``freeze``).
     freeze: bool = False
     after_step: Callable[[Members, float], None] | None = None  # called with the batch loss after each step
+    # Masks that change during training (NEq's frozen neurons): called before every step with the members
+    # at that step; returns the masks from that step on (replacing ``masks``; with ``freeze`` the mask-0
+    # coordinates are held at their values at that step) or None to keep the masks in force.
+    update_masks: Callable[[Members], Mapping[str, Tensor] | None] | None = None
     augmentation: str | None = None
 
 
@@ -70,11 +74,18 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
         opt.load_state_dict({"state": members.optimizer_state["state"], "param_groups": opt.state_dict()["param_groups"]})
     masks = [spec.masks.get(n) if spec.masks else None for n in model.param_names]
     held = _held_values(plist, masks) if spec.freeze else None
+    masked = any(m is not None for m in masks)
     n = members.n
     members.optimizer = opt
     fast_update = opt.update if isinstance(opt, _MemberwiseFusedAdam) else None
     dropout_gens = members.dropout_generators(spec.data.x_train.device) if model.dropout else None
     while members.step < end_step:
+        if spec.update_masks is not None:
+            new_masks = spec.update_masks(members)
+            if new_masks is not None:
+                masks = [new_masks.get(name) for name in model.param_names]
+                held = _held_values(plist, masks) if spec.freeze else None
+                masked = any(m is not None for m in masks)
         x, y = draw_batch(members, spec)
         lr = schedule.lr(members.step)
         for group in opt.param_groups:
@@ -99,7 +110,7 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
             _stop(members, opt, plist)
             raise TrainingDiverged(f"training diverged: member {member}'s {tensor} is not finite at step "
                                    f"{members.step}", step=members.step, member=member, tensor=tensor)
-        if spec.masks:
+        if masked:
             # Pruned coordinates get no gradient, so momentum/Adam moments stay exactly zero there.
             for p, m in zip(plist, masks):
                 if m is not None:
@@ -115,7 +126,7 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
                 for p, h in zip(plist, held):
                     if h is not None:
                         p.copy_(torch.where(h[0], p, h[1]))
-        elif spec.masks:
+        elif masked:
             with torch.no_grad():
                 for p, m in zip(plist, masks):
                     if m is not None:

@@ -35,6 +35,9 @@ class Members:
     # Dropout masks per member (models with dropout only): created on first use from the member's
     # augmentation seed, so they are part of its noise seed, and saved with its state.
     drop_gens: list[torch.Generator] = field(default_factory=list)
+    # State of a training method that changes what is updated (NEq: its statistics and frozen neurons),
+    # saved as ``extra/<key>`` with the rest so a resumed run continues it bit for bit.
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.order_gens:
@@ -78,6 +81,8 @@ class Members:
             t[f"rng/dropout/{i}"] = g.get_state()
         if self.perms is not None:
             t["perms"] = self.perms
+        for k, v in self.extra.items():
+            t[f"extra/{k}"] = v.contiguous()
         opt_keys: dict[str, list[str]] = {}
         state = self.optimizer.state_dict()["state"] if self.optimizer is not None else (self.optimizer_state or {}).get("state", {})
         if state:
@@ -111,8 +116,9 @@ class Members:
             opt_state = {"state": {int(idx): {key: t[f"opt/{idx}/{key}"].to(device) for key in keys}
                                    for idx, keys in meta["optimizer_keys"].items()}}
         perms = t["perms"].to(device) if "perms" in t else None
+        extra = {k[6:]: v.to(device) for k, v in t.items() if k.startswith("extra/")}
         return cls(int(meta["step"]), params, buffers, list(meta["order_seeds"]), list(meta["aug_seeds"]),
-                   order_gens, aug_gens, perms, opt_state, drop_gens=drop_gens)
+                   order_gens, aug_gens, perms, opt_state, drop_gens=drop_gens, extra=extra)
 
     def member_state_dict(self, i: int) -> dict[str, Tensor]:
         """Member i as a plain model ``state_dict``."""
