@@ -56,13 +56,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .engine import Members, derive_seed
-from .errors import ConfigError, RecordError
+from .errors import ConfigError
 from .flops import LayerCost, backward_macs, layer_costs, weight_gradient_saved
 from .models import output_layer_name
 from .pruning import PRUNABLE_MODULES
 from .schema import NEQ_COLUMNS, NEQ_RECORDS
 from .steps import to_iterations
-from .store import RunDir, quarantine, read_csv, write_csv
+from .store import RunDir, write_csv
 
 if TYPE_CHECKING:
     from .trunk import Context
@@ -341,17 +341,9 @@ def check_settings(ctx: Context) -> None:
 
 def read_records(run: RunDir) -> list[dict[str, Any]] | None:
     """neq.csv of a run, or None when it is missing or damaged (a damaged one is moved aside)."""
-    path = run / NEQ_RECORDS
-    if not path.is_file():
-        return None
-    try:
-        rows = read_csv(path)
-        if rows and not set(NEQ_COLUMNS) <= set(rows[0]):
-            raise RecordError(f"record {str(path)!r} lacks columns {sorted(set(NEQ_COLUMNS) - set(rows[0]))}")
-        return rows
-    except RecordError as exc:
-        quarantine(path, str(exc))
-        return None
+    from .training import read_table
+
+    return read_table(run, NEQ_RECORDS, NEQ_COLUMNS)
 
 
 class NeqRun:

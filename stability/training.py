@@ -148,13 +148,18 @@ def evaluate_rows(ctx: Context, sm: StackedModel, members: Members, lr: float) -
 
 def read_metrics(run: RunDir) -> list[dict[str, Any]] | None:
     """metrics.csv of a run, or None when it is missing or damaged (a damaged one is moved aside)."""
-    path = run / METRICS
+    return read_table(run, METRICS, METRIC_COLUMNS)
+
+
+def read_table(run: RunDir, name: str, columns: Collection[str]) -> list[dict[str, Any]] | None:
+    """The CSV record ``name`` of a run, or None when it is missing or damaged (a damaged one is moved aside)."""
+    path = run / name
     if not path.is_file():
         return None
     try:
         rows = read_csv(path)
-        if rows and not set(METRIC_COLUMNS) <= set(rows[0]):
-            raise RecordError(f"record {str(path)!r} lacks columns {sorted(set(METRIC_COLUMNS) - set(rows[0]))}")
+        if rows and not set(columns) <= set(rows[0]):
+            raise RecordError(f"record {str(path)!r} lacks columns {sorted(set(columns) - set(rows[0]))}")
         return rows
     except RecordError as exc:
         quarantine(path, str(exc))
