@@ -1302,7 +1302,16 @@ def plot_strong_tickets(frame: pd.DataFrame, dense: float | pd.DataFrame | None 
             ax.errorbar(part["density"] * 100, part["final_test_accuracy"] * 100, label=label, **style)
     if imp is not None and not imp.empty:
         _require(imp, ["kind", "level", "density", "final_test_accuracy"], "plot_strong_tickets (imp)")
-        _imp_lines(ax, imp, "final_test_accuracy", 100.0, ("imp",), lambda _: "IMP tickets (trained weights)")
+        # one point per (run, level): runs pruned at other rates reach other densities at the same level
+        tickets = imp[imp["kind"] == "imp"]
+        keys = ["run_hash", "level"] if "run_hash" in tickets.columns else ["level"]
+        acc = pd.to_numeric(tickets["final_test_accuracy"], errors="coerce")
+        stats = (tickets.assign(acc=acc).groupby(keys, sort=False)
+                 .agg(density=("density", "mean"), mean=("acc", "mean"), std=("acc", lambda v: v.std(ddof=0)))
+                 .dropna(subset=["mean"]).sort_values("density", ascending=False))
+        if not stats.empty:
+            ax.errorbar(stats["density"] * 100, stats["mean"] * 100, yerr=_std(stats["std"]) * 100,
+                        label="IMP tickets (trained weights)", **_KIND_STYLE.get("imp", {"marker": "o"}))
         densities += list(imp["density"].dropna())
     if dense is not None:
         if isinstance(dense, pd.DataFrame):
