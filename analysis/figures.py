@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -1333,25 +1334,47 @@ def plot_strong_tickets(frame: pd.DataFrame, dense: float | pd.DataFrame | None 
     return fig
 
 
+def _recipe(df: pd.DataFrame, columns: Sequence[str]) -> pd.Series:
+    """Each row's values of ``columns`` as one string (settings may be lists, which do not group)."""
+    if not columns:
+        return pd.Series("", index=df.index)
+    return df[list(columns)].astype(str).agg("|".join, axis=1)
+
+
+def _hashed_setting_columns(df: pd.DataFrame) -> list[str]:
+    """The setting columns of a frame that name runs (``section.key`` of a run section, not UNHASHED)."""
+    from stability.config import SECTIONS
+
+    out = []
+    for c in df.columns:
+        section, _, key = str(c).partition(".")
+        if section in SECTIONS and key in {f.name for f in fields(SECTIONS[section])} \
+                and key not in SECTIONS[section].UNHASHED:
+            out.append(c)
+    return out
+
+
 def _plot_strong_runs(results_root: Source, out: Path, formats: tuple[str, ...]) -> list[Path]:
-    """One strong-ticket figure per model and dataset with strong runs, with that model's dense runs and IMP tickets."""
+    """One strong-ticket figure per recipe: strong runs that differ only in ``strong.kept`` and the init seed,
+    with the dense runs and IMP tickets trained by the same recipe (same model, data, optimizer, schedule)."""
     from .load import strong_tickets
 
     frame = strong_tickets(results_root, include_dense=True)
     if frame.empty or not frame["method"].isin(tuple(_STRONG_STYLE)).any():
         return []
-    keys = [k for k in ("model.name", "model.width", "model.depth", "dataset.name") if k in frame]
+    recipe = [c for c in _hashed_setting_columns(frame)
+              if c not in ("strong.kept", "training.init_seed", "training.method")]
+    training = [c for c in recipe if not c.startswith("strong.")]  # what dense and IMP runs share with them
+    frame = frame.assign(_recipe=_recipe(frame, recipe), _training=_recipe(frame, training))
     levels = imp_levels(results_root)
+    if not levels.empty:
+        levels = levels.assign(_training=_recipe(levels.reindex(columns=training), training))
     written: list[Path] = []
-    for i, (key, part) in enumerate(frame.groupby(keys, sort=True, dropna=False)):
-        strong = part[part["method"] != "standard"]
-        if strong.empty:
-            continue
-        dense = part[part["method"] == "standard"]
-        imp = levels
-        for k, v in zip(keys, key if isinstance(key, tuple) else (key,)):
-            if k in imp.columns:
-                imp = imp[imp[k] == v]
+    strong_rows = frame[frame["method"] != "standard"]
+    for i, (_, strong) in enumerate(strong_rows.groupby("_recipe", sort=True)):
+        key = strong["_training"].iloc[0]
+        dense = frame[(frame["method"] == "standard") & (frame["_training"] == key)]
+        imp = levels[levels["_training"] == key] if not levels.empty else levels
         fig = plot_strong_tickets(strong, dense=dense if not dense.empty else None, imp=imp if not imp.empty else None)
         written += save_figure(fig, out / f"strong_tickets_{i}", formats)
     return written

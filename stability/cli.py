@@ -415,6 +415,9 @@ def cmd_earlybird(args: argparse.Namespace) -> int:
           f"trained to {s['final_step']}it")
     print(f"test accuracy: ticket {ticket['final_test_accuracy']:.4f} (early stop {ticket['early_stop_test_accuracy']:.4f} "
           f"at {ticket['early_stop_step']}it), dense trunk {s['dense_final_test_accuracy']:.4f}")
+    if ticket.get("status") == "untrained":
+        print("warning: the ticket's final test error is within the chance margin of chance: it did not learn, "
+              "and its accuracy is not a result", file=sys.stderr)
     print(f"iterations: early bird {cost['early_bird_iterations']} ({cost['search_iterations']} to draw + "
           f"{cost['ticket_iterations']} to train the ticket) vs IMP {cost['imp_iterations']} (dense + "
           f"{cost['imp_levels']} level{'s' if cost['imp_levels'] != 1 else ''} at prune fraction {cost['prune_fraction']} to density "

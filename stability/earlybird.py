@@ -488,6 +488,11 @@ def _train_ticket(ctx: Context, run: RunDir, plan: _Plan, settings: EarlybirdSet
               "final_test_loss": final["test_loss"], "early_stop_step": best["step"],
               "early_stop_test_accuracy": 1 - best["test_error"], "weight_density": surviving / total,
               "ticket_dir": str(ticket_run.path), "mask_file": str(run / EARLYBIRD_MASK)}
+    # a ticket at chance is not a result: flagged, never reported as a ticket's accuracy
+    from .health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
+
+    chance = chance_error(ctx.data.split("test")[1])
+    record["status"] = "untrained" if is_untrained(final["test_error"], chance, DEFAULT_CHANCE_MARGIN) else "ok"
     if settings.mask == "channel":
         keep = torch.cat([masks[f"{bn}.weight"].reshape(-1) for bn, _ in plan.layers])
         record["channel_density"] = float(keep.mean())

@@ -218,8 +218,14 @@ class Plan:
 
 def make_plan(grid: Grid) -> Plan:
     """Expand a grid into units; every point is checked (settings, names, steps) before anything runs."""
-    from .imp import imp_dir, imp_settings, resolve_rewind_step
-    from .instability import INDEPENDENT, INDEPENDENT_STEP, instability_settings, sweep_dir
+    from .imp import check_method, imp_dir, imp_settings, resolve_rewind_step
+    from .instability import (
+        INDEPENDENT,
+        INDEPENDENT_STEP,
+        check_alignment_method,
+        instability_settings,
+        sweep_dir,
+    )
     from .landscape import hessian_settings, track_key, track_steps
     from .siblings import siblings_dir
     from .trunk import prepare, trunk_dir
@@ -253,6 +259,10 @@ def make_plan(grid: Grid) -> Plan:
         # results do not depend on which executor ran them) and print no progress bars
         cfg = cfg.with_overrides({"runtime.threads": str(grid.resources.cpus), "runtime.quiet": "true"})
         validate(cfg)
+        if imp is not None:
+            check_method(cfg)  # training methods IMP cannot train: refused when planning, not when the unit runs
+        if "instability" in grid.stages or (imp is not None and (imp.rewind == "auto" or imp.instability)):
+            check_alignment_method(cfg, sweep)
         # planned on the CPU: a login node needs no GPU to check settings and size the work
         ctx = prepare(cfg.with_overrides({"runtime.device": "cpu"}))
         config = cfg.to_dict()

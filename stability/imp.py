@@ -55,6 +55,7 @@ from .pruning import (
     layer_densities,
     mask0_start,
     mask1_start,
+    moving_away_held,
     prunable_names,
     prune,
     random_masks_like,
@@ -152,6 +153,16 @@ class ImpSettings:
 
             Step.parse(self.rewind, "imp.rewind")
         return self
+
+
+def check_method(cfg: Config) -> None:
+    """IMP trains weights under masks: refuse the training methods that cannot (before anything is written)."""
+    if cfg.training.method in ("edgepopup", "supermask"):  # strong tickets: frozen weights, nothing to prune
+        raise ConfigError(f"training.method: IMP prunes trained weights; {cfg.training.method!r} trains scores over "
+                          "frozen weights (its own masks); run IMP with training.method = standard")
+    if cfg.training.method == "neq":  # refused before the dense trunk is trained, not at the first level
+        raise ConfigError("training.method: neq trains dense networks and cannot train IMP's masked levels; run IMP "
+                          "with training.method = standard")
 
 
 def imp_settings(table: Mapping[str, Any] | None = None, **overrides: Any) -> ImpSettings:
@@ -344,12 +355,7 @@ def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(),
     """
     settings.validate()
     sweep = (sweep_settings or InstabilitySettings()).validate()
-    if cfg.training.method in ("edgepopup", "supermask"):  # strong tickets: frozen weights, nothing to prune
-        raise ConfigError(f"training.method: IMP prunes trained weights; {cfg.training.method!r} trains scores over "
-                          "frozen weights (its own masks); run IMP with training.method = standard")
-    if cfg.training.method == "neq":  # refused before the dense trunk is trained, not at the first level
-        raise ConfigError("training.method: neq trains dense networks and cannot train IMP's masked levels; run IMP "
-                          "with training.method = standard")
+    check_method(cfg)
     ctx = prepare(cfg)
     run = imp_dir(cfg, settings, sweep)
     if run.is_complete():
@@ -453,7 +459,10 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
     rows.append(level0)
 
     previous_final = dense_state
+    held = None  # freeze_if_moving_away: the removed weights held so far (each judged when it was removed)
+    carry = settings.mask0 == "freeze_if_moving_away"
     for level in range(1, settings.levels + 1):
+        chooser = dense_state if settings.one_shot else previous_final  # the weights this level's mask is chosen from
         ldir = RunDir(run.path / level_dir(r), "level", str(level))
         record_path = ldir / LEVEL_RECORD
         mask_path = run / mask_name(r, level)
@@ -470,6 +479,8 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
                 level_final = load_members(ldir / FINAL_STATE, rctx).member_state_dict(0)
                 level_rows = [{**row, "status": row.get("status") or _status(row, chance, settings.chance_margin)}
                               for row in record["rows"]]  # records written before statuses existed
+                if carry:
+                    held = moving_away_held(held, masks, level_masks, initial=rewind_state, final=chooser)
                 masks, previous_final = level_masks, level_final
                 rows.extend(level_rows)
                 continue
@@ -478,6 +489,7 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
                       "training it again", file=sys.stderr)
                 _forget_level(ldir, record_path, mask_path)
         gen = torch.Generator().manual_seed(derive_seed(settings.pruning_seed, "prune", r, level))
+        previous_masks = masks
         if source is not None:
             masks = source.masks(r, level, ctx.device)
             _check_transferred(masks, names, dict(rctx.model.named_parameters()), source.files[(r, level)])
@@ -490,6 +502,8 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
             masks = prune(previous_final, masks, settings.prune_fraction, settings.strategy,
                           rate_overrides=rates, generator=gen, criterion=settings.criterion, initial=rewind_state)
         save_tensors(mask_path, masks, {"replicate": r, "level": level, "density": mask_density(masks)})
+        if carry:
+            held = moving_away_held(held, previous_masks, masks, initial=rewind_state, final=chooser)
         kinds = ["imp", *settings.baselines]
         member_masks = {"imp": masks}
         starts = {"imp": mask1_start(settings.mask1, rewind.member_state_dict(0), masks, fresh=mask1_fresh,
@@ -503,13 +517,16 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
             member_masks["reinit"] = masks
             starts["reinit"] = rctx.new_model(seed=derive_seed(rcfg.training.init_seed, "reinit", r)).state_dict()
         if freeze:  # the removed weights of every kind keep their start values (or zero, where not moving away)
-            starts = {k: mask0_start(settings.mask0, s, member_masks[k], initial=rewind_state, final=previous_final)
+            # The ticket carries each weight's decision from the level that removed it; the baselines' masks
+            # are drawn afresh at every level, so their removed weights are judged by this level's weights.
+            starts = {k: mask0_start(settings.mask0, s, member_masks[k], initial=rewind_state, final=chooser,
+                                     held=held if k == "imp" else None)
                       for k, s in starts.items()}
         stacked_masks = {n: torch.stack([member_masks[k][n] for k in kinds]).to(ctx.device) for n in names}
         start = Members.from_model_states([starts[k] for k in kinds], list(rewind.params), rewind_step,
                                           rewind.order_seeds * len(kinds), rewind.aug_seeds * len(kinds), ctx.device)
         rewound_imp = _single(start, 0)  # kept apart: training advances ``start`` in place
-        supermask = _untrained_accuracy(rctx, rewound_imp, masks) if settings.supermask else None
+        supermask = _untrained_accuracy(rctx, rewound_imp, None if freeze else masks) if settings.supermask else None
         ldir.path.mkdir(parents=True, exist_ok=True)
         eval_every = to_iterations(cfg.training.eval_every, ctx.ipe)
         try:
@@ -567,10 +584,12 @@ def _scaled_rates(rates: dict[str, float] | None, level: int) -> dict[str, float
     return {k: 1 - (1 - v) ** level for k, v in rates.items()}
 
 
-def _untrained_accuracy(ctx: Context, start: Members, masks: Mapping[str, Tensor]) -> float:
-    """Test accuracy of the ticket's start state under its mask, before any training (a supermask's)."""
+def _untrained_accuracy(ctx: Context, start: Members, masks: Mapping[str, Tensor] | None) -> float:
+    """Test accuracy of the ticket's start state under its mask, before any training (a supermask's).
+
+    ``masks`` None: the start state as it is (frozen removed weights: the network that is trained)."""
     sm = StackedModel(ctx.model)
-    params = {k: v * masks[k].to(v) if k in masks else v for k, v in start.params.items()}
+    params = {k: v * masks[k].to(v) if masks and k in masks else v for k, v in start.params.items()}
     x, y = ctx.data.split("test")
     _, err = sm.evaluate(params, start.buffers, x, y, ctx.cfg.runtime.eval_batch_size)
     return 1.0 - float(err[0])

@@ -247,6 +247,14 @@ def independent_members(cfg: Config, ctx: Context, n: int) -> tuple[Members, dic
     return members, {"rewind_step": INDEPENDENT_STEP, "independent": runs}
 
 
+def check_alignment_method(cfg: Config, settings: InstabilitySettings) -> None:
+    """Alignment and REPAIR act on trained weights: refuse them for strong tickets (before anything is written)."""
+    if (settings.align != "none" or settings.repair) and cfg.training.method in ("edgepopup", "supermask"):
+        raise ConfigError(f"instability.align: the siblings of a strong ticket ({cfg.training.method}) share their "
+                          "frozen weights and differ only in their scores; permuting one of them would give the "
+                          "two endpoints different frozen weights. Use align = none (and no repair) here")
+
+
 def sweep_key(cfg: Config, settings: InstabilitySettings, steps: Sequence[int], *,
               masks: Mapping[str, Tensor] | None = None, start_states: Mapping[int, Any] | None = None,
               label: str | None = None, freeze: bool = False) -> dict[str, Any]:
@@ -299,13 +307,9 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
         raise ConfigError(f"instability.rewind_points: {INDEPENDENT!r} compares dense networks trained from "
                           "different initializations; it is not available for sparse sweeps")
     steps = ctx.steps([p for p in points if p != INDEPENDENT], "instability.rewind_points")
+    check_alignment_method(cfg, settings)
     if settings.align != "none" or settings.repair:
         from .align import permutation_spec
-
-        if cfg.training.method in ("edgepopup", "supermask"):
-            raise ConfigError(f"instability.align: the siblings of a strong ticket ({cfg.training.method}) share their "
-                              "frozen weights and differ only in their scores; permuting one of them would give the "
-                              "two endpoints different frozen weights. Use align = none (and no repair) here")
 
         permutation_spec(ctx.model)  # a model alignment cannot handle is refused before any training
     if independent:

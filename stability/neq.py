@@ -331,6 +331,12 @@ def check_settings(ctx: Context) -> None:
     """Refuse NEq settings this model and data cannot run (before anything is written)."""
     if neq_every(ctx) < 1:
         raise ConfigError(f"neq.every: must be at least 1 iteration, got {ctx.cfg.neq.every!r}")
+    if neq_every(ctx) >= ctx.total_steps:
+        # one evaluation, at the start: no neuron can ever be judged, and "0% frozen" would read as a result
+        setting = "neq.every" if ctx.cfg.neq.every else "training.eval_every"
+        raise ConfigError(f"{setting}: NEq needs a second evaluation before the end to judge any neuron; "
+                          f"{neq_every(ctx)} iterations is not shorter than training ({ctx.total_steps}); "
+                          "evaluate more often")
     if len(ctx.data.split("val")[0]) == 0:
         raise ConfigError("neq.examples: NEq compares outputs on validation examples, and dataset.val_size is 0; "
                           "set dataset.val_size >= 1")

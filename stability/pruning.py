@@ -131,13 +131,16 @@ def mask1_start(action: str, rewound: Mapping[str, Tensor], masks: Masks, *,
     return out
 
 
-def mask0_start(action: str, start: Mapping[str, Tensor], masks: Masks, *, initial: Mapping[str, Tensor],
-                final: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def mask0_start(action: str, start: Mapping[str, Tensor], masks: Masks, *,
+                initial: Mapping[str, Tensor] | None = None, final: Mapping[str, Tensor] | None = None,
+                held: Masks | None = None) -> dict[str, Tensor]:
     """``start`` with the masks' removed positions set as mask-0 ``action`` wants them before training.
 
     ``zero``: 0; ``freeze``: unchanged (training then holds them); ``freeze_if_moving_away``: unchanged
-    where ``|final| > |initial|`` (the weights at the end and at the rewind point of the training that
-    chose the mask), 0 elsewhere. Kept positions and unmasked tensors are never touched.
+    where the weight moved away from zero when it was removed, 0 elsewhere: ``held`` (from
+    ``moving_away_held``, which carries the decision through the levels of iterative pruning) or, when
+    not given, ``|final| > |initial|`` (the weights at the end and at the rewind point of the training
+    that chose the mask). Kept positions and unmasked tensors are never touched.
     """
     if action not in MASK0_ACTIONS:
         raise ConfigError(f"imp.mask0: unknown action {action!r}; choose one of {', '.join(MASK0_ACTIONS)}")
@@ -148,8 +151,28 @@ def mask0_start(action: str, start: Mapping[str, Tensor], masks: Masks, *, initi
         w, keep = out[name], masks[name].to(out[name].device).bool()
         hold = keep
         if action == "freeze_if_moving_away":
-            hold = keep | (final[name].to(w.device).abs() > initial[name].to(w.device).abs())
+            if held is not None:
+                hold = keep | held[name].to(w.device).bool()
+            elif initial is None or final is None:
+                raise ValueError("mask0_start: freeze_if_moving_away needs held, or initial and final weights")
+            else:
+                hold = keep | (final[name].to(w.device).abs() > initial[name].to(w.device).abs())
         out[name] = torch.where(hold, w, torch.zeros_like(w))
+    return out
+
+
+def moving_away_held(previous_held: Masks | None, previous_masks: Masks, masks: Masks, *,
+                     initial: Mapping[str, Tensor], final: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The removed weights ``freeze_if_moving_away`` holds after this level: a weight is judged once, when
+    it is removed (``|final| > |initial|``, the weights the level's mask was chosen from and those at the
+    rewind point), and keeps that decision at every later level (where, held, it no longer moves)."""
+    out = {}
+    for name, m in masks.items():
+        keep = m.bool()
+        newly = previous_masks[name].to(keep.device).bool() & ~keep
+        moved = final[name].to(keep.device).abs() > initial[name].to(keep.device).abs()
+        before = previous_held[name].to(keep.device).bool() if previous_held else torch.zeros_like(keep)
+        out[name] = (before | (newly & moved)) & ~keep
     return out
 
 

@@ -211,6 +211,8 @@ def test_search_detects_a_step_and_trains_its_ticket(found):
     ticket = summary["ticket"]
     assert ticket["weight_density"] == pytest.approx(0.5) and ticket["rewind_step"] == 0
     assert 0 < ticket["final_test_accuracy"] <= 1
+    # flagged against chance (about 0.1 on mnist5k; margin 0.05)
+    assert ticket["status"] == ("untrained" if 1 - ticket["final_test_accuracy"] > 0.9 - 0.05 else "ok")
     dense = read_json(trunk.path / schema.SUMMARY)["final_test_accuracy"]
     assert summary["dense_final_test_accuracy"] == pytest.approx(dense)
     # the ticket kept the mask through training

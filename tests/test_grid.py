@@ -120,6 +120,26 @@ def test_a_bad_axis_exits_2_before_anything_is_submitted(tmp_path, capsys, axes,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("stages, axes, match", [
+    ('["imp"]', '"training.method" = ["standard", "neq"]', "training.method: neq trains dense networks"),
+    ('["imp"]', '"training.method" = ["edgepopup"]', "training.method: IMP prunes trained weights"),
+])
+def test_a_training_method_a_stage_cannot_use_is_refused_when_planning(tmp_path, capsys, stages, axes, match):
+    path = write_grid(tmp_path / "g.toml", stages=stages, axes=axes)
+    assert main(["grid", str(path), "--dry-run", "--out", str(tmp_path / "runs")]) == 2
+    assert match in capsys.readouterr().err
+    assert main(["grid", str(path), "--out", str(tmp_path / "runs")]) == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_aligning_strong_tickets_is_refused_when_planning(tmp_path, capsys):
+    path = write_grid(tmp_path / "g.toml", axes='"training.method" = ["edgepopup"]')
+    path.write_text(path.read_text().replace("alphas = 4", 'alphas = 4\nalign = "weights"'))
+    assert main(["grid", str(path), "--out", str(tmp_path / "runs")]) == 2
+    assert "instability.align: the siblings of a strong ticket" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 # ---------------------------------------------------------------- Ray
 def _free_port() -> int:
     with socket.socket() as s:

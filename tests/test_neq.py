@@ -288,6 +288,7 @@ def test_neq_settings_name_the_run_only_with_neq_and_bad_ones_exit_2_writing_not
         (["training.method=neq", "neq.random_fraction=0.3"], "neq.baseline = random"),
         (["training.method=neq", "neq.examples=0"], "neq.examples"),
         (["training.method=neq", "neq.every=0it"], "neq.every"),
+        (["training.method=neq", "neq.every=600it"], "neq.every: NEq needs a second evaluation before the end"),
         (["neq.eps=0.01"], "training.method = neq"),
         (["training.method=neq", "dataset.val_size=0"], "dataset.val_size"),
     ]

@@ -338,6 +338,11 @@ def test_strong_ticket_frame_and_figure_with_dense_and_imp_lines(results_root, t
     assert (tmp_path / "strong.png").is_file()
     written = plot_all(results_root, tmp_path / "figures", formats="png", kinds="imp")
     assert [p.name for p in written] == ["strong_tickets_0.png"]
+    # another recipe (other frozen weights and learning rate) is a figure of its own, never averaged in
+    train_trunk(tiny_config(results_root, training__method="edgepopup", strong__kept="0.3",
+                            strong__weight_init="kaiming_normal", **{**SGD, "optimizer__lr": "0.2"}))
+    written = plot_all(results_root, tmp_path / "figures2", formats="png", kinds="imp")
+    assert sorted(p.name for p in written) == ["strong_tickets_0.png", "strong_tickets_1.png"]
 
 
 def test_cli_train_reports_the_mask_density(tmp_path, capsys):

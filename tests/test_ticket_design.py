@@ -113,6 +113,19 @@ def test_freeze_if_moving_away_freezes_only_weights_that_moved_away_from_zero(fr
         assert torch.equal(final[name][frozen], rewound[name][frozen])
         assert torch.all(final[name][zeroed] == 0)
     assert min(counts) > 0  # both cases occur
+    # level 2: a weight keeps the decision made when it was removed (held at level 1, it did not move
+    # there, yet stays held); weights removed at level 2 are judged by level 1's trained weights
+    level1_final, masks2, final2 = _final(run, 1), _masks(run, 2), _final(run, 2)
+    carried = 0
+    for name, m2 in masks2.items():
+        m1 = masks[name]
+        held1 = (m1 == 0) & (dense_final[name].abs() > rewound[name].abs())
+        newly = (m1 == 1) & (m2 == 0)
+        held2 = held1 | (newly & (level1_final[name].abs() > rewound[name].abs()))
+        assert torch.equal(final2[name][held2], rewound[name][held2])
+        assert torch.all(final2[name][(m2 == 0) & ~held2] == 0)
+        carried += int(held1.sum())
+    assert carried > 0
 
 
 def test_mask0_is_recorded_and_names_the_run_only_when_not_zero(frozen_run):
@@ -243,6 +256,12 @@ def test_supermask_accuracy_is_the_masked_untrained_network_evaluated_directly(t
         _, err = sm.evaluate(params, {}, x, y)
         row = next(r for r in result.levels if r["level"] == level)
         assert row["supermask_test_accuracy"] == pytest.approx(1 - float(err[0]), abs=1e-12)
+    # with frozen removed weights the untrained ticket is the whole rewound network, at every level
+    frozen = run_imp(cfg, imp_settings(levels=2, rewind="5it", supermask=True, mask0="freeze"))
+    params = {k: v.unsqueeze(0) for k, v in rewound.items()}
+    dense_err = float(sm.evaluate(params, {}, x, y)[1][0])
+    assert [r["supermask_test_accuracy"] for r in frozen.levels if r["level"] > 0] == \
+        pytest.approx([1 - dense_err] * 2, abs=1e-12)
     fig = plot_supermask(analysis.imp_levels(tmp_path), chance=0.1)
     assert len(fig.axes[0].lines) >= 2
 
