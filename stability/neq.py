@@ -7,7 +7,9 @@ checked on a fixed, seeded subset of the validation split, model in eval mode:
 
 - ``phi_t``: the cosine similarity between the neuron's outputs now and at the previous evaluation
   (the layer's outputs before any normalization or activation, one vector per neuron over all the
-  subset's examples and spatial positions). A neuron whose outputs are zero both times has phi = 1
+  subset's examples and spatial positions; the reference code instead averages, for convolutions, one
+  cosine per example over its spatial positions: the two agree for linear layers). A neuron whose
+  outputs are zero both times has phi = 1
   (it did not move); zero once only, phi = 0 (as the reference code's ``cosine_similarity``);
 - ``dphi_t = phi_t - phi_{t-1}``, with phi = 1 before the first measured one (the reference code's
   delta buffer starts at 0, and it stores 1 - phi);
