@@ -1201,6 +1201,16 @@ def plot_all(results_root: Source, out_dir: str | os.PathLike[str], formats: str
     return written
 
 
+def _imp_runs_alike(runs: Iterable[Any], ignored: set[str]) -> list[list[str]]:
+    """Hashes of IMP runs grouped by trunk and every ``imp.*`` setting but the ``ignored`` ones."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for run in runs:
+        trunk = (run.manifest.get("hashed_settings") or {}).get("trunk")
+        others = tuple(sorted((k, str(v)) for k, v in run.settings.items() if k.startswith("imp.") and k not in ignored))
+        groups.setdefault((trunk, others), []).append(run.hash)
+    return list(groups.values())
+
+
 def _plot_imp_runs(results_root: Source, out: Path, formats: tuple[str, ...]) -> list[Path]:
     written: list[Path] = []
     frames = imp_levels(results_root)
@@ -1212,31 +1222,17 @@ def _plot_imp_runs(results_root: Source, out: Path, formats: tuple[str, ...]) ->
             written += save_figure(plot_imp(df, value="instability"), out / f"imp_instability_{run}", formats)
         if pd.to_numeric(df["supermask_test_accuracy"], errors="coerce").notna().any():
             written += save_figure(plot_supermask(df), out / f"supermask_{run}", formats)
+    runs = [run for run in find_runs(results_root, "imp") if run.hash in by_run]
     # Runs of the same trunk and schedule that differ only in their ticket design: Zhou et al.'s comparison.
-    designs: dict[tuple[Any, ...], list[str]] = {}
     design_keys = {f"imp.{k}" for k in ("criterion", "mask1", "mask0", "mask_from", "supermask", "baselines")}
-    for run in find_runs(results_root, "imp"):
-        if run.hash in by_run:
-            trunk = (run.manifest.get("hashed_settings") or {}).get("trunk")
-            others = tuple(sorted((k, str(v)) for k, v in run.settings.items()
-                                  if k.startswith("imp.") and k not in design_keys))
-            designs.setdefault((trunk, others), []).append(run.hash)
-    for hashes in designs.values():
+    for hashes in _imp_runs_alike(runs, design_keys):
         if len(hashes) > 1:
             both = pd.concat([by_run[h] for h in sorted(hashes)], ignore_index=True)
             if design_labels(both[both["level"] > 0]).nunique() > 1:
                 written += save_figure(plot_ticket_design(both), out / f"ticket_design_{'_'.join(sorted(hashes))}",
                                        formats)
     # Runs of the same trunk and pruning settings that differ only in where they rewind to: one comparison each.
-    groups: dict[tuple[Any, ...], list[str]] = {}
-    for run in find_runs(results_root, "imp"):
-        if run.hash not in by_run:
-            continue
-        trunk = (run.manifest.get("hashed_settings") or {}).get("trunk")
-        others = tuple(sorted((k, v) for k, v in run.settings.items()
-                              if k.startswith("imp.") and k != "imp.rewind"))
-        groups.setdefault((trunk, others), []).append(run.hash)
-    for hashes in groups.values():
+    for hashes in _imp_runs_alike(runs, {"imp.rewind"}):
         rewinds = {str(by_run[h]["rewind"].iloc[0]) for h in hashes}
         if len(hashes) < 2 or len(rewinds) < 2:
             continue

@@ -28,6 +28,7 @@ from typing import Any, Union
 import pandas as pd
 
 from stability import schema
+from stability.config import STRONG_METHODS
 from stability.errors import ConfigError
 
 Source = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
@@ -469,7 +470,7 @@ def settings_of(df: pd.DataFrame) -> dict[str, Any]:
 # --------------------------------------------------------------------------- strong lottery tickets
 # One row per trunk run that trains scores over frozen weights (training.method = edgepopup | supermask).
 STRONG_COLUMNS = ["method", "kept", "density", "final_test_accuracy", "final_step", "init_seed"]
-_STRONG_METHODS = ("edgepopup", "supermask")
+_STRONG_METHODS = STRONG_METHODS
 
 
 def strong_tickets(source: Source, include_dense: bool = False) -> pd.DataFrame:

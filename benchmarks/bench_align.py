@@ -18,24 +18,12 @@ asserts anything about time.
 """
 from __future__ import annotations
 
-import os
-
-os.environ["OPENBLAS_NUM_THREADS"] = "1"  # must be set before torch is imported
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-
 import argparse
-import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
+import _setup
 import torch
-
-try:
-    import stability  # noqa: F401  (installed, or on PYTHONPATH)
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stability.align import activation_matching, permutation_spec, repair, weight_matching
 from stability.engine import StackedModel, TrainSpec, train_members
@@ -87,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     repeats = 1 if args.quick else args.repeats
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {THREADS} threads")
+    print("\n".join(_setup.machine_lines()))
     print(f"{'network':<18} {'params':>8} {'steps':>6} {'sibling s':>10} {'weights s':>10} {'ratio':>7} "
           f"{'activ. s':>9} {'ratio':>7} {'REPAIR s':>9} {'ratio':>7}")
     with tempfile.TemporaryDirectory() as root:
@@ -95,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             base = "resnet8_mnist5k" if name == "resnet20_mnist5k" else name
             over = {**PRESETS.get(name, {}), "runtime.results_root": root, "runtime.quiet": "true",
                     "runtime.threads": str(THREADS)}
-            if args.quick:
-                over["training.steps"] = "100it"
+            if args.quick:  # the preset's rewind points past 100it are not needed here
+                over.update({"training.steps": "100it", "training.rewind_points": "0it"})
             cfg = get_preset(base).with_overrides(over)
             states = []
             for seed in (0, 1):

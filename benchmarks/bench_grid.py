@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import os
 
-os.environ["OPENBLAS_NUM_THREADS"] = "1"  # must be set before torch is imported
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+import _setup  # noqa: F401  (first: thread settings before torch, the suite on the path)
+
 # Ray: loopback only, no memory monitor, no usage reports. Read when Ray is imported (here and
 # by `ray start`, which inherits this environment).
 # Loopback only, no memory monitor, no usage reports, and token authentication with a token of this
@@ -55,15 +55,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-import torch
-
-try:
-    import stability  # noqa: F401  (installed, or on PYTHONPATH)
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import ray
 import submitit
+import torch
 
 from stability.grid import GridResult, load_grid, run_grid
 

@@ -18,25 +18,13 @@ Nothing here asserts anything about time.
 """
 from __future__ import annotations
 
-import os
-
-os.environ["OPENBLAS_NUM_THREADS"] = "1"  # must be set before torch is imported
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-
 import argparse
 import functools
-import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
+import _setup
 import torch
-
-try:
-    import stability  # noqa: F401  (installed, or on PYTHONPATH)
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stability.engine import StackedModel, TrainSpec, train_members
 from stability.interpolation import CurveSettings, evaluate_path
@@ -79,10 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (1 if args.quick else 3)
 
     torch.set_num_threads(THREADS)
-    print(f"torch {torch.__version__}  python {platform.python_version()}  cpu: {platform.processor() or platform.machine()}"
-          f"  cores: {os.cpu_count()}")
-    print(f"torch.get_num_threads() = {torch.get_num_threads()}  OPENBLAS_NUM_THREADS = "
-          f"{os.environ['OPENBLAS_NUM_THREADS']}  OMP_NUM_THREADS = {os.environ.get('OMP_NUM_THREADS')}")
+    print("\n".join(_setup.machine_lines()))
     print(f"{args.alphas} α on the test split; siblings trained {train_steps} iterations from step 0; "
           f"best of {repeats}, batched and per-α interleaved.\n")
     header = (f"{'preset':<18} {'bn':<11} {'batched s':>9} {'per-α s':>8} {'ratio':>7}  "

@@ -20,24 +20,12 @@ unchanged). Nothing here asserts anything about time.
 """
 from __future__ import annotations
 
-import os
-
-os.environ["OPENBLAS_NUM_THREADS"] = "1"  # must be set before torch is imported
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-
 import argparse
-import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
+import _setup
 import torch
-
-try:
-    import stability  # noqa: F401  (installed, or on PYTHONPATH)
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stability.engine import Members, StackedModel, TrainSpec, train_members
 from stability.flops import backward_macs, layer_costs, weight_gradient_saved
@@ -96,10 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (40 if args.quick else 200)
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}  python {platform.python_version()}  "
-          f"cpu: {platform.processor() or platform.machine()}  cores: {os.cpu_count()}")
-    print(f"torch.get_num_threads() = {torch.get_num_threads()}  OPENBLAS_NUM_THREADS = "
-          f"{os.environ['OPENBLAS_NUM_THREADS']}  OMP_NUM_THREADS = {os.environ.get('OMP_NUM_THREADS')}")
+    print("\n".join(_setup.machine_lines()))
     print(f"one member x {steps} iterations from step 0; best of {repeats}, variants interleaved\n")
     variants = ["plain", "NEq", "frozen 0.0", "frozen 0.5", "frozen 0.9"]
     header = f"{'preset':<18} {'variant':<11} {'ms/step':>8} {'vs plain':>8} {'backward FLOPs saved':>28}"

@@ -17,27 +17,15 @@ measured in the same process. Nothing here asserts anything about time.
 """
 from __future__ import annotations
 
-import os
-
-os.environ["OPENBLAS_NUM_THREADS"] = "1"  # must be set before torch is imported
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-
 import argparse
-import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
+import _setup
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-try:
-    import stability  # noqa: F401  (installed, or on PYTHONPATH)
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stability.engine import StackedModel, TrainSpec, train_members
 from stability.presets import get_preset
@@ -176,10 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     n = args.members
 
     torch.set_num_threads(THREADS)
-    print(f"torch {torch.__version__}  python {platform.python_version()}  "
-          f"cpu: {platform.processor() or platform.machine()}  cores: {os.cpu_count()}")
-    print(f"torch.get_num_threads() = {torch.get_num_threads()}  OPENBLAS_NUM_THREADS = "
-          f"{os.environ['OPENBLAS_NUM_THREADS']}  OMP_NUM_THREADS = {os.environ.get('OMP_NUM_THREADS')}")
+    print("\n".join(_setup.machine_lines()))
     print("FLOPs per training step of one model: forward = 2·MACs·batch (Linear MACs = in·out,")
     print("  Conv2d MACs = out_h·out_w·out_c·in_c·k·k), backward ≈ 2·forward, step = 3·forward.")
     print("  'req' = the work actually required: the first layer computes no input gradient,")

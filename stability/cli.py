@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import Config, settings_help
+from .config import STRONG_METHODS, Config, settings_help
 from .errors import ConfigError, StabilityError, TrainingDiverged
 
 EXIT_BAD_INPUT = 2
@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, _ = load_config(args)
     result = train_trunk(cfg)
     summary = result.summary
-    if cfg.training.method in ("edgepopup", "supermask"):  # strong tickets: the evaluation mask's density
+    if cfg.training.method in STRONG_METHODS:  # strong tickets: the evaluation mask's density
         from .strong import run_mask_density
 
         summary["mask_density"] = run_mask_density(result.run_dir)
@@ -129,12 +129,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_instability(args: argparse.Namespace) -> int:
-    from .instability import INDEPENDENT, instability_settings, instability_sweep, point_name
+    from .instability import checkpoint_points, instability_settings, instability_sweep, point_name
 
     cfg, extra = load_config(args)
     if args.rewind:
         # The swept points are the trunk's rewind points; they do not name the trunk run.
-        cfg = cfg.with_overrides({"training.rewind_points": [p for p in args.rewind if p != INDEPENDENT]})
+        cfg = cfg.with_overrides({"training.rewind_points": checkpoint_points(args.rewind)})
     settings = instability_settings(
         extra.get("instability"), rewind_points=args.rewind, siblings=args.siblings, bn=args.bn, alphas=args.alphas,
         splits=args.splits, threshold=args.threshold, noise=args.noise, optimizer_state=args.optimizer_state,

@@ -27,6 +27,7 @@ SCHEDULES = ("constant", "step", "cosine")
 # How a run trains: plain weight training, strong tickets (edge-popup; Zhou et al.'s learned supermask)
 # over frozen weights, or NEq (neurons at equilibrium skip their updates).
 METHODS = ("standard", "edgepopup", "supermask", "neq")
+STRONG_METHODS = ("edgepopup", "supermask")  # trained through scores over frozen weights (stability.strong)
 DEVICES = ("auto", "cpu", "cuda")
 # Tables of a TOML config besides the run's SECTIONS: the later stages' settings.
 STAGE_TABLES = ("instability", "imp", "hessian")
@@ -110,7 +111,6 @@ class TrainingConfig:
 
 
 # ---- strong lottery tickets (training.method = edgepopup | supermask; stability.strong) ----
-STRONG_METHODS = ("edgepopup", "supermask")
 STRONG_WEIGHT_INITS = ("signed_constant", "kaiming_normal", "default")
 STRONG_SCORE_INITS = ("kaiming_uniform", "kaiming_normal")
 STRONG_EVAL_MASKS = ("expected", "sample")
@@ -490,8 +490,7 @@ def validate_strong(cfg: Config) -> None:
                          ("eval_mask", STRONG_EVAL_MASKS)):
         if getattr(st, key) not in allowed:
             raise ConfigError(f"strong.{key}: unknown value {getattr(st, key)!r}; choose one of {', '.join(allowed)}")
-    default = StrongConfig()
-    changed = [f.name for f in fields(StrongConfig) if getattr(st, f.name) != getattr(default, f.name)]
+    changed = _changed(st)
     if changed and method not in STRONG_METHODS:
         raise ConfigError(f"strong.{changed[0]}: applies only with training.method = {' or '.join(STRONG_METHODS)} "
                           f"(strong tickets), not {method!r}; set training.method or leave [strong] at its defaults")
@@ -522,11 +521,16 @@ def validate_neq(cfg: Config) -> None:
                           "in (0, 1] (e.g. the mean fraction an NEq run froze); got 0")
     if nq.baseline != "random" and nq.random_fraction != 0:
         raise ConfigError(f"neq.random_fraction: applies only with neq.baseline = random, not {nq.baseline!r}")
-    default = NeqConfig()
-    changed = [f.name for f in fields(NeqConfig) if getattr(nq, f.name) != getattr(default, f.name)]
+    changed = _changed(nq)
     if changed and cfg.training.method != "neq":
         raise ConfigError(f"neq.{changed[0]}: applies only with training.method = neq, not "
                           f"{cfg.training.method!r}; set training.method = neq or leave [neq] at its defaults")
+
+
+def _changed(section: Any) -> list[str]:
+    """The fields of a settings section that differ from the section's defaults."""
+    default = type(section)()
+    return [f.name for f in fields(section) if getattr(section, f.name) != getattr(default, f.name)]
 
 
 def check_results_root(root: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import Config, from_dict, settings_from_table, settings_hash
+from .config import STRONG_METHODS, Config, from_dict, settings_from_table, settings_hash
 from .engine import Members, StackedModel
 from .errors import ConfigError
 from .health import DEFAULT_CHANCE_MARGIN, chance_error
@@ -154,10 +154,10 @@ def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = 
             raise ConfigError(f"RUN: the two networks differ in [{section}] ({getattr(a.cfg, section)} vs "
                               f"{getattr(b.cfg, section)}); only networks of the same architecture on the same data connect")
     methods = {a.cfg.training.method, b.cfg.training.method}
-    if methods & {"edgepopup", "supermask"}:
+    if methods & set(STRONG_METHODS):
         # strong tickets: only the scores are interpolated, so both must sit on the same frozen weights
         frozen = [k for k in a.state if k.endswith((".weight", ".bias"))]  # buffers in a strong model
-        if (len(methods) > 1 or a.cfg.strong != b.cfg.strong or settings.align != "none" or settings.repair
+        if (len(methods) > 1 or a.cfg.strong != b.cfg.strong or settings.curve_settings().aligned
                 or any(k not in b.state or not torch.equal(a.state[k], b.state[k]) for k in frozen)):
             raise ConfigError("RUN: strong tickets (edgepopup, supermask) connect only to strong tickets of the same "
                               "method and [strong] settings over the same frozen weights (the same init seed), "
@@ -165,7 +165,7 @@ def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = 
     if settings.align != "none" and not settings.allow_different_masks and not _same_masks(a.masks, b.masks):
         raise ConfigError("connect.align: the two networks have different masks, so the aligned interpolation "
                               "has neither's sparsity pattern; pass --allow-different-masks to align them anyway")
-    cfg = a.cfg if results_root is None else _rooted(a.cfg, results_root)
+    cfg = a.cfg  # rooted at results_root (when given) by load_network
     ctx = prepare(cfg)
     sm = StackedModel(ctx.model)
     key = {"a": _digest(a.state), "b": _digest(b.state), "masks": [_digest(a.masks), _digest(b.masks)],
@@ -186,7 +186,7 @@ def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = 
         barriers = {s: by_pair["", s, "a-b"][0] for s in settings.splits}
         loss_barriers = {s: by_pair["", s, "a-b"][1] for s in settings.splits}
         summary = {"a": a.source, "b": b.source, "settings": asdict(settings), "alignment":
-                   settings.align + ("+repair" if settings.repair else ""), "barrier": barriers,
+                   curve_settings.alignment(), "barrier": barriers,
                    "loss_barrier": loss_barriers, "untrained": untrained, "sparse": a.masks is not None,
                    "seconds": round(time.perf_counter() - t0, 3)}
         write_csv(run / CURVES, rows, CURVE_COLUMNS)

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from .imp import ImpResult, imp_settings, run_imp
-from .instability import INDEPENDENT, SweepResult, instability_settings, instability_sweep
+from .instability import (
+    INDEPENDENT,
+    INDEPENDENT_STEP,
+    SweepResult,
+    checkpoint_points,
+    instability_settings,
+    instability_sweep,
+    point_name,
+)
 from .landscape import hessian_path, hessian_settings, hessian_track
 from .presets import get_preset
 from .trunk import train_trunk
@@ -88,9 +96,9 @@ def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False,
     common = {**(overrides or {}), "runtime.results_root": str(root), "runtime.quiet": str(quiet).lower()}
     # the trunk keeps checkpoints at the swept steps; "independent" is a sweep point, not a checkpoint
     lenet = get_preset("lenet300_mnist5k").with_overrides(
-        {**common, "training.rewind_points": [p for p in settings.lenet_rewind if p != INDEPENDENT]})
+        {**common, "training.rewind_points": checkpoint_points(settings.lenet_rewind)})
     conv = get_preset("lenet5_mnist5k").with_overrides(
-        {**common, "training.rewind_points": [p for p in settings.conv_rewind if p != INDEPENDENT]})
+        {**common, "training.rewind_points": checkpoint_points(settings.conv_rewind)})
     stage = Stage(10)
     t0 = time.perf_counter()
     with stage("lenet300_mnist5k: trunk with rewind checkpoints"):
@@ -143,7 +151,7 @@ def _alignment_sweeps(sweeps: dict[str, SweepResult], sweep_settings: dict[str, 
     out: dict[str, dict[str, SweepResult]] = {}
     for name, naive in sweeps.items():
         base = sweep_settings[name]
-        points = ["independent", "0it"]
+        points = [INDEPENDENT, "0it"]
         if naive.first_stable_step not in (None, 0):
             points.append(f"{naive.first_stable_step}it")
         out[name] = {"none": naive}
@@ -190,7 +198,7 @@ def summary_markdown(out: Path, info: dict[str, Any]) -> str:
                   f"{s.siblings} siblings per rewind point, 30 α, BatchNorm mode {sweep.summary['bn_mode']}, "
                   f"threshold {sweep.threshold:.0%}. First stable step: "
                   + ", ".join(f"{k} {v}" for k, v in fss.items()) + f". Records: `{_rel(sweep.run_dir, out)}`", "",
-                  _table([{**r, "rewind_step": "independent" if r["rewind_step"] == -1 else r["rewind_step"]}
+                  _table([{**r, "rewind_step": INDEPENDENT if r["rewind_step"] == INDEPENDENT_STEP else r["rewind_step"]}
                           for r in sweep.table], [("rewind_step", "rewind step (it)", "d"), ("split", "split", ""),
                                        ("instability_mean", "instability", ".4f"), ("instability_std", "± std", ".4f"),
                                        ("loss_barrier_mean", "loss barrier", ".4f"), ("stable", "stable", "")]), ""]
@@ -204,7 +212,7 @@ def summary_markdown(out: Path, info: dict[str, Any]) -> str:
         aligned = [result for alignment, result in by_align.items() if alignment != "none"] or [by_align["none"]]
         aligned_points = sorted({r["rewind_step"] for r in aligned[0].table})
         for k in aligned_points:
-            row = {"point": "independent" if k == -1 else f"{k}it"}
+            row = {"point": point_name(k)}
             for alignment, result in by_align.items():
                 hit = [r for r in result.table if r["rewind_step"] == k and r["split"] == "test"]
                 row[alignment] = hit[0]["instability_mean"] if hit else float("nan")

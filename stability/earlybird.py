@@ -74,6 +74,7 @@ from torch import Tensor, nn
 from .config import Config, settings_from_table, settings_hash
 from .engine import Members
 from .errors import ConfigError, RecordError, TrainingDiverged
+from .health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
 from .models import has_batchnorm
 from .pruning import PRUNABLE_MODULES, Masks, dense_masks, prunable_names, prune
 from .schema import (
@@ -90,6 +91,7 @@ from .schema import (
 from .siblings import mask_digest, train_branch
 from .steps import Step, format_step, to_iterations
 from .store import RunDir, read_csv, read_json, save_tensors, write_csv, write_json
+from .training import early_stop
 from .trunk import Context, prepare, train_trunk, trunk_checkpoint
 
 MASK_KINDS = ("magnitude", "channel")
@@ -475,24 +477,18 @@ def _train_ticket(ctx: Context, run: RunDir, plan: _Plan, settings: EarlybirdSet
         exc.run_dir = str(ticket_run.path)
         run.update(status="diverged", divergence=exc.info())
         raise
-    rows = read_csv(ticket_run / METRICS)
-    final = rows[-1]
-    with_val = [r for r in rows if r["val_loss"] == r["val_loss"]]  # NaN when there is no validation split
-    best = min(with_val, key=lambda r: (r["val_loss"], r["step"])) if with_val else final
+    stopped = early_stop(read_csv(ticket_run / METRICS), 0)
     shapes = dict(ctx.model.named_parameters())
     prunable = prunable_names(ctx.model)
     # prunable weights the mask keeps (a channel mask leaves layers that feed no BatchNorm whole)
     surviving = sum(int((masks[n] != 0).sum()) if n in masks else shapes[n].numel() for n in prunable)
     total = sum(shapes[n].numel() for n in prunable)
-    record = {"step": step, "rewind_step": plan.rewind_step, "final_test_accuracy": 1 - final["test_error"],
-              "final_test_loss": final["test_loss"], "early_stop_step": best["step"],
-              "early_stop_test_accuracy": 1 - best["test_error"], "weight_density": surviving / total,
+    record = {"step": step, "rewind_step": plan.rewind_step, **stopped, "weight_density": surviving / total,
               "ticket_dir": str(ticket_run.path), "mask_file": str(run / EARLYBIRD_MASK)}
     # a ticket at chance is not a result: flagged, never reported as a ticket's accuracy
-    from .health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
-
     chance = chance_error(ctx.data.split("test")[1])
-    record["status"] = "untrained" if is_untrained(final["test_error"], chance, DEFAULT_CHANCE_MARGIN) else "ok"
+    untrained = is_untrained(1 - stopped["final_test_accuracy"], chance, DEFAULT_CHANCE_MARGIN)
+    record["status"] = "untrained" if untrained else "ok"
     if settings.mask == "channel":
         keep = torch.cat([masks[f"{bn}.weight"].reshape(-1) for bn, _ in plan.layers])
         record["channel_density"] = float(keep.mean())

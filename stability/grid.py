@@ -223,6 +223,8 @@ def make_plan(grid: Grid) -> Plan:
         INDEPENDENT,
         INDEPENDENT_STEP,
         check_alignment_method,
+        checkpoint_points,
+        independent_config,
         instability_settings,
         sweep_dir,
     )
@@ -254,7 +256,7 @@ def make_plan(grid: Grid) -> Plan:
         cfg = grid.base.with_overrides(point)
         independent = INDEPENDENT in sweep.rewind_points
         if sweep.rewind_points:
-            cfg = cfg.with_overrides({"training.rewind_points": [p for p in sweep.rewind_points if p != INDEPENDENT]})
+            cfg = cfg.with_overrides({"training.rewind_points": checkpoint_points(sweep.rewind_points)})
         # units use the threads they are given by the executors (the same number everywhere, so
         # results do not depend on which executor ran them) and print no progress bars
         cfg = cfg.with_overrides({"runtime.threads": str(grid.resources.cpus), "runtime.quiet": "true"})
@@ -269,7 +271,7 @@ def make_plan(grid: Grid) -> Plan:
         flops = _flops_per_example(ctx)
         B, T = cfg.training.batch_size, ctx.total_steps
         needs_sweep = "instability" in grid.stages or (imp is not None and imp.rewind == "auto")
-        steps = ctx.steps([p for p in sweep.rewind_points or cfg.training.rewind_points if p != INDEPENDENT],
+        steps = ctx.steps(checkpoint_points(sweep.rewind_points or cfg.training.rewind_points),
                           "instability.rewind_points") if needs_sweep else []
         if needs_sweep and not steps and not independent:
             raise ConfigError("instability.rewind_points: no rewind points to sweep; give them in the grid's "
@@ -292,9 +294,7 @@ def make_plan(grid: Grid) -> Plan:
             if independent:  # the other independently trained networks: trunks of their own seeds
                 sibs.append(trunk)
                 for i in range(1, sweep.siblings):
-                    cfg_i = cfg.with_overrides({"training.init_seed": cfg.training.init_seed + i,
-                                                "training.noise_seed": cfg.training.noise_seed + i,
-                                                "training.rewind_points": []})
+                    cfg_i = independent_config(cfg, i)
                     sibs.append(add(Unit(trunk_dir(cfg_i).path.name, TRAIN, point, cfg_i.to_dict(),
                                          {"extra_checkpoints": [0, T], "independent_of": trunk}, [], T,
                                          3 * flops * B * T + _eval_flops(ctx, flops, T))))

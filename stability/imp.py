@@ -31,15 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import Config, settings_from_table, settings_hash
+from .config import STRONG_METHODS, Config, settings_from_table, settings_hash
 from .engine import Members, StackedModel, derive_seed
 from .errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
 from .flops import backward_macs, layer_costs, weight_gradient_saved
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
 from .instability import (
-    INDEPENDENT,
     INDEPENDENT_STEP,
     InstabilitySettings,
+    checkpoint_points,
     instability_settings,
     instability_sweep,
     without_plain_alignment,
@@ -88,6 +88,7 @@ from .store import (
     write_csv,
     write_json,
 )
+from .training import early_stop
 from .trunk import Context, load_members, prepare, train_trunk, trunk_checkpoint
 
 BASELINES = ("reinit", "random")
@@ -157,7 +158,7 @@ class ImpSettings:
 
 def check_method(cfg: Config) -> None:
     """IMP trains weights under masks: refuse the training methods that cannot (before anything is written)."""
-    if cfg.training.method in ("edgepopup", "supermask"):  # strong tickets: frozen weights, nothing to prune
+    if cfg.training.method in STRONG_METHODS:  # strong tickets: frozen weights, nothing to prune
         raise ConfigError(f"training.method: IMP prunes trained weights; {cfg.training.method!r} trains scores over "
                           "frozen weights (its own masks); run IMP with training.method = standard")
     if cfg.training.method == "neq":  # refused before the dense trunk is trained, not at the first level
@@ -228,7 +229,7 @@ def resolve_rewind(cfg: Config, ctx: Context, settings: ImpSettings,
     if settings.rewind != "auto":
         return resolve_rewind_step(ctx, settings), {"rewind": settings.rewind}
     points = sweep.rewind_points or cfg.training.rewind_points
-    if not [p for p in points if p != INDEPENDENT]:
+    if not checkpoint_points(points):
         raise ConfigError("imp.rewind: 'auto' needs rewind points to sweep ('independent' is not a rewind step); "
                           "set training.rewind_points or instability.rewind_points")
     result = instability_sweep(cfg, sweep, ctx=ctx)
@@ -239,16 +240,6 @@ def resolve_rewind(cfg: Config, ctx: Context, settings: ImpSettings,
         info["note"] = "not stable at any swept step; rewinding to the last swept step"
         return max(k for k in result.rewind_steps if k != INDEPENDENT_STEP), info
     return result.first_stable_step, info
-
-
-def _early_stop(rows: list[dict[str, Any]], member: int) -> dict[str, Any]:
-    mine = [r for r in rows if r["member"] == member]
-    final = mine[-1]
-    with_val = [r for r in mine if r["val_loss"] == r["val_loss"]]  # NaN when there is no validation split
-    best = min(with_val, key=lambda r: (r["val_loss"], r["step"])) if with_val else final
-    return {"final_test_accuracy": 1 - final["test_error"], "final_test_loss": final["test_loss"],
-            "early_stop_step": best["step"], "early_stop_test_accuracy": 1 - best["test_error"],
-            "early_stop_val_loss": best["val_loss"]}
 
 
 def _trajectory(ctx: Context, state: Mapping[str, Tensor]) -> float:
@@ -279,8 +270,12 @@ class MaskSource:
         return load_tensors(self.files[(replicate, level)], device)[0]
 
 
-def mask_source(settings: ImpSettings) -> MaskSource:
-    """The masks ``imp.mask_from`` names: every (replicate, level) this run needs, or a ConfigError."""
+def mask_source(settings: ImpSettings, names: list[str] | None = None,
+                shapes: Mapping[str, Tensor] | None = None) -> MaskSource:
+    """The masks ``imp.mask_from`` names: every (replicate, level) this run needs, or a ConfigError.
+
+    With ``names`` and ``shapes`` (the model's prunable tensors and parameters) every mask is also checked
+    to fit the model, as it is read for its digest."""
     from .store import tensors_digest
 
     root = Path(settings.mask_from)
@@ -296,9 +291,12 @@ def mask_source(settings: ImpSettings) -> MaskSource:
                 raise ConfigError(f"imp.mask_from: {settings.mask_from!r} has no mask for replicate {r}, level {level} "
                                   f"(it holds {', '.join(held) or 'none'}); ask for fewer imp.levels or replicates")
             try:
-                digests[f"{r}/{level}"] = tensors_digest(load_tensors(path)[0])
+                masks = load_tensors(path)[0]
             except CheckpointError as exc:
                 raise ConfigError(f"imp.mask_from: mask {str(path)!r} cannot be read ({exc})") from None
+            if names is not None and shapes is not None:
+                _check_transferred(masks, names, shapes, str(path))
+            digests[f"{r}/{level}"] = tensors_digest(masks)
             files[(r, level)] = str(path)
     try:
         manifest = read_json(root / MANIFEST)
@@ -324,8 +322,11 @@ def _check_transferred(masks: Mapping[str, Tensor], names: list[str], shapes: Ma
 
 
 # ---------------------------------------------------------------- the driver
-def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> dict[str, Any]:
-    """The settings that name an IMP run (its hash is ``settings_hash`` of this, recorded in its manifest)."""
+def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings,
+            source: MaskSource | None = None) -> dict[str, Any]:
+    """The settings that name an IMP run (its hash is ``settings_hash`` of this, recorded in its manifest).
+
+    ``source``: the masks of ``imp.mask_from`` when already read (else they are read here for their digest)."""
     # chance margins only classify results: they do not name the run
     imp = _without(asdict(settings), "chance_margin")
     # magnitude pruning and rewinding, as before these settings existed: the same names
@@ -334,16 +335,16 @@ def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> d
         if imp[field_name] == default:
             del imp[field_name]
     if settings.mask_from:  # named by the masks' contents, not by where they are
-        imp["mask_from"] = mask_source(settings).digest
+        imp["mask_from"] = (source or mask_source(settings)).digest
     key = {"trunk": cfg.run_hash(), "imp": imp}
     if settings.rewind == "auto" or settings.instability:
         key["instability"] = without_plain_alignment(sweep, ("chance_margin",))
     return key
 
 
-def imp_dir(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings) -> RunDir:
+def imp_dir(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings, source: MaskSource | None = None) -> RunDir:
     """Where the IMP run of these settings lives."""
-    return RunDir(cfg.runtime.results_root, IMP, settings_hash(imp_key(cfg, settings, sweep)))
+    return RunDir(cfg.runtime.results_root, IMP, settings_hash(imp_key(cfg, settings, sweep, source)))
 
 
 def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(),
@@ -357,7 +358,10 @@ def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(),
     sweep = (sweep_settings or InstabilitySettings()).validate()
     check_method(cfg)
     ctx = prepare(cfg)
-    run = imp_dir(cfg, settings, sweep)
+    # the transferred masks, each checked to fit this model, are read once: for the run's name and for training
+    source = (mask_source(settings, _prunable(ctx, settings), dict(ctx.model.named_parameters()))
+              if settings.mask_from else None)
+    run = imp_dir(cfg, settings, sweep, source)
     if run.is_complete():
         with run.claim():
             try:
@@ -370,11 +374,6 @@ def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(),
     if settings.rewind != "auto":
         resolve_rewind(cfg, ctx, settings, sweep)  # check the step before anything is written
     _rate_overrides(ctx, settings, _prunable(ctx, settings))  # layer names, before anything is written
-    source = mask_source(settings) if settings.mask_from else None
-    if source is not None:  # every mask fits this model, before anything is written
-        shapes = dict(ctx.model.named_parameters())
-        for (r, level), path in source.files.items():
-            _check_transferred(source.masks(r, level, torch.device("cpu")), _prunable(ctx, settings), shapes, path)
     t0 = time.perf_counter()
     rewind_step, rewind_info = resolve_rewind(cfg, ctx, settings, sweep)
     train_trunk(cfg, extra_checkpoints=[rewind_step], ctx=ctx)  # a diverged dense trunk stops here, before any record
@@ -385,7 +384,7 @@ def run_imp(cfg: Config, settings: ImpSettings = ImpSettings(),
 def _imp(cfg: Config, ctx: Context, settings: ImpSettings, sweep: InstabilitySettings, run: RunDir,
          rewind_step: int, rewind_info: dict[str, Any], t0: float, source: MaskSource | None = None) -> ImpResult:
     run.start({"training": cfg.to_dict(), "imp": asdict(settings), "instability": asdict(sweep)},
-              imp_key(cfg, settings, sweep), {"rewind_step": rewind_step})
+              imp_key(cfg, settings, sweep, source), {"rewind_step": rewind_step})
     rows: list[dict[str, Any]] = []
     for r in range(settings.replicates):
         try:
@@ -450,7 +449,7 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
 
     # Level 0: the dense trunk itself.
     level0 = {"replicate": r, "level": 0, "kind": "imp", "density": 1.0, "rewind_step": rewind_step,
-              **_early_stop(trunk.metrics, 0), "trajectory_length": _trajectory(rctx, dense_state), "instability": "",
+              **early_stop(trunk.metrics, 0), "trajectory_length": _trajectory(rctx, dense_state), "instability": "",
               "updated_fraction": 1.0, "backward_flops_saved": 0.0}
     level0["status"] = _status(level0, chance, settings.chance_margin)
     masks = dense_masks(dense_state, names)
@@ -490,9 +489,8 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
                 _forget_level(ldir, record_path, mask_path)
         gen = torch.Generator().manual_seed(derive_seed(settings.pruning_seed, "prune", r, level))
         previous_masks = masks
-        if source is not None:
+        if source is not None:  # checked to fit the model when the source was read
             masks = source.masks(r, level, ctx.device)
-            _check_transferred(masks, names, dict(rctx.model.named_parameters()), source.files[(r, level)])
         elif settings.one_shot:
             fraction = 1 - (1 - settings.prune_fraction) ** level
             masks = prune(dense_state, dense_masks(dense_state, names), fraction, settings.strategy,
@@ -548,7 +546,7 @@ def _run_replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Inst
         for i, kind in enumerate(kinds):
             kind_masks = member_masks[kind]
             row = {"replicate": r, "level": level, "kind": kind, "density": mask_density(kind_masks),
-                   "rewind_step": rewind_step, **_early_stop(metrics, i),
+                   "rewind_step": rewind_step, **early_stop(metrics, i),
                    "trajectory_length": _trajectory(rctx, members.member_state_dict(i)), "instability": "",
                    **design, "updated_fraction": updated_fraction(kind_masks, rewind.params),
                    "backward_flops_saved": weight_gradient_saved(costs, kind_masks) / backward_macs(costs)}

@@ -13,14 +13,14 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from .config import Config, settings_from_table, settings_hash
+from .config import STRONG_METHODS, Config, settings_from_table, settings_hash
 from .engine import Members, StackedModel
 from .errors import ConfigError, TrainingDiverged
 from .health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
@@ -44,7 +44,7 @@ from .siblings import (
 )
 from .steps import format_step
 from .store import PointTable, RunDir, read_record, tensors_digest, write_csv, write_json
-from .trunk import Context, prepare, train_trunk, trunk_checkpoint
+from .trunk import Context, prepare, train_trunk, trunk_checkpoint, trunk_dir
 
 SPLITS = ("test", "train", "val")
 _ALIGN_FIELDS = ("align", "repair", "align_examples", "align_seed")
@@ -87,6 +87,11 @@ class InstabilitySettings:
     def alignment(self) -> str:
         """'none', 'weights', 'activations', or one of them followed by '+repair'."""
         return self.align + ("+repair" if self.repair else "")
+
+    @property
+    def aligned(self) -> bool:
+        """Whether pairs are aligned or repaired before their curves are measured."""
+        return self.align != "none" or self.repair
 
     def __post_init__(self) -> None:
         self.validate()
@@ -217,9 +222,13 @@ def without_plain_alignment(settings: InstabilitySettings, drop: tuple[str, ...]
     for plain interpolation (so results from before alignment existed keep their hashes), and the subset
     size and seed when nothing is aligned or repaired."""
     default = InstabilitySettings()
-    aligned = settings.align != "none" or settings.repair
     return {k: v for k, v in asdict(settings).items() if k not in drop
-            and not (k in _ALIGN_FIELDS and (v == getattr(default, k) or not aligned))}
+            and not (k in _ALIGN_FIELDS and (v == getattr(default, k) or not settings.aligned))}
+
+
+def checkpoint_points(points: Iterable[str]) -> list[str]:
+    """The swept points that are trunk checkpoints: every one but ``independent``."""
+    return [p for p in points if p != INDEPENDENT]
 
 
 def point_name(step: int) -> str:
@@ -227,29 +236,36 @@ def point_name(step: int) -> str:
     return INDEPENDENT if step == INDEPENDENT_STEP else format_step(step)
 
 
-def independent_members(cfg: Config, ctx: Context, n: int) -> tuple[Members, dict[str, Any]]:
+def independent_config(cfg: Config, i: int) -> Config:
+    """The i-th (i >= 1) independently trained network of ``cfg``: init and noise seeds + i, and no rewind
+    checkpoints (only its final weights are used)."""
+    return cfg.with_overrides({"training.init_seed": cfg.training.init_seed + i,
+                               "training.noise_seed": cfg.training.noise_seed + i, "training.rewind_points": []})
+
+
+def independent_members(cfg: Config, ctx: Context, n: int,
+                        param_names: Sequence[str] | None = None) -> tuple[Members, dict[str, Any]]:
     """The final weights of n trunks trained from different seeds (init and noise seeds + i), as members.
 
-    Trunk 0 is the sweep's own; each is a run of its own (reused, resumed and checked like any trunk).
+    Trunk 0 is the sweep's own (read through ``trunk_checkpoint``, which trains it only when it is not
+    complete); the others are runs of their own (reused, resumed and checked like any trunk).
     """
-    states, runs = [], []
-    for i in range(n):
-        # other seeds' networks keep no rewind checkpoints: only their final weights are used
-        cfg_i = cfg if i == 0 else cfg.with_overrides({"training.init_seed": cfg.training.init_seed + i,
-                                                       "training.noise_seed": cfg.training.noise_seed + i,
-                                                       "training.rewind_points": []})
-        ctx_i = ctx if i == 0 else prepare(cfg_i)
+    states = [trunk_checkpoint(ctx, ctx.total_steps).member_state_dict(0)]
+    runs = [str(trunk_dir(cfg).path)]
+    for i in range(1, n):
+        cfg_i = independent_config(cfg, i)
+        ctx_i = prepare(cfg_i)
         result = train_trunk(cfg_i, ctx=ctx_i)
         states.append(trunk_checkpoint(ctx_i, ctx_i.total_steps).member_state_dict(0))
         runs.append(str(result.run_dir))
-    sm = StackedModel(ctx.model)
-    members = Members.from_model_states(states, sm.param_names, ctx.total_steps, [0] * n, [0] * n, ctx.device)
+    names = param_names if param_names is not None else [k for k, _ in ctx.model.named_parameters()]
+    members = Members.from_model_states(states, names, ctx.total_steps, [0] * n, [0] * n, ctx.device)
     return members, {"rewind_step": INDEPENDENT_STEP, "independent": runs}
 
 
 def check_alignment_method(cfg: Config, settings: InstabilitySettings) -> None:
     """Alignment and REPAIR act on trained weights: refuse them for strong tickets (before anything is written)."""
-    if (settings.align != "none" or settings.repair) and cfg.training.method in ("edgepopup", "supermask"):
+    if settings.aligned and cfg.training.method in STRONG_METHODS:
         raise ConfigError(f"instability.align: the siblings of a strong ticket ({cfg.training.method}) share their "
                           "frozen weights and differ only in their scores; permuting one of them would give the "
                           "two endpoints different frozen weights. Use align = none (and no repair) here")
@@ -306,9 +322,9 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
     if independent and (masks is not None or start_states is not None):
         raise ConfigError(f"instability.rewind_points: {INDEPENDENT!r} compares dense networks trained from "
                           "different initializations; it is not available for sparse sweeps")
-    steps = ctx.steps([p for p in points if p != INDEPENDENT], "instability.rewind_points")
+    steps = ctx.steps(checkpoint_points(points), "instability.rewind_points")
     check_alignment_method(cfg, settings)
-    if settings.align != "none" or settings.repair:
+    if settings.aligned:
         from .align import permutation_spec
 
         permutation_spec(ctx.model)  # a model alignment cannot handle is refused before any training
@@ -340,7 +356,7 @@ def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir
         start = start_states.get(k) if start_states else None
         try:
             if k == INDEPENDENT_STEP:
-                members, info = independent_members(cfg, ctx, settings.siblings)
+                members, info = independent_members(cfg, ctx, settings.siblings, sm.param_names)
             else:
                 sib = train_siblings(ctx, k, settings.sibling_settings(), masks=masks, start=start,
                                      label=None if start is None else f"{label}@{k}", freeze=freeze)

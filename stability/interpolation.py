@@ -81,6 +81,15 @@ class CurveSettings:
         """Whether pairs are aligned or repaired before their curves are measured."""
         return self.align != "none" or self.repair
 
+    @property
+    def needs_align_subset(self) -> bool:
+        """Whether the training subset of ``alignment_subset`` is used (activation matching, REPAIR)."""
+        return self.align == "activations" or self.repair
+
+    def alignment(self) -> str:
+        """'none', 'weights', 'activations', or one of them followed by '+repair'."""
+        return self.align + ("+repair" if self.repair else "")
+
 
 def error_barrier(values: Sequence[float]) -> float:
     """max_α v(α) − ½·(v(0) + v(1)) for values along a grid whose ends are α = 0 and α = 1."""
@@ -220,7 +229,7 @@ def evaluate_aligned_path(sm: StackedModel, a: Mapping[str, Tensor], b: Mapping[
                           x: Tensor, y: Tensor, settings: CurveSettings, x_train: Tensor | None = None,
                           x_align: Tensor | None = None) -> tuple[list[float], list[float]]:
     """``evaluate_path`` after aligning b to a and, with ``repair``, REPAIR at every α."""
-    if x_align is None and (settings.align == "activations" or settings.repair):
+    if x_align is None and settings.needs_align_subset:
         if x_train is None:
             raise ConfigError("instability.align: activation matching and REPAIR need training data")
         x_align = alignment_subset(x_train, settings)
@@ -239,7 +248,7 @@ def curve_rows(sm: StackedModel, members: Members, splits: Iterable[str], data, 
                rewind_step: int) -> list[dict]:
     """Rows (rewind_step, pair, split, alpha, error, loss) for every pair of members and split."""
     alphas = settings.grid()
-    x_align = alignment_subset(data.x_train, settings) if settings.align == "activations" or settings.repair else None
+    x_align = alignment_subset(data.x_train, settings) if settings.needs_align_subset else None
     rows = []
     for i, j in pairs(members.n):
         a, b = members.member_state_dict(i), members.member_state_dict(j)

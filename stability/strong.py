@@ -41,7 +41,8 @@ from .engine.members import derive_seed
 from .errors import ConfigError
 from .models import noise_generator
 
-__all__ = ["STRONG_METHODS", "ScoredConv1d", "ScoredConv2d", "ScoredLinear", "edgepopup_mask", "is_strong",
+__all__ = ["STRONG_METHODS", "ScoredConv1d", "ScoredConv2d", "ScoredLinear", "edgepopup_mask", "evaluation_mask",
+           "is_strong",
            "kept_count", "make_strong", "mask_density", "model_for_run", "scored_layers", "state_masks"]
 
 _RELU_GAIN = math.sqrt(2.0)
@@ -65,6 +66,17 @@ def edgepopup_mask(importance: Tensor, k: int) -> Tensor:
     # the complement is the smaller top-k: the same mask, found sooner
     idx = torch.topk(flat, n - k, largest=False, sorted=False).indices
     return torch.ones_like(flat).scatter(0, idx, 0.0).view_as(importance)
+
+
+def evaluation_mask(scores: Tensor, method: str, n_kept: int, eval_mask: str = "expected",
+                    eval_uniform: Tensor | None = None) -> Tensor:
+    """The deterministic 0/1 mask of a layer's scores: edge-popup's top ``n_kept`` |scores|; the supermask's
+    sigmoid(s) > 0.5 (``expected``, i.e. s > 0) or its stored draw (``sample``: ``eval_uniform`` < sigmoid(s))."""
+    if method == "edgepopup":
+        return edgepopup_mask(scores.abs(), n_kept)
+    if eval_mask == "sample":
+        return (eval_uniform < torch.sigmoid(scores)).to(scores.dtype)
+    return (scores > 0).to(scores.dtype)
 
 
 class _Scored:
@@ -93,16 +105,11 @@ class _Scored:
     def mask(self) -> Tensor:
         """The 0/1 mask this layer uses now (edge-popup's top-k; the supermask's evaluation mask or a training draw)."""
         s = self.scores.detach()
-        if self.method == "edgepopup":
-            return edgepopup_mask(s.abs(), self.n_kept)
-        gen = noise_generator()
-        p = torch.sigmoid(s)
-        if self.training and gen is not None:
-            u = torch.rand(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-            return (u < p).to(p.dtype)
-        if self.eval_mask == "sample":
-            return (self.eval_uniform < p).to(p.dtype)
-        return (s > 0).to(s.dtype)  # sigmoid(s) > 0.5
+        gen = noise_generator() if self.method == "supermask" and self.training else None
+        if gen is not None:  # a training draw from the member's noise
+            p = torch.sigmoid(s)
+            return (torch.rand(p.shape, generator=gen, device=p.device, dtype=p.dtype) < p).to(p.dtype)
+        return evaluation_mask(s, self.method, self.n_kept, self.eval_mask, getattr(self, "eval_uniform", None))
 
     def effective_weight(self) -> Tensor:
         """``weight * mask`` in value; the gradient goes straight through the mask to the scores."""
@@ -278,13 +285,8 @@ def state_masks(state: Mapping[str, Tensor], method: str, settings: StrongConfig
         if not key.endswith(".scores") and key != "scores":
             continue
         layer = key[: -len("scores")]
-        if method == "edgepopup":
-            m = edgepopup_mask(s.abs(), kept_count(settings.kept, s.numel()))
-        elif settings.eval_mask == "sample":
-            m = (state[layer + "eval_uniform"] < torch.sigmoid(s)).to(s.dtype)
-        else:
-            m = (s > 0).to(s.dtype)
-        out[layer + "weight"] = m
+        out[layer + "weight"] = evaluation_mask(s, method, kept_count(settings.kept, s.numel()), settings.eval_mask,
+                                                state.get(layer + "eval_uniform"))
     return out
 
 

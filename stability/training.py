@@ -151,6 +151,18 @@ def read_metrics(run: RunDir) -> list[dict[str, Any]] | None:
     return read_table(run, METRICS, METRIC_COLUMNS)
 
 
+def early_stop(rows: list[dict[str, Any]], member: int) -> dict[str, Any]:
+    """A member's final test accuracy and loss, and its early-stopping point: the step of minimum validation
+    loss (earliest on ties; the final step when there is no validation split) with its test accuracy."""
+    mine = [r for r in rows if r["member"] == member]
+    final = mine[-1]
+    with_val = [r for r in mine if r["val_loss"] == r["val_loss"]]  # NaN when there is no validation split
+    best = min(with_val, key=lambda r: (r["val_loss"], r["step"])) if with_val else final
+    return {"final_test_accuracy": 1 - final["test_error"], "final_test_loss": final["test_loss"],
+            "early_stop_step": best["step"], "early_stop_test_accuracy": 1 - best["test_error"],
+            "early_stop_val_loss": best["val_loss"]}
+
+
 def read_table(run: RunDir, name: str, columns: Collection[str]) -> list[dict[str, Any]] | None:
     """The CSV record ``name`` of a run, or None when it is missing or damaged (a damaged one is moved aside)."""
     path = run / name

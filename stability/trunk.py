@@ -84,8 +84,7 @@ class Context:
     def new_model(self, seed: int | None = None) -> nn.Module:
         """A freshly initialized model (seeded by init_seed unless given)."""
         seed = self.cfg.training.init_seed if seed is None else seed
-        model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, seed)
-        return model_for_run(model, self.cfg, seed).to(self.device)  # strong tickets: scores over frozen weights
+        return _run_model(self.cfg, self.data, seed, self.device)
 
     @property
     def augmentation(self) -> str | None:
@@ -95,6 +94,13 @@ class Context:
 @functools.lru_cache(maxsize=4)
 def _cached_dataset(dataset_cfg: Any, device: str) -> DataSplits:
     return load_dataset(dataset_cfg, device)
+
+
+def _run_model(cfg: Config, data: DataSplits, seed: int, device: torch.device) -> nn.Module:
+    """The model a run of ``cfg`` trains, initialized from ``seed``, on ``device`` (strong tickets: scores
+    over frozen weights)."""
+    model = build_model(cfg.model, data.input_shape, data.num_classes, seed)
+    return model_for_run(model, cfg, seed).to(device)
 
 
 def prepare(cfg: Config) -> Context:
@@ -108,9 +114,7 @@ def prepare(cfg: Config) -> Context:
     total = to_iterations(cfg.training.steps, ipe, "training.steps")
     if total < 1:
         raise ConfigError(f"training.steps: must be at least 1 iteration, got {cfg.training.steps!r}")
-    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.training.init_seed)
-    model = model_for_run(model, cfg, cfg.training.init_seed).to(device)  # strong tickets: scores over frozen weights
-    ctx = Context(cfg, device, data, model, ipe, total)
+    ctx = Context(cfg, device, data, _run_model(cfg, data, cfg.training.init_seed, device), ipe, total)
     ctx.steps(cfg.training.rewind_points, "training.rewind_points")
     for key in ("eval_every", "checkpoint_every"):
         if to_iterations(getattr(cfg.training, key), ipe, f"training.{key}") < 1:
@@ -203,14 +207,17 @@ def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Cont
             raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
         if status == "complete":
             rows, problem = _finished_records(run)
+            neq_rows = None
             if problem is None and cfg.training.method == "neq":
                 from .neq import read_records
 
-                problem = None if read_records(run) is not None else "neq.csv is missing or damaged"
+                neq_rows = read_records(run)
+                problem = None if neq_rows is not None else "neq.csv is missing or damaged"
             if problem is None:
                 run.check_reuse(cfg.runtime.accept_other_versions)
                 ensure_checkpoints(ctx, run, wanted)
-                return _result(run, T, reused=True, seconds=time.perf_counter() - t0, ctx=ctx, rows=rows)
+                return _result(run, T, reused=True, seconds=time.perf_counter() - t0, ctx=ctx, rows=rows,
+                               neq_rows=neq_rows)
             print(f"warning: finished run {run.path.name}: {problem}; training it again from its newest intact state",
                   file=sys.stderr)
         run.start(cfg.to_dict(), cfg.hashed_dict(), {"iterations_per_epoch": ctx.ipe, "final_step": T})
@@ -300,13 +307,14 @@ def produce_checkpoints(ctx: Context, run: RunDir, steps: Iterable[int]) -> None
 
 
 def _result(run: RunDir, T: int, reused: bool, seconds: float, ctx: Context,
-            rows: list[dict[str, Any]] | None = None) -> TrainResult:
+            rows: list[dict[str, Any]] | None = None, neq_rows: list[dict[str, Any]] | None = None) -> TrainResult:
+    """The run's result from its records (``rows``: metrics.csv, ``neq_rows``: neq.csv, when already read)."""
     if rows is None:
         rows = read_metrics(run) or []
     neq = None
     if ctx.cfg.training.method == "neq":
-        from .neq import run_summary
+        from .neq import neq_summary, run_summary
 
-        neq = run_summary(run, 0, T)
+        neq = run_summary(run, 0, T) if neq_rows is None else neq_summary(neq_rows, 0, T)
     return TrainResult(run.path, run.hash, T, saved_checkpoints(run), rows, reused, seconds,
                        chance_error(ctx.data.split("test")[1]), neq)

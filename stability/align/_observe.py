@@ -5,7 +5,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -14,10 +13,8 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer it needs has run."""
 
 
-def unit_rows(t: Tensor, relu: bool = False) -> Tensor:
+def unit_rows(t: Tensor) -> Tensor:
     """``[B, C, *spatial]`` activations as ``[B * prod(spatial), C]`` float64 rows (one per position)."""
-    if relu:
-        t = F.relu(t)
     t = t.detach().double()
     if t.dim() > 2:
         t = t.movedim(1, -1).reshape(-1, t.shape[1])

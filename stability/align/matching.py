@@ -20,7 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ._observe import evaluating, observe, unit_rows
+from ._observe import batches, evaluating, observe, unit_rows
 from .spec import PermutationSpec, _layout, identity_permutation, permute_tensor
 
 
@@ -154,8 +154,7 @@ def activation_matching(model: nn.Module, spec: PermutationSpec, state_a: Mappin
         return out
 
     with evaluating(model):
-        for start in range(0, len(x), max(1, batch_size)):
-            xb = x[start:start + batch_size]
+        for xb in batches(x, batch_size):
             for net, state in (("a", state_a), ("b", state_b)):
                 captured[net] = {}
                 observe(model, state, xb, hooks(net))

@@ -71,10 +71,8 @@ def repair(model: nn.Module, state_a: Mapping[str, Tensor], state_b: Mapping[str
     for what, state in (("network A", state_a), ("network B", state_b), ("interpolated network", state_interp)):
         layout.spec.check_state(state, what)
     out = {k: v.clone() for k, v in state_interp.items()}
-    fused = [name for name, kind in layout.repair if kind == "fused"]
     with evaluating(model):
-        if fused:
-            ends = endpoints or repair_endpoints(model, state_a, state_b, x, batch_size=batch_size)
+        ends = endpoints or repair_endpoints(model, state_a, state_b, x, batch_size=batch_size)  # ({}, {}): none fused
         for name, kind in layout.repair:
             if kind == "bn":
                 m = _moments(model, out, x, [name], batch_size, inputs=True)[name]
