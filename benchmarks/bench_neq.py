@@ -31,6 +31,7 @@ from stability.engine import Members, StackedModel, TrainSpec, train_members
 from stability.flops import backward_macs, layer_costs, weight_gradient_saved
 from stability.neq import NeqTracker, neq_layers, neq_summary
 from stability.presets import get_preset
+from stability.steps import to_iterations
 from stability.trunk import Context, initial_members, prepare
 
 
@@ -40,6 +41,10 @@ def context(preset: str, steps: int, root: str, threads: int) -> Context:
         "runtime.threads": str(threads), "runtime.quiet": "true", "runtime.device": "cpu",
         "runtime.results_root": root,
     })
+    ctx_every = prepare(cfg.with_overrides({"training.method": "standard"}))
+    if to_iterations(cfg.training.eval_every, ctx_every.ipe) >= steps:
+        # NEq needs a second evaluation before the end (a short --quick run): evaluate 4 times instead
+        cfg = cfg.with_overrides({"training.eval_every": f"{max(1, steps // 4)}it"})
     return prepare(cfg)
 
 
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     print("\n".join(lines))
-    print("NEq = the tracker's evaluations included (every eval_every of the preset, NEq's defaults); over these "
+    print("NEq = the tracker's evaluations included (every eval_every of the preset, or steps / 4 in a shorter run; NEq's defaults); over these "
           "first steps\nfrom initialization it freezes few neurons. 'frozen p' = p of every NEq layer's neurons "
           "frozen throughout\n(the output layer never is). Gradients are computed for every weight and masked: "
           "saved FLOPs are not saved time.")
