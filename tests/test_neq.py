@@ -258,7 +258,22 @@ def test_neq_run_records_frozen_neurons_and_flops_beside_accuracy(results_root, 
     assert set(df["variant"]) == {"NEq", "plain"}
     totals = df[(df["layer"] == "all") & (df["variant"] == "NEq")]
     assert totals["test_error"].notna().sum() == 4  # metrics at 0, 10, 20 and the final step 30
-    assert plot_neq(df) is not None
+    fig = plot_neq(df)
+    assert len(fig.axes) == 3  # frozen neurons, backward FLOPs saved, test accuracy
+    for ax in fig.axes:
+        assert [line.get_label() for line in ax.lines] == ["plain", "NEq"]
+    # each NEq evaluation's fraction holds until the next, and the last one to the final step
+    ends = [0, 5, 10, 15, 20, 25, 30]
+    for ax, values in ((fig.axes[0], frozen), (fig.axes[1], saved)):
+        plain_line, neq_line = ax.lines
+        assert list(neq_line.get_xdata()) == ends
+        assert list(neq_line.get_ydata()) == pytest.approx([100 * v for v in [*values, values[-1]]])
+        assert list(plain_line.get_ydata()) == [0.0] * len(plain_line.get_ydata())
+    # test accuracy where metrics.csv has it: 0, 10, 20 and 30
+    metrics = read_csv(result.run_dir / "metrics.csv")
+    accuracy = fig.axes[2].lines[1]
+    assert list(accuracy.get_xdata()) == [r["step"] for r in metrics] == [0, 10, 20, 30]
+    assert list(accuracy.get_ydata()) == pytest.approx([100 * (1 - r["test_error"]) for r in metrics])
 
 
 def test_neq_trunk_killed_at_file_boundaries_resumes_identically(tmp_path, monkeypatch, one_torch_thread):

@@ -62,8 +62,9 @@ def test_the_variants_change_only_the_learning_rate_and_warmup_of_the_standard_p
         assert get_preset(name) == standard.with_overrides({"optimizer.lr": lr, "schedule.warmup": warmup})
         if variant == "Warmup":  # the paper's 30,000-iteration linear warmup, whatever the epoch length
             assert to_iterations(get_preset(name).schedule.warmup, 390, "schedule.warmup") == 30000
-        if variant == "Low":
-            assert lr == 0.01
+        if variant == "Low":  # the paper's low learning rate, a tenth of the standard one
+            assert get_preset(name).optimizer.lr == 0.01 == lr
+            assert standard.optimizer.lr == 0.1
         # IMP settings (stage tables) are the standard preset's
         base = "resnet20_cifar10" if network == "resnet" else "vgg16_cifar10"
         assert PRESETS[name]["imp"] == PRESETS[base]["imp"]

@@ -150,16 +150,34 @@ def test_mask0_is_recorded_and_names_the_run_only_when_not_zero(frozen_run):
 
 
 def test_freeze_sparse_instability_holds_the_removed_weights(tmp_path):
+    import json
+
+    from stability.siblings import mask_digest
+
     cfg = tiny_config(tmp_path)
     result = run_imp(cfg, imp_settings(levels=1, rewind="5it", mask0="freeze", instability=True))
     level1 = next(r for r in result.levels if r["level"] == 1)
-    assert isinstance(level1["instability"], float) and level1["instability"] >= -1e-9
-    # its siblings are a run of their own (named mask0 = freeze)
-    import json
-
-    sibling_keys = [json.loads((p / "manifest.json").read_text())["hashed_settings"]
-                    for p in tmp_path.glob("siblings_*")]
-    assert any(k.get("mask0") == "freeze" for k in sibling_keys)
+    assert isinstance(level1["instability"], float) and level1["instability"] == level1["instability"]
+    # its siblings are a run of their own (named mask0 = freeze), under the level-1 mask, from the rewind step
+    masks = _masks(result.run_dir, 1)
+    frozen = [p for p in tmp_path.glob("siblings_*")
+              if json.loads((p / "manifest.json").read_text())["hashed_settings"].get("mask0") == "freeze"]
+    assert len(frozen) == 1
+    key = json.loads((frozen[0] / "manifest.json").read_text())["hashed_settings"]
+    assert key["masks"] == mask_digest(masks) and key["rewind_step"] == 5
+    # every sibling's removed weights are held at their rewound values to the end; its kept weights trained
+    rewound = load_weights(tiny_trunk(cfg), 5)
+    tensors, _ = load_tensors(frozen[0] / "final.safetensors")
+    finals = {k[6:]: v for k, v in tensors.items() if k.startswith("param/")}
+    assert finals[next(iter(masks))].shape[0] == 2  # two siblings
+    for name, m in masks.items():
+        removed = m == 0
+        assert removed.any() and (rewound[name][removed] != 0).any()  # held, not zeroed
+        for sibling in finals[name]:
+            assert torch.equal(sibling[removed], rewound[name][removed])
+            assert not torch.equal(sibling[~removed], rewound[name][~removed])
+    # the two siblings saw different noise: their kept weights differ
+    assert any(not torch.equal(finals[n][0], finals[n][1]) for n in masks)
 
 
 def test_transfer_trains_another_runs_masks_and_says_where_they_came_from(tmp_path):
