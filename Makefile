@@ -17,7 +17,7 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m stability.demo $(DEMO_ARGS)
+	$(PY) -m stability.apps.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

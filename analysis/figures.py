@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from stability.errors import ConfigError
-from stability.metrics import matching_tolerance
+from stability.maths.metrics import matching_tolerance
 
 from .load import (
     Source,

@@ -27,15 +27,15 @@ from typing import Any, Union
 
 import pandas as pd
 
-from stability import schema
 from stability.config import STRONG_METHODS
 from stability.errors import ConfigError
+from stability.store import schema
 
 Source = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
 
 RUN_COLUMNS = ["kind", "hash", "status", "path", "label"]
 META_COLUMNS = ["run_kind", "run_hash"]
-# The records' own columns (stability.schema) plus what the loaders add from the run's summary.
+# The records' own columns (stability.store.schema) plus what the loaders add from the run's summary.
 TRAINING_COLUMNS = list(schema.METRIC_COLUMNS)
 CURVE_COLUMNS = [*schema.CURVE_COLUMNS, "label"]
 SWEEP_COLUMNS = [*schema.SWEEP_COLUMNS, "first_stable_step", "split_first_stable_step", "threshold",
@@ -491,7 +491,7 @@ def strong_tickets(source: Source, include_dense: bool = False) -> pd.DataFrame:
             continue
         density, kept = 1.0, 1.0
         if method in _STRONG_METHODS:
-            from stability.strong import run_mask_density  # torch only for strong runs
+            from stability.methods.strong import run_mask_density  # torch only for strong runs
 
             try:
                 density = run_mask_density(run.path)

@@ -27,9 +27,11 @@ import torch
 
 from stability.align import activation_matching, permutation_spec, repair, weight_matching
 from stability.engine import StackedModel, TrainSpec, train_members
-from stability.interpolation import CurveSettings, alignment_subset
+from stability.maths.interpolation import CurveSettings, alignment_subset
 from stability.presets import get_preset
-from stability.trunk import initial_members, prepare, train_trunk, trunk_checkpoint
+from stability.stages.checkpoints import initial_members
+from stability.stages.context import prepare
+from stability.stages.trunk import train_trunk, trunk_checkpoint
 
 THREADS = 2
 PRESETS = {

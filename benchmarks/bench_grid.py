@@ -59,7 +59,8 @@ import ray
 import submitit
 import torch
 
-from stability.grid import GridResult, load_grid, run_grid
+from stability.grid.plan import load_grid
+from stability.grid.run import GridResult, run_grid
 
 THREADS = 2  # this process; the units run with resources.cpus = 1 thread each
 

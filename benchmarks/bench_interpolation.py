@@ -27,11 +27,12 @@ import _setup
 import torch
 
 from stability.engine import StackedModel, TrainSpec, train_members
-from stability.interpolation import CurveSettings, evaluate_path
+from stability.maths.interpolation import CurveSettings, evaluate_path
 from stability.presets import get_preset
-from stability.reference import evaluate_path_naive
-from stability.siblings import SiblingSettings, sibling_seeds, start_members
-from stability.trunk import Context, initial_members, prepare
+from stability.stages.checkpoints import initial_members
+from stability.stages.context import Context, prepare
+from stability.stages.siblings import SiblingSettings, sibling_seeds, start_members
+from stability.testing.reference import evaluate_path_naive
 
 THREADS = 2
 CASES = [("lenet300_mnist5k", "interpolate"), ("conv4_mnist5k", "interpolate"),

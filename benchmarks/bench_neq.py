@@ -7,7 +7,7 @@ For each preset (default LeNet-300-100 and Conv-4 at width 1/4 on mnist5k: ``len
 ``engine.train_members``, in this process, best of ``--repeats``, the variants interleaved:
 
 - plain: the standard loop (``training.method = standard``);
-- NEq: ``stability.neq``'s tracker as the loop's ``update_masks`` hook (an NEq evaluation every
+- NEq: ``stability.methods.neq``'s tracker as the loop's ``update_masks`` hook (an NEq evaluation every
   ``training.eval_every`` iterations: the forward pass over the validation subset, phi, velocity,
   masks) with the preset's settings and NEq's defaults;
 - frozen p: a fixed random fraction p of every NEq layer's neurons frozen for the whole run through
@@ -15,7 +15,7 @@ For each preset (default LeNet-300-100 and Conv-4 at width 1/4 on mnist5k: ``len
   what a step costs once NEq has frozen that many neurons.
 
 Printed: milliseconds per step, the ratio to plain, and the backward FLOPs that the frozen neurons
-save by ``stability.flops`` (weight gradients of frozen neurons; forward and input gradients
+save by ``stability.maths.flops`` (weight gradients of frozen neurons; forward and input gradients
 unchanged). Nothing here asserts anything about time.
 """
 from __future__ import annotations
@@ -28,11 +28,12 @@ import _setup
 import torch
 
 from stability.engine import Members, StackedModel, TrainSpec, train_members
-from stability.flops import backward_macs, layer_costs, weight_gradient_saved
-from stability.neq import NeqTracker, neq_layers, neq_summary
+from stability.maths.flops import backward_macs, layer_costs, weight_gradient_saved
+from stability.methods.neq import NeqTracker, neq_layers, neq_summary
 from stability.presets import get_preset
+from stability.stages.checkpoints import initial_members
+from stability.stages.context import Context, prepare
 from stability.steps import to_iterations
-from stability.trunk import Context, initial_members, prepare
 
 
 def context(preset: str, steps: int, root: str, threads: int) -> Context:

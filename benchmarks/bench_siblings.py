@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from stability.engine import StackedModel, TrainSpec, train_members
 from stability.presets import get_preset
-from stability.siblings import SiblingSettings, sibling_seeds, start_members
-from stability.trunk import Context, initial_members, prepare
+from stability.stages.checkpoints import initial_members
+from stability.stages.context import Context, prepare
+from stability.stages.siblings import SiblingSettings, sibling_seeds, start_members
 
 THREADS = 2
 

@@ -27,7 +27,7 @@ SCHEDULES = ("constant", "step", "cosine")
 # How a run trains: plain weight training, strong tickets (edge-popup; Zhou et al.'s learned supermask)
 # over frozen weights, or NEq (neurons at equilibrium skip their updates).
 METHODS = ("standard", "edgepopup", "supermask", "neq")
-STRONG_METHODS = ("edgepopup", "supermask")  # trained through scores over frozen weights (stability.strong)
+STRONG_METHODS = ("edgepopup", "supermask")  # trained through scores over frozen weights (stability.methods.strong)
 DEVICES = ("auto", "cpu", "cuda")
 # Tables of a TOML config besides the run's SECTIONS: the later stages' settings.
 STAGE_TABLES = ("instability", "imp", "hessian")
@@ -110,7 +110,7 @@ class TrainingConfig:
     UNHASHED = ("rewind_points", "checkpoint_every")
 
 
-# ---- strong lottery tickets (training.method = edgepopup | supermask; stability.strong) ----
+# ---- strong lottery tickets (training.method = edgepopup | supermask; stability.methods.strong) ----
 STRONG_WEIGHT_INITS = ("signed_constant", "kaiming_normal", "default")
 STRONG_SCORE_INITS = ("kaiming_uniform", "kaiming_normal")
 STRONG_EVAL_MASKS = ("expected", "sample")
@@ -132,7 +132,7 @@ class StrongConfig:
     UNHASHED = ()
 
 
-# ---- NEq: neurons at equilibrium skip their updates (training.method = neq; stability.neq) ----
+# ---- NEq: neurons at equilibrium skip their updates (training.method = neq; stability.methods.neq) ----
 NEQ_BASELINES = ("none", "random", "matched")
 NEQ_VELOCITIES = ("reference", "paper")
 

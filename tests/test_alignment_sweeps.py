@@ -6,18 +6,18 @@ import json
 import pytest
 from helpers import TINY_ARGS, tiny_config
 
-from stability.cli import main
-from stability.connect import connect, connect_settings
+from stability.apps.cli import main
 from stability.errors import ConfigError
-from stability.instability import (
+from stability.maths.interpolation import CurveSettings, evaluate_aligned_path, evaluate_path
+from stability.stages.connect import connect, connect_settings
+from stability.stages.instability import (
     INDEPENDENT_STEP,
     InstabilitySettings,
     instability_settings,
     instability_sweep,
     sweep_key,
 )
-from stability.interpolation import CurveSettings, evaluate_aligned_path, evaluate_path
-from stability.schema import CONNECT_SUMMARY, CURVES
+from stability.store.schema import CONNECT_SUMMARY, CURVES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -78,8 +78,8 @@ def test_independent_networks_and_alignments_share_one_set_of_trained_networks(r
 
 def test_repair_keeps_the_endpoints_and_lowers_the_aligned_midpoint(results_root):
     from stability.engine import StackedModel
-    from stability.instability import independent_members
-    from stability.trunk import prepare
+    from stability.stages.context import prepare
+    from stability.stages.instability import independent_members
 
     cfg = _cfg(results_root)
     ctx = prepare(cfg)
@@ -123,8 +123,8 @@ def test_connect_two_trunks_gives_the_sweeps_independent_barrier_and_refuses_bad
 
 
 def test_connect_refuses_networks_of_different_architectures_and_aligning_different_masks(results_root, capsys):
-    from stability.imp import imp_settings, run_imp
-    from stability.trunk import train_trunk
+    from stability.stages.imp.run import imp_settings, run_imp
+    from stability.stages.trunk import train_trunk
 
     cfg = _cfg(results_root)
     wide = train_trunk(cfg.with_overrides({"model.width": "0.5"}))
@@ -155,8 +155,10 @@ def test_alignment_settings_are_checked_before_any_work(results_root, capsys):
 
 
 def test_a_grid_sweeps_independent_networks_with_their_own_trunk_units(tmp_path):
-    from stability.grid import grid_frame, load_grid, make_plan, run_grid
-    from stability.trunk import trunk_dir
+    from stability.grid.plan import load_grid, make_plan
+    from stability.grid.run import run_grid
+    from stability.grid.status import grid_frame
+    from stability.stages.trunk import trunk_dir
 
     path = tmp_path / "g.toml"
     path.write_text('preset = "lenet300_mnist5k"\nstages = ["instability"]\n[set]\n"training.steps" = "40it"\n'
@@ -181,7 +183,7 @@ def test_a_grid_sweeps_independent_networks_with_their_own_trunk_units(tmp_path)
 
 
 def test_imp_rewinding_to_auto_never_rewinds_to_the_independent_point(results_root):
-    from stability.imp import imp_settings, run_imp
+    from stability.stages.imp.run import imp_settings, run_imp
 
     cfg = _cfg(results_root)
     sweep = instability_settings(rewind_points=["independent"], alphas=3)
@@ -196,8 +198,8 @@ def test_imp_rewinding_to_auto_never_rewinds_to_the_independent_point(results_ro
 def test_imp_and_sweep_names_from_before_alignment_are_kept():
     """Hashes computed at commit 16239be, before alignment settings existed: the same settings keep them."""
     from stability.config import settings_hash
-    from stability.imp import imp_key, imp_settings
     from stability.presets import get_preset
+    from stability.stages.imp.run import imp_key, imp_settings
 
     cfg = get_preset("lenet5_mnist5k")
     sweep = instability_settings(rewind_points=["0it", "5it"], siblings=3)
@@ -211,7 +213,8 @@ def test_imp_and_sweep_names_from_before_alignment_are_kept():
 
 
 def test_a_trunk_that_is_one_points_own_and_anothers_independent_network_is_one_unit(tmp_path):
-    from stability.grid import grid_frame, load_grid, make_plan
+    from stability.grid.plan import load_grid, make_plan
+    from stability.grid.status import grid_frame
 
     path = tmp_path / "g.toml"
     path.write_text('preset = "lenet300_mnist5k"\nstages = ["instability"]\n[set]\n"training.steps" = "40it"\n'
@@ -227,7 +230,7 @@ def test_a_trunk_that_is_one_points_own_and_anothers_independent_network_is_one_
 
 
 def test_connect_treats_dropout_as_training_noise_not_architecture(results_root):
-    from stability.trunk import train_trunk
+    from stability.stages.trunk import train_trunk
 
     cfg = _cfg(results_root)
     plain = train_trunk(cfg)

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 import analysis
 from analysis import figures
 from stability.errors import ConfigError, StabilityError
-from stability.store import FORMAT_VERSION, write_csv, write_json
+from stability.store.files import FORMAT_VERSION, write_csv, write_json
 
 # ----------------------------------------------------------------------------- synthetic records
 TRUNK = {
@@ -465,7 +465,7 @@ def test_plot_all_draws_every_figure_the_records_allow(records, tmp_path):
 
 # ----------------------------------------------------------------------------- the plot command
 def _parse(argv):
-    from stability.plot_cli import add_parser
+    from stability.apps.plot import add_parser
 
     parser = argparse.ArgumentParser(prog="stability")
     add_parser(parser.add_subparsers(dest="command", required=True))
@@ -509,7 +509,7 @@ def test_plot_command_missing_results_path_is_bad_input(tmp_path):
 
 
 def test_plot_command_through_the_stability_cli_exits_2_on_bad_input(records, tmp_path, capsys):
-    from stability.cli import main
+    from stability.apps.cli import main
 
     assert main(["plot", str(records), "--kind", "nope", "--out", str(tmp_path / "figs")]) == 2
     assert "--kind" in capsys.readouterr().err
@@ -519,7 +519,7 @@ def test_plot_command_through_the_stability_cli_exits_2_on_bad_input(records, tm
 
 # ----------------------------------------------------------------------------- real records
 def test_records_written_by_the_suite_load_and_plot(results_root, tmp_path):
-    from stability.instability import instability_settings, instability_sweep
+    from stability.stages.instability import instability_settings, instability_sweep
 
     cfg = tiny_config(results_root)
     result = instability_sweep(cfg, instability_settings(alphas=5))

@@ -6,7 +6,7 @@ import os
 import pytest
 from helpers import TINY_ARGS
 
-from stability.cli import main
+from stability.apps.cli import main
 from stability.config import check_results_root
 from stability.errors import ConfigError
 from stability.presets import load_toml

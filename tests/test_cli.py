@@ -7,12 +7,12 @@ import sys
 import pytest
 from helpers import TINY_ARGS
 
-from stability.cli import main
+from stability.apps.cli import main
 
 
 @pytest.mark.slow
 def test_train_end_to_end_in_a_subprocess(results_root):
-    cmd = [sys.executable, "-m", "stability.cli", "train", "--preset", "lenet300_mnist5k", *TINY_ARGS,
+    cmd = [sys.executable, "-m", "stability.apps.cli", "train", "--preset", "lenet300_mnist5k", *TINY_ARGS,
            "--out", str(results_root), "--threads", "1"]
     first = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "final test accuracy" in first.stdout and "rewind checkpoints  0it, 5it, 10it, 30it" in first.stdout

@@ -5,7 +5,7 @@ import pytest
 from stability.config import Config, from_dict, validate
 from stability.errors import ConfigError
 from stability.presets import PRESETS, get_preset, load_toml
-from stability.trunk import prepare
+from stability.stages.context import prepare
 
 
 def test_pinned_hashes_never_change_by_accident():

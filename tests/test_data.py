@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from stability import data as D
 from stability.config import DatasetConfig
-from stability.data import DATASETS, DataSplits, augment_batch, load_dataset
+from stability.data import sources as D
+from stability.data.sources import DATASETS, DataSplits, augment_batch, load_dataset
 from stability.errors import ConfigError, DatasetError
 
 

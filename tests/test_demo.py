@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from stability.demo import DemoSettings, main, run_demo
+from stability.apps.demo import DemoSettings, main, run_demo
 
 SMALL = DemoSettings(siblings=2, lenet_rewind=("independent", "0it", "5it"), conv_rewind=("0it", "5it"), imp_levels=2,
                      hessian_samples=200, trace_probes=3)

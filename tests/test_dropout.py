@@ -6,15 +6,16 @@ import torch
 from helpers import TINY_ARGS, tiny_config
 from test_faults import _kill_and_resume
 
-from stability.cli import main
+from stability.apps.cli import main
 from stability.config import Config, ModelConfig
 from stability.engine import Members, StackedModel, derive_seed
 from stability.engine.loop import TrainSpec
 from stability.errors import ConfigError
-from stability.models import NoiseDropout, build_model, dropout_noise
-from stability.reference import train_reference, train_siblings_reference
-from stability.siblings import SiblingSettings, train_siblings
-from stability.trunk import prepare, train_trunk, trunk_checkpoint
+from stability.models.build import NoiseDropout, build_model, dropout_noise
+from stability.stages.context import prepare
+from stability.stages.siblings import SiblingSettings, train_siblings
+from stability.stages.trunk import train_trunk, trunk_checkpoint
+from stability.testing.reference import train_reference, train_siblings_reference
 
 
 @pytest.mark.parametrize("preset", ["lenet300_mnist5k", "conv2_mnist5k"])

@@ -10,9 +10,12 @@ import torch
 from helpers import tiny_config
 from torch import nn
 
-from stability import schema
-from stability.cli import main
-from stability.earlybird import (
+from stability.apps.cli import main
+from stability.errors import ConfigError
+from stability.maths.pruning import prunable_names
+from stability.stages.checkpoints import load_weights
+from stability.stages.context import prepare
+from stability.stages.earlybird import (
     batchnorm_layers,
     channel_keep,
     channel_masks,
@@ -26,10 +29,9 @@ from stability.earlybird import (
     training_cost,
     window_maxima,
 )
-from stability.errors import ConfigError
-from stability.pruning import prunable_names
-from stability.store import load_tensors, read_csv, read_json
-from stability.trunk import load_weights, prepare, trunk_dir
+from stability.stages.trunk import trunk_dir
+from stability.store import schema
+from stability.store.files import load_tensors, read_csv, read_json
 
 # LeNet-300-100 at width 0.1 on mnist5k, 30 iterations, a mask point every 2 (16 points).
 EVERY2 = {"training__eval_every": "2it", "runtime__threads": "1"}

@@ -19,15 +19,16 @@ import pytest
 import torch
 from helpers import TINY_ARGS, tiny_config
 
-from stability import store
-from stability.cli import main
+from stability.apps.cli import main
 from stability.errors import TrainingDiverged
-from stability.imp import imp_settings, run_imp
-from stability.instability import first_stable_step, instability_settings, instability_sweep
-from stability.store import load_tensors, read_csv, read_json, save_tensors
-from stability.trunk import prepare, train_trunk, trunk_checkpoint
+from stability.stages.context import prepare
+from stability.stages.imp.run import imp_settings, run_imp
+from stability.stages.instability import first_stable_step, instability_settings, instability_sweep
+from stability.stages.trunk import train_trunk, trunk_checkpoint
+from stability.store import files as store
+from stability.store.files import load_tensors, read_csv, read_json, save_tensors
 
-CLI = [sys.executable, "-m", "stability.cli"]
+CLI = [sys.executable, "-m", "stability.apps.cli"]
 _REAL_WRITE = store.atomic_write_bytes
 
 
@@ -395,7 +396,7 @@ def test_diverged_siblings_mark_their_point_diverged_and_the_first_stable_step_s
     assert result.summary["diverged"]["5"]["step"] == 5
     assert result.first_stable_step == (10 if by_step[10]["stable"] else None)
     # the siblings run is recorded as diverged, and a rerun raises again without training
-    from stability.siblings import SiblingSettings, train_siblings
+    from stability.stages.siblings import SiblingSettings, train_siblings
 
     with pytest.raises(TrainingDiverged):
         train_siblings(ctx, 5, SiblingSettings(2), start=blown, label="blown@5")
@@ -417,7 +418,7 @@ def test_a_non_finite_checkpoint_is_never_loaded(tmp_path):
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = float("nan")
     save_tensors(path, tensors, meta)  # a valid file (digest and all) holding NaN
-    from stability.training import load_members
+    from stability.stages.checkpoints import load_members
 
     with pytest.raises(store.CheckpointError, match="non-finite"):
         load_members(path, prepare(cfg))
@@ -456,7 +457,7 @@ def test_orphaned_temporary_files_are_removed_on_resume(tmp_path):
 
 
 def test_a_diverged_imp_level_is_marked_never_matching_and_stops_its_replicate(tmp_path, monkeypatch, capsys):
-    import stability.imp as imp_module
+    import stability.stages.imp.run as imp_module
 
     real_branch = imp_module.train_branch
 
@@ -484,7 +485,7 @@ def test_a_diverged_imp_level_is_marked_never_matching_and_stops_its_replicate(t
 
 # ---------------------------------------------------------------- regressions found in review
 def test_a_damaged_level_final_redoes_that_level_from_the_previous_one_not_from_its_own_mask(tmp_path, capsys):
-    from stability.pruning import density
+    from stability.maths.pruning import density
 
     cfg = tiny_config(tmp_path)
     settings = imp_settings(levels=2, prune_fraction=0.5, rewind="5it")
@@ -529,7 +530,7 @@ def test_a_damaged_instability_json_is_moved_aside_and_rewritten(tmp_path, capsy
 def test_a_replicate_that_diverged_counts_as_a_failure_in_the_aggregate_not_as_missing():
     import pandas as pd
 
-    from stability.metrics import ticket_summary
+    from stability.maths.metrics import ticket_summary
 
     rows = [(0, 0, 1.0, 0.97), (0, 1, 0.8, 0.972), (0, 2, 0.64, float("nan")),
             (1, 0, 1.0, 0.97), (1, 1, 0.8, 0.975), (1, 2, 0.64, 0.975)]

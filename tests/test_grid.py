@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stability.cli import main
-from stability.grid import grid_status, load_grid, make_plan, run_grid
-from stability.store import load_tensors, read_csv
+from stability.apps.cli import main
+from stability.grid.plan import load_grid, make_plan
+from stability.grid.run import run_grid
+from stability.grid.status import grid_status
+from stability.store.files import load_tensors, read_csv
 
 GRID = """
 preset = "lenet300_mnist5k"
@@ -269,7 +271,7 @@ def test_two_grid_commands_on_one_results_root_share_the_work_without_corrupting
     local = run_grid(load_grid(path, {"runtime.results_root": str(tmp_path / "ref")}))
     assert not local.failed
     root = tmp_path / "shared"
-    cmd = [sys.executable, "-m", "stability.cli", "grid", str(path), "--out", str(root), "--json"]
+    cmd = [sys.executable, "-m", "stability.apps.cli", "grid", str(path), "--out", str(root), "--json"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]

@@ -56,7 +56,7 @@ def _masks(model_state, k: int) -> dict[str, torch.Tensor]:
 
 def _lenet_state() -> dict[str, torch.Tensor]:
     from stability.config import ModelConfig
-    from stability.models import build_model
+    from stability.models.build import build_model
 
     return build_model(ModelConfig(width=0.1), (1, 28, 28), 10, 0).state_dict()
 
@@ -84,7 +84,7 @@ GOLDEN_TRUNK = {
 
 def test_trunk_names_never_change():
     """Trunk run names (``Config.run_hash`` / ``trunk_dir``): these names must never change."""
-    from stability.trunk import trunk_dir
+    from stability.stages.trunk import trunk_dir
 
     configs = {
         "default": Config(),
@@ -120,7 +120,7 @@ GOLDEN_SIBLINGS = {
 def test_siblings_names_never_change():
     """Sibling-set names (``siblings.siblings_key`` / ``siblings_dir``), dense, sparse, frozen and from given
     start states: these names must never change."""
-    from stability.siblings import SiblingSettings, siblings_dir, siblings_key
+    from stability.stages.siblings import SiblingSettings, siblings_dir, siblings_key
 
     cfg = _tiny()
     masks = _masks(_lenet_state(), 1)
@@ -166,7 +166,7 @@ GOLDEN_SWEEP = {
 def test_instability_sweep_names_never_change():
     """Instability sweep names (``instability.sweep_key`` / ``sweep_dir``), dense and sparse (masks, frozen
     removed weights, start states, label): these names must never change."""
-    from stability.instability import INDEPENDENT_STEP, instability_settings, sweep_dir
+    from stability.stages.instability import INDEPENDENT_STEP, instability_settings, sweep_dir
 
     cfg = _tiny()
     default = instability_settings()
@@ -228,8 +228,8 @@ GOLDEN_IMP = {
 
 def _mask_source_dir(root, levels: int) -> str:
     """An IMP run directory holding only patterned masks (what ``imp.mask_from`` reads)."""
-    from stability.schema import mask_name
-    from stability.store import save_tensors
+    from stability.store.files import save_tensors
+    from stability.store.schema import mask_name
 
     shapes = _lenet_state()
     for level in range(1, levels + 1):
@@ -240,8 +240,8 @@ def _mask_source_dir(root, levels: int) -> str:
 def test_imp_names_never_change(tmp_path):
     """IMP run names (``imp.imp_key`` / ``imp_dir``): default, rewind auto, other criteria, mask-0 and mask-1
     actions, instability, one-shot with baselines, transferred masks: these names must never change."""
-    from stability.imp import imp_dir, imp_key, imp_settings, mask_source
-    from stability.instability import instability_settings
+    from stability.stages.imp.run import imp_dir, imp_key, imp_settings, mask_source
+    from stability.stages.instability import instability_settings
 
     cfg = _tiny()
     sweep = instability_settings()
@@ -293,7 +293,7 @@ GOLDEN_EARLYBIRD = {
 
 @pytest.fixture(scope="module")
 def contexts():
-    from stability.trunk import prepare
+    from stability.stages.context import prepare
 
     return {"lenet": prepare(_tiny(training__eval_every="2it")),
             "resnet": prepare(_tiny(preset="resnet8_mnist5k", model__width="0.25"))}
@@ -301,7 +301,7 @@ def contexts():
 
 def test_earlybird_names_never_change(contexts):
     """Early-bird run names (``earlybird.earlybird_key`` over the resolved plan): these names must never change."""
-    from stability.earlybird import _plan, earlybird_key, earlybird_settings
+    from stability.stages.earlybird import _plan, earlybird_key, earlybird_settings
 
     cases = {
         "default": ("lenet", earlybird_settings()),
@@ -330,7 +330,7 @@ GOLDEN_TRACK = {
 
 def test_hessian_track_names_never_change(contexts):
     """Hessian track names (``landscape.track_key`` over ``track_steps``): these names must never change."""
-    from stability.landscape import hessian_settings, track_key, track_steps
+    from stability.stages.landscape import hessian_settings, track_key, track_steps
 
     ctx = contexts["lenet"]
     cfg = ctx.cfg
@@ -356,8 +356,8 @@ GOLDEN_HESSIAN_RUNS = {
 def test_hessian_run_directories_never_change(tmp_path):
     """The directories ``hessian_track`` and ``hessian_path`` (whose key is built inline) write, run on a tiny
     network: these names must never change. The names depend on settings only, not on trained values."""
-    from stability.landscape import hessian_path, hessian_settings, hessian_track
-    from stability.siblings import SiblingSettings
+    from stability.stages.landscape import hessian_path, hessian_settings, hessian_track
+    from stability.stages.siblings import SiblingSettings
 
     cfg = _tiny(tmp_path, training__steps="10it", training__rewind_points="5it", training__eval_every="10it")
     settings = hessian_settings(top_k=1, samples=32, lanczos_steps=4, tol=0.0)
@@ -382,9 +382,9 @@ GOLDEN_CONNECT = {
 
 def _patterned_trunk(cfg: Config, k: int):
     """A finished trunk run of ``cfg`` whose final weights are the pattern ``k`` (no training)."""
-    from stability.schema import checkpoint_name
-    from stability.training import save_state
-    from stability.trunk import trunk_dir
+    from stability.stages.checkpoints import save_state
+    from stability.stages.trunk import trunk_dir
+    from stability.store.schema import checkpoint_name
 
     run, T = trunk_dir(cfg), 30
     run.start(cfg.to_dict(), cfg.hashed_dict(), {"final_step": T})
@@ -395,9 +395,9 @@ def _patterned_trunk(cfg: Config, k: int):
 
 def _patterned_imp_level(root, cfg: Config, name: str, k: int, mask_k: int):
     """Level 1 of a finished IMP run (``imp_<name>``) with patterned final weights and mask."""
-    from stability.schema import FINAL_STATE, IMP, mask_name
-    from stability.store import RunDir, save_tensors
-    from stability.training import save_state
+    from stability.stages.checkpoints import save_state
+    from stability.store.files import RunDir, save_tensors
+    from stability.store.schema import FINAL_STATE, IMP, mask_name
 
     run = RunDir(root, IMP, name)
     run.start({"training": cfg.to_dict()}, {})
@@ -412,7 +412,7 @@ def _patterned_imp_level(root, cfg: Config, name: str, k: int, mask_k: int):
 def test_connect_names_never_change(tmp_path):
     """``connect`` run names (key built inline: digests of both networks and their masks, model, dataset,
     settings), run on patterned networks: these names must never change."""
-    from stability.connect import connect, connect_settings
+    from stability.stages.connect import connect, connect_settings
 
     cfg_a, cfg_b = _tiny(tmp_path), _tiny(tmp_path, training__init_seed="1")
     a, b = _patterned_trunk(cfg_a, 1), _patterned_trunk(cfg_b, 2)

@@ -6,11 +6,13 @@ import pytest
 import torch
 from helpers import TINY_ARGS, tiny_config
 
-from stability.cli import main
-from stability.imp import imp_settings, run_imp
-from stability.pruning import layer_densities
-from stability.store import load_tensors, read_csv, read_json
-from stability.trunk import load_weights, prepare, trunk_dir
+from stability.apps.cli import main
+from stability.maths.pruning import layer_densities
+from stability.stages.checkpoints import load_weights
+from stability.stages.context import prepare
+from stability.stages.imp.run import imp_settings, run_imp
+from stability.stages.trunk import trunk_dir
+from stability.store.files import load_tensors, read_csv, read_json
 
 
 def _masks(result, level, replicate=0):
@@ -60,7 +62,7 @@ def test_pruned_weights_stay_zero_with_momentum_and_weight_decay(imp_run):
 
 
 def test_the_driver_rewinds_survivors_exactly_to_the_rewind_checkpoint(tmp_path, monkeypatch):
-    import stability.imp as imp_module
+    import stability.stages.imp.run as imp_module
 
     seen = {}
     real_branch = imp_module.train_branch
@@ -150,7 +152,7 @@ def test_kill_at_level_boundary_and_mid_level_resumes_to_the_same_results(tmp_pa
 
 
 def test_auto_rewind_uses_the_first_stable_step(results_root):
-    from stability.instability import instability_settings
+    from stability.stages.instability import instability_settings
 
     cfg = tiny_config(results_root)
     result = run_imp(cfg, imp_settings(levels=1, rewind="auto"), instability_settings(alphas=5))
@@ -195,12 +197,12 @@ def test_replicates_start_from_their_own_initialization(results_root):
     dense = [r for r in result.levels if r["level"] == 0]
     assert len(dense) == 2
     assert dense[0]["final_test_loss"] != dense[1]["final_test_loss"]
-    from stability.trunk import trunk_dir as _trunk_dir
+    from stability.stages.trunk import trunk_dir as _trunk_dir
 
     cfg1 = tiny_config(results_root, training__init_seed="1")
     w0 = load_weights(_trunk_dir(tiny_config(results_root)), 0)
     w1 = load_weights(_trunk_dir(cfg1), 0)
-    from stability.trunk import prepare as _prepare
+    from stability.stages.context import prepare as _prepare
 
     fresh = _prepare(cfg1).new_model().state_dict()
     assert all(torch.equal(w1[k], fresh[k]) for k in fresh)  # the seed-1 trunk holds seed-1 weights
@@ -208,8 +210,8 @@ def test_replicates_start_from_their_own_initialization(results_root):
 
 
 def test_imp_mask_criterion_is_recorded_names_its_own_run_and_changes_the_masks(results_root, capsys):
-    from stability.imp import imp_dir
-    from stability.instability import InstabilitySettings
+    from stability.stages.imp.run import imp_dir
+    from stability.stages.instability import InstabilitySettings
 
     cfg = tiny_config(results_root)
     plain = run_imp(cfg, imp_settings(levels=1))
@@ -231,8 +233,8 @@ def test_imp_mask_criterion_is_recorded_names_its_own_run_and_changes_the_masks(
 
 
 def test_imp_mask1_action_starts_the_ticket_from_its_values_and_names_its_own_run(results_root):
-    from stability.training import load_members
-    from stability.trunk import prepare as prepare_ctx
+    from stability.stages.checkpoints import load_members
+    from stability.stages.context import prepare as prepare_ctx
 
     cfg = tiny_config(results_root)
     plain = run_imp(cfg, imp_settings(levels=1))

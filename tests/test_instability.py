@@ -7,25 +7,21 @@ import pytest
 import torch
 from helpers import TINY_ARGS, tiny_config
 
-from stability.cli import main
+from stability.apps.cli import main
 from stability.engine import StackedModel
 from stability.errors import ConfigError
-from stability.instability import (
+from stability.maths.interpolation import CurveSettings, error_barrier, evaluate_path
+from stability.stages.context import prepare
+from stability.stages.instability import (
     InstabilitySettings,
     first_stable_step,
     instability_settings,
     instability_sweep,
     sweep_table,
 )
-from stability.interpolation import CurveSettings, error_barrier, evaluate_path
-from stability.reference import evaluate_path_naive, train_siblings_reference
-from stability.siblings import (
-    SiblingSettings,
-    sibling_seeds,
-    train_branch,
-    train_siblings,
-)
-from stability.trunk import prepare, train_trunk
+from stability.stages.siblings import SiblingSettings, sibling_seeds, train_branch, train_siblings
+from stability.stages.trunk import train_trunk
+from stability.testing.reference import evaluate_path_naive, train_siblings_reference
 
 
 def test_barrier_formula_by_hand():
@@ -61,7 +57,7 @@ def test_identical_noise_seeds_give_identical_siblings_and_zero_instability(resu
     sib = train_siblings(ctx, 5, noise_seeds=[(7, 8), (7, 8)])
     for v in sib.members.params.values():
         assert torch.equal(v[0], v[1])
-    from stability.interpolation import curve_rows
+    from stability.maths.interpolation import curve_rows
 
     rows = curve_rows(StackedModel(ctx.model), sib.members, ["test"], ctx.data, CurveSettings(), 5)
     (row,) = sweep_table(rows, 0.02)
@@ -152,7 +148,7 @@ def test_masks_survive_sibling_training_and_interpolation(results_root):
     for name, m in masks.items():
         assert torch.all(sib.members.params[name][:, m == 0] == 0)
         assert torch.any(sib.members.params[name][:, m == 1] != 0)
-    from stability.interpolation import interpolate_stacks
+    from stability.maths.interpolation import interpolate_stacks
 
     a, b = sib.members.member_state_dict(0), sib.members.member_state_dict(1)
     mid = interpolate_stacks(a, b, torch.linspace(0, 1, 5, dtype=torch.float64))
@@ -168,9 +164,10 @@ def test_siblings_resume_after_a_kill(tmp_path):
     cfg_b = tiny_config(tmp_path / "b")
     ctx_b = prepare(cfg_b)
     train_trunk(cfg_b, ctx=ctx_b)
-    from stability.siblings import start_members
-    from stability.store import RunDir
-    from stability.trunk import checkpoint_path, load_members, trunk_dir
+    from stability.stages.checkpoints import checkpoint_path, load_members
+    from stability.stages.siblings import start_members
+    from stability.stages.trunk import trunk_dir
+    from stability.store.files import RunDir
 
     start = start_members(ctx_b, load_members(checkpoint_path(trunk_dir(cfg_b), 5), ctx_b), 2,
                           whole.order_seeds, whole.aug_seeds, "fresh")
@@ -207,7 +204,7 @@ def test_sweep_writes_records_and_reuses_siblings(results_root):
 
 
 def test_sweep_rerun_reads_curves_back_and_resumes_after_a_crash(results_root, monkeypatch):
-    from stability import instability
+    from stability.stages import instability
 
     cfg = tiny_config(results_root)
     settings = instability_settings(rewind_points=["0it", "5it", "10it"], alphas=5)

@@ -7,11 +7,18 @@ import pytest
 import torch
 from helpers import TINY_ARGS, tiny_config
 
-from stability.cli import main
+from stability.apps.cli import main
 from stability.hessian import HessianOperator, select_subset
-from stability.landscape import config_from_run, hessian_path, hessian_settings, hessian_track
-from stability.store import read_csv
-from stability.trunk import load_weights, prepare, train_trunk
+from stability.stages.checkpoints import load_weights
+from stability.stages.context import prepare
+from stability.stages.landscape import (
+    config_from_run,
+    hessian_path,
+    hessian_settings,
+    hessian_track,
+)
+from stability.stages.trunk import train_trunk
+from stability.store.files import read_csv
 
 
 def test_track_writes_one_row_per_checkpoint_and_matches_a_direct_probe(results_root):
@@ -47,7 +54,7 @@ def test_track_every_k_replays_missing_checkpoints_and_resumes(results_root):
     assert [r["step"] for r in track.rows] == [0, 15, 30]
     # A crash after the first point: the rerun computes only the missing ones.
     rows = read_csv(track.run_dir / "hessian.csv")
-    from stability.store import write_csv
+    from stability.store.files import write_csv
 
     write_csv(track.run_dir / "hessian.csv", rows[:1])
     again = hessian_track(cfg, settings, at=(), every="15it")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.special import ellipe
 
-from stability.metrics import (
+from stability.maths.metrics import (
     accuracy_gain,
     best_sparse,
     lts_score,

@@ -14,7 +14,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from stability.config import ModelConfig
 from stability.errors import ConfigError
-from stability.models import (
+from stability.models.build import (
     MODELS,
     MaxPool2d,
     build_model,

@@ -11,14 +11,16 @@ from helpers import tiny_config
 from test_faults import _kill_and_resume
 from torch import nn
 
-from stability import neq as neq_module
-from stability.cli import main
+from stability.apps.cli import main
 from stability.config import Config
 from stability.engine import StackedModel, TrainSpec, train_members
-from stability.flops import backward_macs, layer_costs, weight_gradient_saved
-from stability.neq import NeqTracker, choose_frozen, neq_layers, neuron_cosine, velocity
-from stability.store import read_csv, read_json
-from stability.trunk import initial_members, prepare, train_trunk
+from stability.maths.flops import backward_macs, layer_costs, weight_gradient_saved
+from stability.methods import neq as neq_module
+from stability.methods.neq import NeqTracker, choose_frozen, neq_layers, neuron_cosine, velocity
+from stability.stages.checkpoints import initial_members
+from stability.stages.context import prepare
+from stability.stages.trunk import train_trunk
+from stability.store.files import read_csv, read_json
 
 
 # ---------------------------------------------------------------- the maths, by hand

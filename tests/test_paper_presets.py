@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from helpers import TINY_ARGS
 
-from stability import data as D
-from stability.cli import main
+from stability.apps.cli import main
 from stability.config import validate
-from stability.grid import load_grid, make_plan
+from stability.data import sources as D
+from stability.grid.plan import load_grid, make_plan
 from stability.presets import PRESETS, get_preset
 from stability.steps import to_iterations
 

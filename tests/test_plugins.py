@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from stability.cli import main
+from stability.apps.cli import main
 
 PLUGIN = textwrap.dedent('''
     """A plugin of the user's: a model with layers the zoo does not use, and a dataset of its own."""
@@ -77,7 +77,7 @@ def test_a_registered_model_and_dataset_run_a_sweep_imp_and_hessian_from_the_cli
     imp = json.loads(capsys.readouterr().out)
     assert imp["tickets"]["dense_accuracy"] > 0.6  # it learned the blobs (chance is ~1/3)
     # prunable: the conv and linear weights; GroupNorm's affine parameters are not pruned
-    from stability.store import load_tensors
+    from stability.store.files import load_tensors
 
     masks, _ = load_tensors(next((tmp_path / "runs").glob("imp_*/masks/replicate_0_level_1.safetensors")))
     assert set(masks) == {"stem.weight", "depthwise.weight", "pointwise.weight", "head.weight"}
@@ -93,9 +93,9 @@ def test_registered_names_work_from_python_and_the_batched_siblings_equal_one_at
     from helpers import tiny_config
 
     from stability.engine import StackedModel
-    from stability.reference import train_siblings_reference
-    from stability.siblings import SiblingSettings, sibling_seeds, train_siblings
-    from stability.trunk import prepare
+    from stability.stages.context import prepare
+    from stability.stages.siblings import SiblingSettings, sibling_seeds, train_siblings
+    from stability.testing.reference import train_siblings_reference
 
     cfg = tiny_config(tmp_path, model__name="depthwise_gn", dataset__name="blobs", dataset__val_size="100",
                       optimizer__name="sgd", optimizer__lr="0.1")
@@ -134,9 +134,9 @@ def test_broken_or_unknown_plugins_exit_2_naming_them_and_write_nothing(tmp_path
 def test_a_torchvision_model_by_name_trains_as_batched_siblings_equal_to_one_at_a_time(tmp_path):
     from helpers import tiny_config
 
-    from stability.reference import train_siblings_reference
-    from stability.siblings import SiblingSettings, sibling_seeds, train_siblings
-    from stability.trunk import prepare
+    from stability.stages.context import prepare
+    from stability.stages.siblings import SiblingSettings, sibling_seeds, train_siblings
+    from stability.testing.reference import train_siblings_reference
 
     cfg = tiny_config(tmp_path, model__name="torchvision/mobilenet_v3_small", model__stem="cifar",
                       dataset__name="digits", dataset__val_size="100", training__steps="6it",
@@ -161,7 +161,7 @@ def test_bad_torchvision_settings_are_refused(tmp_path, overrides, match):
     from helpers import tiny_config
 
     from stability.errors import ConfigError
-    from stability.trunk import prepare
+    from stability.stages.context import prepare
 
     with pytest.raises(ConfigError, match=match):
         prepare(tiny_config(tmp_path, **{k.replace(".", "__"): v for k, v in overrides.items()}))

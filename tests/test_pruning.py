@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from stability.errors import ConfigError
-from stability.pruning import (
+from stability.maths.pruning import (
     STRATEGIES,
     apply_masks_,
     dense_masks,
@@ -395,7 +395,7 @@ def test_random_criterion_is_seeded_and_keeps_the_exact_count_and_bad_criteria_a
 
 
 def test_mask1_actions_set_the_kept_weights_as_zhou_et_al_describe():
-    from stability.pruning import MASK1_ACTIONS, mask1_start
+    from stability.maths.pruning import MASK1_ACTIONS, mask1_start
 
     g = torch.Generator().manual_seed(0)
     rewound = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(6, generator=g)}

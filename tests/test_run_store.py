@@ -6,13 +6,14 @@ from pathlib import Path
 import torch
 from helpers import tiny_config
 
-from stability import schema
 from stability.config import settings_hash
-from stability.imp import imp_settings, run_imp
-from stability.instability import instability_settings, instability_sweep
-from stability.landscape import hessian_settings, hessian_track
-from stability.store import PointTable, read_csv, read_json
-from stability.trunk import prepare, trunk_checkpoint
+from stability.stages.context import prepare
+from stability.stages.imp.run import imp_settings, run_imp
+from stability.stages.instability import instability_settings, instability_sweep
+from stability.stages.landscape import hessian_settings, hessian_track
+from stability.stages.trunk import trunk_checkpoint
+from stability.store import schema
+from stability.store.files import PointTable, read_csv, read_json
 
 
 def test_every_manifest_records_the_settings_that_reproduce_its_hash(results_root):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stability.runlock import LOCK_NAME, RunLocked, claim, holder
+from stability.store.lock import LOCK_NAME, RunLocked, claim, holder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,7 +255,7 @@ def test_a_waiter_survives_the_holder_removing_the_directory_it_created(tmp_path
     import subprocess
     import sys
 
-    from stability.store import RunDir
+    from stability.store.files import RunDir
 
     code = ("import time\nfrom stability.store import RunDir\n"
             f"with RunDir({str(tmp_path)!r}, 'siblings', 'abc').claim():\n"

@@ -9,17 +9,12 @@ import torch.nn.functional as F
 from helpers import TINY_ARGS, tiny_config
 from test_faults import _kill_and_resume
 
-from stability.cli import main
+from stability.apps.cli import main
 from stability.config import Config, ModelConfig, StrongConfig, validate
 from stability.engine import Members, StackedModel, train_members
 from stability.engine.loop import TrainSpec
 from stability.errors import ConfigError
-from stability.imp import run_imp
-from stability.models import build_model
-from stability.reference import train_reference
-from stability.schema import SWEEP
-from stability.store import read_csv
-from stability.strong import (
+from stability.methods.strong import (
     ScoredConv2d,
     ScoredLinear,
     kept_count,
@@ -29,7 +24,14 @@ from stability.strong import (
     scored_layers,
     state_masks,
 )
-from stability.trunk import load_weights, prepare, train_trunk, trunk_checkpoint
+from stability.models.build import build_model
+from stability.stages.checkpoints import load_weights
+from stability.stages.context import prepare
+from stability.stages.imp.run import run_imp
+from stability.stages.trunk import train_trunk, trunk_checkpoint
+from stability.store.files import read_csv
+from stability.store.schema import SWEEP
+from stability.testing.reference import train_reference
 
 # one torch thread: tiny models on 2 shared cores run several times faster than with two
 SGD = {"optimizer__name": "sgd", "optimizer__lr": "0.1", "optimizer__momentum": "0.9", "runtime__threads": "1"}

@@ -5,17 +5,17 @@ import pytest
 import torch
 from helpers import TINY_ARGS, tiny_config
 
-from stability.cli import main
+from stability.apps.cli import main
 from stability.config import ModelConfig
-from stability.data import permuted_pixels
+from stability.data.sources import permuted_pixels
 from stability.errors import ConfigError
-from stability.flops import backward_macs, layer_costs, weight_gradient_saved
-from stability.imp import imp_key, imp_settings, run_imp
-from stability.instability import InstabilitySettings
-from stability.models import build_model
-from stability.pruning import mask0_start, updated_fraction
-from stability.store import load_tensors, read_csv
-from stability.trunk import load_weights
+from stability.maths.flops import backward_macs, layer_costs, weight_gradient_saved
+from stability.maths.pruning import mask0_start, updated_fraction
+from stability.models.build import build_model
+from stability.stages.checkpoints import load_weights
+from stability.stages.imp.run import imp_key, imp_settings, run_imp
+from stability.stages.instability import InstabilitySettings
+from stability.store.files import load_tensors, read_csv
 
 
 def _masks(run_dir, level, replicate=0):
@@ -93,7 +93,7 @@ def test_freeze_keeps_removed_weights_bit_identical_to_their_rewound_values(froz
 
 
 def tiny_trunk(cfg):
-    from stability.trunk import trunk_dir
+    from stability.stages.trunk import trunk_dir
 
     return trunk_dir(cfg)
 
@@ -206,7 +206,7 @@ def test_transfer_trains_another_runs_masks_and_says_where_they_came_from(tmp_pa
 
 def test_permuted_task_is_mnist5k_with_its_pixels_in_one_fixed_order(tmp_path):
     from stability.config import DatasetConfig
-    from stability.data import load_dataset
+    from stability.data.sources import load_dataset
 
     plain, permuted = load_dataset(DatasetConfig()), load_dataset(DatasetConfig(name="mnist5k_permuted"))
     order = torch.as_tensor(permuted_pixels())
@@ -260,7 +260,7 @@ def test_supermask_accuracy_is_the_masked_untrained_network_evaluated_directly(t
     import analysis
     from analysis.figures import plot_supermask
     from stability.engine import StackedModel
-    from stability.trunk import prepare
+    from stability.stages.context import prepare
 
     cfg = tiny_config(tmp_path)
     result = run_imp(cfg, imp_settings(levels=2, rewind="5it", supermask=True))

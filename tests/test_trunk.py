@@ -12,8 +12,10 @@ import torch
 from helpers import TINY_ARGS, tiny_config
 
 from stability.errors import CheckpointError, ConfigError
-from stability.store import load_tensors, read_csv
-from stability.trunk import load_weights, prepare, train_trunk, trunk_dir
+from stability.stages.checkpoints import load_weights
+from stability.stages.context import prepare
+from stability.stages.trunk import train_trunk, trunk_dir
+from stability.store.files import load_tensors, read_csv
 
 
 def _weights(run_dir, step):
@@ -77,7 +79,7 @@ def test_resume_from_intermediate_state_is_bit_identical(tmp_path):
     run = trunk_dir(cfg)
     # Simulate a crash after step 15: keep only the state of step 15, drop later files.
     ctx = prepare(cfg)
-    from stability.trunk import produce_checkpoints
+    from stability.stages.trunk import produce_checkpoints
 
     for step in (10, 30):
         (run / "checkpoints" / f"step_{step}.safetensors").unlink()
@@ -94,7 +96,7 @@ def test_resume_from_intermediate_state_is_bit_identical(tmp_path):
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path):
     args = ["--set=training.steps=400it", "--set=training.checkpoint_every=10it", "--set=training.eval_every=100it"]
-    cmd = [sys.executable, "-m", "stability.cli", "train", "--preset", "lenet300_mnist5k", *TINY_ARGS, *args,
+    cmd = [sys.executable, "-m", "stability.apps.cli", "train", "--preset", "lenet300_mnist5k", *TINY_ARGS, *args,
            "--threads", "1", "--quiet"]
     ref = subprocess.run(cmd + ["--out", str(tmp_path / "ref"), "--json"], capture_output=True, text=True, check=True)
     ref_dir = json.loads(ref.stdout)["run_dir"]
@@ -135,7 +137,7 @@ def test_truncated_checkpoint_is_a_clear_error(results_root):
 
 
 def test_checkpoint_of_another_model_is_rejected(tmp_path):
-    from stability.trunk import load_members
+    from stability.stages.checkpoints import load_members
 
     small = train_trunk(tiny_config(tmp_path / "a"))
     ctx = prepare(tiny_config(tmp_path / "b", model__width="0.2"))

@@ -1,0 +1,1 @@
+"""The applications over the library: the ``stability`` CLI, ``stability plot`` and ``make demo``."""

@@ -1,0 +1,1 @@
+"""Pure functions, no disk: interpolation and barriers, pruning, metrics, FLOP counts, health checks."""

@@ -1,0 +1,1 @@
+"""How a run trains its weights: the training methods (strong tickets, NEq)."""

@@ -1,0 +1,1 @@
+"""Architectures, their construction and initialization, and the model registry."""

@@ -1,0 +1,204 @@
+"""``stability connect``: the interpolation barrier between any two trained networks, aligned or not.
+
+A network is a finished trunk run (``train_<hash>``: its final weights) or a level of an IMP run
+(``imp_<hash>/replicate_<r>/level_<l>``: the IMP ticket trained at that level, with its mask). The two
+must share the architecture and the dataset. Sparse networks are compared with their masks: aligning
+two networks whose masks differ is refused unless asked for (``allow_different_masks``), since the
+interpolated network then has neither network's sparsity pattern.
+
+Results (in ``results_root/connect_<hash>/``): ``curves.csv`` (pair ``a-b``) and ``connect.json``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import STRONG_METHODS, Config, from_dict, settings_from_table, settings_hash
+from ..engine import Members, StackedModel
+from ..errors import ConfigError
+from ..maths.health import DEFAULT_CHANCE_MARGIN, chance_error
+from ..maths.interpolation import ALIGN_METHODS, CurveSettings, curve_rows
+from ..store.files import RunDir, load_tensors, read_record, write_csv, write_json
+from ..store.schema import (
+    CONNECT,
+    CONNECT_SUMMARY,
+    CURVE_COLUMNS,
+    CURVES,
+    FINAL_STATE,
+    IMP,
+    MANIFEST,
+    TRAIN,
+    mask_name,
+)
+from .checkpoints import load_members, load_weights
+from .context import prepare
+from .instability import SPLITS, flag_curves, pair_barriers
+
+
+@dataclass(frozen=True)
+class ConnectSettings:
+    """How the path between the two networks is measured."""
+
+    align: str = "none"  # none | weights | activations
+    repair: bool = False
+    alphas: int = 30
+    splits: tuple[str, ...] = ("test",)
+    bn: str = "interpolate"
+    align_examples: int = 1000
+    align_seed: int = 0
+    allow_different_masks: bool = False
+
+    def curve_settings(self, eval_batch_size: int = 1000) -> CurveSettings:
+        return CurveSettings(self.alphas, (), self.bn, eval_batch_size=eval_batch_size, align=self.align,
+                             repair=self.repair, align_examples=self.align_examples, align_seed=self.align_seed)
+
+    def validate(self) -> ConnectSettings:
+        if self.align not in ALIGN_METHODS:
+            raise ConfigError(f"connect.align: unknown method {self.align!r}; choose one of {', '.join(ALIGN_METHODS)}")
+        self.curve_settings().validate()
+        if not self.splits or any(s not in SPLITS for s in self.splits):
+            raise ConfigError(f"connect.splits: unknown split in {list(self.splits)}; choose from {', '.join(SPLITS)}")
+        return self
+
+
+def connect_settings(table: Mapping[str, Any] | None = None, **overrides: Any) -> ConnectSettings:
+    """Settings from a table and keyword overrides (None = not given), with clear errors."""
+    return settings_from_table(ConnectSettings, "connect", table, **overrides)
+
+
+@dataclass
+class Network:
+    """One end of the path: its settings, weights, mask (None = dense) and where it came from."""
+
+    cfg: Config
+    state: dict[str, Tensor]
+    masks: dict[str, Tensor] | None
+    source: str
+
+
+@dataclass
+class ConnectResult:
+    """Barriers (per split) between two networks, and their curve."""
+
+    run_dir: Path
+    barriers: dict[str, float]
+    loss_barriers: dict[str, float]
+    curves: list[dict[str, Any]] = field(repr=False)
+    summary: dict[str, Any] = field(repr=False)
+
+
+def _manifest(path: Path, kind: str) -> dict[str, Any]:
+    manifest = read_record(path / MANIFEST)
+    if manifest is None or manifest.get("kind") != kind:
+        raise ConfigError(f"RUN: {str(path)!r} is not a {kind} run directory (no readable {MANIFEST} of kind {kind!r})")
+    if manifest.get("status") != "complete":
+        raise ConfigError(f"RUN: {str(path)!r} is not finished (status {manifest.get('status')!r}); run it to the end first")
+    return manifest
+
+
+def load_network(path: str | Path, results_root: str | None = None) -> Network:
+    """A finished trunk run directory or an IMP level directory, as a Network (ConfigError otherwise)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"RUN: {str(path)!r} is not a directory; give a train_<hash> run directory or an "
+                          f"imp_<hash>/replicate_<r>/level_<l> directory")
+    if path.name.startswith(f"{TRAIN}_"):
+        manifest = _manifest(path, TRAIN)
+        cfg = from_dict(manifest["config"])
+        state = load_weights(path, int(manifest["final_step"]))
+        return Network(_rooted(cfg, results_root or str(path.parent)), state, None, str(path))
+    imp_dir = path.parent.parent
+    if path.name.startswith("level_") and path.parent.name.startswith("replicate_") and imp_dir.name.startswith(f"{IMP}_"):
+        manifest = _manifest(imp_dir, IMP)
+        cfg = _rooted(from_dict(manifest["config"]["training"]), results_root or str(imp_dir.parent))
+        replicate, level = int(path.parent.name.split("_")[1]), int(path.name.split("_")[1])
+        ctx = prepare(cfg)
+        state = load_members(path / FINAL_STATE, ctx).member_state_dict(0)  # member 0: the IMP ticket
+        masks = None
+        if level > 0:
+            masks, _ = load_tensors(imp_dir / mask_name(replicate, level))
+        return Network(cfg, {k: v.cpu() for k, v in state.items()}, masks, str(path))
+    raise ConfigError(f"RUN: {str(path)!r} is neither a train_<hash> run directory nor an "
+                      f"imp_<hash>/replicate_<r>/level_<l> directory")
+
+
+def _comparable(section: Any) -> Any:
+    return replace(section, dropout=0.0) if hasattr(section, "dropout") else section
+
+
+def _rooted(cfg: Config, root: str) -> Config:
+    return cfg.with_overrides({"runtime.results_root": root})
+
+
+def _same_masks(a: Mapping[str, Tensor] | None, b: Mapping[str, Tensor] | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.keys() == b.keys() and all(torch.equal(a[k].bool(), b[k].bool()) for k in a)
+
+
+def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = ConnectSettings(), *,
+            results_root: str | None = None) -> ConnectResult:
+    """The interpolation curve and barrier from network A to network B (B aligned to A when asked)."""
+    settings.validate()
+    t0 = time.perf_counter()
+    a, b = load_network(path_a, results_root), load_network(path_b, results_root)
+    for section in ("model", "dataset"):
+        # dropout has no parameters: networks trained with and without it have the same architecture
+        if _comparable(getattr(a.cfg, section)) != _comparable(getattr(b.cfg, section)):
+            raise ConfigError(f"RUN: the two networks differ in [{section}] ({getattr(a.cfg, section)} vs "
+                              f"{getattr(b.cfg, section)}); only networks of the same architecture on the same data connect")
+    methods = {a.cfg.training.method, b.cfg.training.method}
+    if methods & set(STRONG_METHODS):
+        # strong tickets: only the scores are interpolated, so both must sit on the same frozen weights
+        frozen = [k for k in a.state if k.endswith((".weight", ".bias"))]  # buffers in a strong model
+        if (len(methods) > 1 or a.cfg.strong != b.cfg.strong or settings.curve_settings().aligned
+                or any(k not in b.state or not torch.equal(a.state[k], b.state[k]) for k in frozen)):
+            raise ConfigError("RUN: strong tickets (edgepopup, supermask) connect only to strong tickets of the same "
+                              "method and [strong] settings over the same frozen weights (the same init seed), "
+                              "without alignment or REPAIR; these two differ")
+    if settings.align != "none" and not settings.allow_different_masks and not _same_masks(a.masks, b.masks):
+        raise ConfigError("connect.align: the two networks have different masks, so the aligned interpolation "
+                              "has neither's sparsity pattern; pass --allow-different-masks to align them anyway")
+    cfg = a.cfg  # rooted at results_root (when given) by load_network
+    ctx = prepare(cfg)
+    sm = StackedModel(ctx.model)
+    key = {"a": _digest(a.state), "b": _digest(b.state), "masks": [_digest(a.masks), _digest(b.masks)],
+           "model": asdict(cfg.model), "dataset": cfg.dataset.name,
+           **{k: v for k, v in asdict(settings).items() if k != "allow_different_masks"}}
+    run = RunDir(cfg.runtime.results_root, CONNECT, settings_hash(key))
+    curve_settings = settings.curve_settings(cfg.runtime.eval_batch_size)
+    # the two networks as the two members of a sweep point: measured as a sweep measures its siblings
+    members = Members.from_model_states([a.state, b.state], sm.param_names, 0, [0, 0], [0, 0], ctx.device)
+    with run.claim():
+        run.start({"connect": asdict(settings), "a": a.source, "b": b.source}, key, {})
+        rows = curve_rows(sm, members, settings.splits, ctx.data, curve_settings, rewind_step="")
+        for row in rows:
+            row["pair"] = "a-b"
+        flag_curves(rows, {s: chance_error(ctx.data.split(s)[1]) for s in settings.splits}, DEFAULT_CHANCE_MARGIN)
+        untrained = [s for s in settings.splits if any(r["flag"] for r in rows if r["split"] == s)]
+        by_pair = pair_barriers(rows)
+        barriers = {s: by_pair["", s, "a-b"][0] for s in settings.splits}
+        loss_barriers = {s: by_pair["", s, "a-b"][1] for s in settings.splits}
+        summary = {"a": a.source, "b": b.source, "settings": asdict(settings), "alignment":
+                   curve_settings.alignment(), "barrier": barriers,
+                   "loss_barrier": loss_barriers, "untrained": untrained, "sparse": a.masks is not None,
+                   "seconds": round(time.perf_counter() - t0, 3)}
+        write_csv(run / CURVES, rows, CURVE_COLUMNS)
+        write_json(run / CONNECT_SUMMARY, summary)
+        run.update(status="complete")
+    return ConnectResult(run.path, barriers, loss_barriers, rows, summary)
+
+
+def _digest(tensors: Mapping[str, Tensor] | None) -> str | None:
+    from ..store.files import tensors_digest
+
+    return tensors_digest(dict(tensors))[:16] if tensors is not None else None
+
+
+__all__ = ["ConnectResult", "ConnectSettings", "Network", "connect", "connect_settings", "load_network"]

@@ -1,0 +1,527 @@
+"""Early-bird tickets (You et al. 2020, "Drawing early-bird tickets", ICLR): a ticket drawn early in training.
+
+**Masks along training.** At every *mask point* of the dense trunk (step 0, every ``every`` iterations,
+and the final step; ``every`` defaults to ``training.eval_every``) the mask that pruning to ``density``
+would choose is computed from the trunk's weights at that step:
+
+- ``magnitude`` (unstructured): global magnitude pruning over every prunable weight (conv and linear
+  weights; ``stability.pruning.prune``, strategy ``global``): the ``round((1 - density) * n)`` smallest
+  |w| are removed, ties broken by position.
+- ``channel`` (the paper's masks, models with BatchNorm): the BatchNorm scaling factors |γ| of all
+  BatchNorm layers ranked together (one global threshold, as the paper's network slimming): the
+  ``round((1 - density) * C)`` channels with the smallest |γ| are removed, ties broken by position. (The
+  authors' code removes every channel with |γ| <= the value at index ``int(C * ratio)`` of the sorted
+  factors, one channel more than the ratio plus ties; here the count is exact.) ``density`` is the
+  fraction of BatchNorm channels kept; 1 - density is the paper's channel pruning ratio.
+
+**Distance.** The normalized Hamming distance between two masks: the fraction of positions (prunable
+weights; for channel masks, BatchNorm channels) whose 0/1 differs. Every pair of mask points is
+measured (the paper's Figure 2 heat map).
+
+**Detection.** Rule ``consecutive`` is the paper's (Algorithm 1: a FIFO queue Q of length l receives
+the distance between the current and the last mask at every point; stop when max(Q) < ε), in the words
+of the authors' README: "we measure the mask distance [between] consecutive epochs ... we will stop to
+draw EB tickets when the last five recorded mask distances are all smaller than given threshold". Here
+the queue holds the last l = ``window`` distances between neighbouring mask points, and the early-bird
+step is the first mask point at which the queue is full and its largest distance is below ``threshold``
+(ε = 0.1 and l = 5 in the paper; the paper's text itself could not be opened where this was written, the
+README and code of GATECH-EIC/Early-Bird-Tickets were). Rule ``latest`` is what the authors' released code does instead
+(``EarlyBird.cal_dist`` in main.py of GATECH-EIC/Early-Bird-Tickets): it keeps the last ``window + 1``
+masks and compares the newest one with each of the ``window`` earlier ones; their ``epoch_keep = 5``
+masks are ``window = 4`` here. Both rules fire when every distance in the window is strictly below the
+threshold (the released code accepts equality); both need ``window + 1`` mask points before they can fire.
+
+**Exactly the masks of training.** A trunk checkpoint is bit-identical to the state the uninterrupted
+run had at that step (exact resume, see ``stability.stages.trunk``), so the masks computed here from the
+checkpoints at the mask points are exactly the masks a hook inside the training loop would compute at
+those steps; the suite trains the trunk with a checkpoint at every mask point (or replays the ones a
+finished trunk lacks) and computes the masks from them.
+
+**The ticket.** The mask drawn at the detected step is applied to the weights at the rewind step
+(IMP's convention: step 0 by default, any step before the end like ``500it``; kept weights rewound,
+optimizer state fresh, the trunk's data order) and the sparse network is trained to the final step as a
+masked branch (``siblings.train_branch``: resumable, pruned coordinates held at zero with their
+gradients and momentum). A channel mask is applied as a weight mask: each removed channel zeroes the
+filter (and bias) of the convolution or linear layer that feeds its BatchNorm and that BatchNorm's γ and
+β, so the channel's output is exactly zero, as if it were removed. (The ticket's ``weight_density``
+counts the prunable weights its mask keeps; the weights of the next layer that read a removed
+channel's zeros are not masked and count as kept, so a physically slimmed network is smaller still,
+and ``channel_density`` is the kept fraction of channels.) When detection never fires no ticket
+is trained: the run is complete, its summary says ``detected_step: null``, and nothing pretends otherwise.
+
+**Cost against IMP** (iterations, T the final step, k the rewind step, t* the early-bird step): the
+early-bird ticket needs the trunk up to max(t*, k) plus one training of the ticket from k to T. IMP to
+the same density with prune fraction p needs L = ceil(log(density) / log(1 - p)) levels: the dense
+training (T) plus L trainings from k to T. ``prune_fraction`` only sizes this comparison; it does not
+name the run (a rerun with another value rewrites that part of the summary).
+
+Results in ``results_root/earlybird_<hash>/`` (hash of the trunk's and these settings): ``points.csv``,
+``distances.csv``, ``earlybird.json``, ``mask.safetensors`` and ``ticket_<mask digest>/``.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config, settings_from_table, settings_hash
+from ..engine import Members
+from ..errors import ConfigError, RecordError, TrainingDiverged
+from ..maths.health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
+from ..maths.pruning import PRUNABLE_MODULES, Masks, dense_masks, prunable_names, prune
+from ..models.build import has_batchnorm
+from ..steps import Step, format_step, to_iterations
+from ..store.files import RunDir, read_csv, read_json, save_tensors, write_csv, write_json
+from ..store.schema import (
+    EARLYBIRD,
+    EARLYBIRD_DISTANCE_COLUMNS,
+    EARLYBIRD_DISTANCES,
+    EARLYBIRD_MASK,
+    EARLYBIRD_POINT_COLUMNS,
+    EARLYBIRD_POINTS,
+    EARLYBIRD_SUMMARY,
+    EARLYBIRD_TICKET,
+    METRICS,
+)
+from .context import Context, prepare
+from .siblings import mask_digest, train_branch
+from .training import early_stop
+from .trunk import train_trunk, trunk_checkpoint
+
+MASK_KINDS = ("magnitude", "channel")
+RULES = ("consecutive", "latest")
+# Column blocks of at most 2**22 positions: 0/1 sums in float32 stay exact (below 2**24).
+_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class EarlybirdSettings:
+    """How early-bird tickets are searched for and trained."""
+
+    mask: str = "magnitude"  # magnitude (global |w| over prunable weights) | channel (BatchNorm |gamma|)
+    density: float = 0.5  # kept fraction: of prunable weights (magnitude) or of BatchNorm channels (channel)
+    threshold: float = 0.1  # epsilon: fires when every distance in the window is below this
+    window: int = 5  # l: distances in the FIFO queue
+    rule: str = "consecutive"  # consecutive (the paper's Algorithm 1) | latest (the authors' released code)
+    every: str = ""  # mask-point cadence, a step like "50it"; "" = training.eval_every
+    rewind: str = "0"  # the ticket's start: a step before the end (IMP's convention)
+    prune_fraction: float = 0.2  # IMP's per-level fraction, for the cost comparison only
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> EarlybirdSettings:
+        if self.mask not in MASK_KINDS:
+            raise ConfigError(f"earlybird.mask: unknown mask kind {self.mask!r}; choose one of {', '.join(MASK_KINDS)}")
+        if _not_number(self.density) or not 0 < self.density < 1:
+            raise ConfigError(f"earlybird.density: must be in (0, 1) (the kept fraction), got {self.density!r}")
+        if _not_number(self.threshold) or not 0 < self.threshold <= 1:
+            raise ConfigError(f"earlybird.threshold: must be in (0, 1] (a fraction of positions), got "
+                              f"{self.threshold!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 2:
+            raise ConfigError(f"earlybird.window: must be an integer >= 2 (distances in the queue), got "
+                              f"{self.window!r}")
+        if self.rule not in RULES:
+            raise ConfigError(f"earlybird.rule: unknown rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        if _not_number(self.prune_fraction) or not 0 < self.prune_fraction < 1:
+            raise ConfigError(f"earlybird.prune_fraction: must be in (0, 1), got {self.prune_fraction!r}")
+        if self.every:
+            Step.parse(self.every, "earlybird.every")
+        Step.parse(self.rewind, "earlybird.rewind")
+        return self
+
+
+def _not_number(value: Any) -> bool:
+    return isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
+
+
+def earlybird_settings(table: Mapping[str, Any] | None = None, **overrides: Any) -> EarlybirdSettings:
+    """Settings from a table (``{"density": 0.2, ...}``) plus keyword overrides (None = not given)."""
+    return settings_from_table(EarlybirdSettings, "earlybird", table, **overrides)
+
+
+# ---------------------------------------------------------------- masks and distances (pure)
+def magnitude_masks(weights: Mapping[str, Tensor], names: Sequence[str], density: float) -> Masks:
+    """Global magnitude masks over ``names`` keeping ``density`` of their weights (``pruning.prune``)."""
+    return prune(weights, dense_masks(weights, names), 1.0 - density, "global")
+
+
+def batchnorm_layers(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, str | None]]:
+    """(BatchNorm module, the conv or linear layer whose output it normalizes, or None), in model order.
+
+    Found by one forward pass in eval mode on zeros: a BatchNorm feeds on a layer when its input is
+    that layer's output tensor. BatchNorms without affine parameters are left out (they have no γ).
+    """
+    bns = [(n, m) for n, m in model.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    if not bns:
+        return []
+    outputs: list[tuple[Tensor, str]] = []
+    feeds: dict[str, str | None] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_MODULES):
+            handles.append(module.register_forward_hook(
+                lambda _m, _inp, out, name=name: outputs.append((out, name))))
+
+    def fed_by(name: str, inp: tuple[Tensor, ...]) -> None:  # a pre-hook that returned a value would replace inp
+        feeds.setdefault(name, next((c for t, c in outputs if t is inp[0]), None))
+
+    for name, module in bns:
+        handles.append(module.register_forward_pre_hook(lambda _m, inp, name=name: fed_by(name, inp)))
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    out = []
+    for name, bn in bns:
+        conv = feeds.get(name)
+        if conv is not None and modules[conv].weight.shape[0] != bn.weight.shape[0]:
+            conv = None  # not channel for channel (never seen in the suite's models)
+        out.append((name, conv))
+    return out
+
+
+def channel_keep(weights: Mapping[str, Tensor], layers: Sequence[tuple[str, str | None]], density: float) -> Tensor:
+    """Kept BatchNorm channels (bool, all layers concatenated in order): the largest |γ| overall.
+
+    ``round((1 - density) * C)`` channels (half up) with the smallest |γ| are removed; ties go by position.
+    """
+    if not layers:
+        raise ConfigError("earlybird.mask: 'channel' needs BatchNorm layers with scaling factors")
+    gammas = torch.cat([weights[f"{bn}.weight"].detach().reshape(-1).abs().double().cpu() for bn, _ in layers])
+    total = gammas.numel()
+    removed = min(total, max(0, math.floor((1.0 - density) * total + 0.5)))
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[torch.sort(gammas, stable=True).indices[:removed]] = False
+    return keep
+
+
+def channel_masks(keep: Tensor, layers: Sequence[tuple[str, str | None]], weights: Mapping[str, Tensor]) -> Masks:
+    """A channel mask as weight masks: γ, β of each removed channel and the filter (and bias) feeding it."""
+    out: Masks = {}
+    offset = 0
+    for bn, conv in layers:
+        gamma = weights[f"{bn}.weight"]
+        k = keep[offset:offset + gamma.numel()].to(torch.float32)
+        offset += gamma.numel()
+        out[f"{bn}.weight"] = k.clone()
+        if f"{bn}.bias" in weights:
+            out[f"{bn}.bias"] = k.clone()
+        if conv is None:
+            continue
+        w = weights[f"{conv}.weight"]
+        rows = k.view(-1, *([1] * (w.dim() - 1))).expand(w.shape)
+        out[f"{conv}.weight"] = rows.clone() * out.get(f"{conv}.weight", torch.ones(w.shape))
+        if f"{conv}.bias" in weights:
+            out[f"{conv}.bias"] = k.clone()
+    return out
+
+
+def flat_mask(masks: Mapping[str, Tensor]) -> Tensor:
+    """Every mask tensor flattened and concatenated in key order (bool)."""
+    return torch.cat([m.detach().reshape(-1).cpu() != 0 for m in masks.values()])
+
+
+def hamming_distance(a: Tensor | Mapping[str, Tensor], b: Tensor | Mapping[str, Tensor]) -> float:
+    """Fraction of positions whose 0/1 differs between two masks (tensors, or mask sets with the same keys)."""
+    fa = flat_mask(a) if isinstance(a, Mapping) else a.detach().reshape(-1).cpu() != 0
+    fb = flat_mask(b) if isinstance(b, Mapping) else b.detach().reshape(-1).cpu() != 0
+    if fa.shape != fb.shape or fa.numel() == 0:
+        raise ValueError(f"masks of {fa.numel()} and {fb.numel()} positions cannot be compared")
+    return int((fa != fb).sum()) / fa.numel()
+
+
+def distance_matrix(masks: Sequence[Tensor]) -> Tensor:
+    """Normalized Hamming distance between every pair of flat masks: a float64 ``[P, P]`` matrix (exact counts)."""
+    m = torch.stack([x.detach().reshape(-1).cpu() != 0 for x in masks])
+    n = m.shape[1]
+    counts = torch.zeros(len(masks), len(masks), dtype=torch.int64)
+    for start in range(0, n, _CHUNK):
+        block = m[:, start:start + _CHUNK].to(torch.float32)
+        ones = block.sum(1)
+        both = block @ block.T
+        # |a xor b| = |a| + |b| - 2 |a and b|
+        counts += (ones[:, None] + ones[None, :] - 2 * both).round().to(torch.int64)
+    return counts.double() / n
+
+
+def window_maxima(distances: Tensor, window: int, rule: str = "consecutive") -> list[float | None]:
+    """At each mask point, the largest distance in its detection window (None until the window is full).
+
+    ``consecutive``: the last ``window`` distances between neighbouring masks (``D[j, j-1]``, j = i-window+1..i);
+    ``latest``: the distances from mask i to each of the ``window`` masks before it (``D[i, j]``).
+    """
+    if rule not in RULES:
+        raise ConfigError(f"earlybird.rule: unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    d = distances.tolist()
+    out: list[float | None] = []
+    for i in range(len(d)):
+        if i < window:
+            out.append(None)
+        elif rule == "consecutive":
+            out.append(max(d[j][j - 1] for j in range(i - window + 1, i + 1)))
+        else:
+            out.append(max(d[i][j] for j in range(i - window, i)))
+    return out
+
+
+def detect(distances: Tensor, threshold: float, window: int, rule: str = "consecutive") -> int | None:
+    """Index of the first mask point whose window maximum is below ``threshold`` (None: never)."""
+    for i, top in enumerate(window_maxima(distances, window, rule)):
+        if top is not None and top < threshold:
+            return i
+    return None
+
+
+def imp_levels_for(density: float, prune_fraction: float) -> int:
+    """IMP levels to reach ``density`` at ``prune_fraction`` per level: ceil(log(density) / log(1 - p))."""
+    exact = math.log(density) / math.log(1.0 - prune_fraction)
+    return max(1, math.ceil(exact - 1e-9))  # 0.8^2 = 0.64 is two levels, not three by round-off
+
+
+def training_cost(detected_step: int, rewind_step: int, total_steps: int, density: float,
+                  prune_fraction: float) -> dict[str, Any]:
+    """Iterations of the early-bird ticket (trunk to max(t*, k), ticket k..T) and of IMP to the same density."""
+    ticket = total_steps - rewind_step
+    search = max(detected_step, rewind_step)
+    levels = imp_levels_for(density, prune_fraction)
+    eb, imp = search + ticket, total_steps + levels * ticket
+    return {"prune_fraction": prune_fraction, "early_bird_iterations": eb, "search_iterations": search,
+            "ticket_iterations": ticket, "imp_levels": levels, "imp_density": (1.0 - prune_fraction) ** levels,
+            "imp_iterations": imp, "early_bird_trainings": eb / total_steps, "imp_trainings": imp / total_steps,
+            "imp_over_early_bird": imp / eb}
+
+
+# ---------------------------------------------------------------- the driver
+@dataclass
+class EarlybirdResult:
+    """An early-bird search (and its ticket, when detection fired)."""
+
+    run_dir: Path
+    detected_step: int | None
+    steps: list[int]
+    points: list[dict[str, Any]] = field(repr=False)
+    distances: list[list[float]] = field(repr=False)
+    summary: dict[str, Any] = field(repr=False)
+    reused: bool = False
+
+    def dataframe(self):
+        """points.csv as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.points)
+
+
+@dataclass
+class _Plan:
+    points: list[int]
+    rewind_step: int
+    every: int
+    names: list[str]  # magnitude: the prunable weights
+    layers: list[tuple[str, str | None]]  # channel: (BatchNorm, feeding layer)
+
+
+def _plan(ctx: Context, settings: EarlybirdSettings) -> _Plan:
+    """Mask points, rewind step and what is masked; every setting that needs the model is checked here."""
+    T = ctx.total_steps
+    every = to_iterations(settings.every or ctx.cfg.training.eval_every, ctx.ipe,
+                          "earlybird.every" if settings.every else "training.eval_every")
+    if every < 1:
+        raise ConfigError(f"earlybird.every: must be at least 1 iteration, got {settings.every!r}")
+    points = sorted({*range(0, T, every), T})
+    if len(points) < settings.window + 1:
+        raise ConfigError(f"earlybird.window: {settings.window} distances need at least {settings.window + 1} mask "
+                          f"points, but every {every}it up to the final step {T}it gives {len(points)}; lower "
+                          "earlybird.every or the window")
+    rewind = to_iterations(settings.rewind, ctx.ipe, "earlybird.rewind")
+    if rewind >= T:
+        raise ConfigError(f"earlybird.rewind: step {settings.rewind!r} = iteration {rewind} is at or past the final "
+                          f"step {T}; rewind to an earlier step")
+    names: list[str] = []
+    layers: list[tuple[str, str | None]] = []
+    if settings.mask == "magnitude":
+        names = prunable_names(ctx.model)
+        if not names:
+            raise ConfigError(f"earlybird.mask: model {ctx.cfg.model.name!r} has no prunable weights for "
+                              "'magnitude' masks")
+    else:
+        layers = batchnorm_layers(ctx.new_model(), ctx.data.input_shape) if has_batchnorm(ctx.model) else []
+        if not layers:
+            raise ConfigError(f"earlybird.mask: 'channel' masks come from BatchNorm scaling factors, and model "
+                              f"{ctx.cfg.model.name!r} has no BatchNorm with them; choose one of "
+                              f"{', '.join(MASK_KINDS)} ('magnitude' fits any model)")
+    return _Plan(points, rewind, every, names, layers)
+
+
+def earlybird_key(cfg: Config, settings: EarlybirdSettings, plan: _Plan) -> dict[str, Any]:
+    """The settings that name an early-bird run: the trunk and the resolved steps (not the IMP comparison)."""
+    return {"trunk": cfg.run_hash(),
+            "earlybird": {"mask": settings.mask, "density": settings.density, "threshold": settings.threshold,
+                          "window": settings.window, "rule": settings.rule, "every": plan.every,
+                          "rewind_step": plan.rewind_step}}
+
+
+def _point_masks(state: Mapping[str, Tensor], settings: EarlybirdSettings, plan: _Plan) -> tuple[Tensor, Masks]:
+    """(the flat mask whose distances are measured, the weight masks that train it) at one point."""
+    if settings.mask == "magnitude":
+        masks = magnitude_masks(state, plan.names, settings.density)
+        return flat_mask(masks), masks
+    keep = channel_keep(state, plan.layers, settings.density)
+    return keep, channel_masks(keep, plan.layers, state)
+
+
+def run_earlybird(cfg: Config, settings: EarlybirdSettings = EarlybirdSettings(), *,
+                  ctx: Context | None = None) -> EarlybirdResult:
+    """Search for (or reuse) the early-bird step of the trunk of ``cfg`` and train its ticket.
+
+    Bad settings raise ConfigError before anything is written. A run whose ticket diverged raises
+    TrainingDiverged, now and on every rerun.
+    """
+    settings.validate()
+    if cfg.training.method != "standard":
+        raise ConfigError(f"training.method: early-bird tickets are drawn from a network whose weights train; "
+                          f"{cfg.training.method!r} is not available here; use training.method = standard")
+    ctx = ctx or prepare(cfg)
+    plan = _plan(ctx, settings)
+    key = earlybird_key(cfg, settings, plan)
+    run = RunDir(cfg.runtime.results_root, EARLYBIRD, settings_hash(key))
+    t0 = time.perf_counter()
+    with run.claim():
+        status = run.status()
+        if status == "diverged":
+            raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
+        if status == "complete":
+            try:
+                result = _load(run, settings, ctx.total_steps)
+                run.check_reuse(cfg.runtime.accept_other_versions)
+                return result
+            except (RecordError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
+                print(f"warning: finished early-bird run {run.path.name} cannot be read back ({exc}); computing it "
+                      "again", file=sys.stderr)
+        trunk = train_trunk(cfg, extra_checkpoints=plan.points, ctx=ctx)
+        run.start({"training": cfg.to_dict(), "earlybird": asdict(settings)}, key,
+                  {"final_step": ctx.total_steps, "trunk": str(trunk.run_dir)})
+        flats, kept = [], []
+        for step in plan.points:
+            flat, _ = _point_masks(trunk_checkpoint(ctx, step).member_state_dict(0), settings, plan)
+            flats.append(flat)
+            kept.append(int(flat.sum()))
+        matrix = distance_matrix(flats)
+        found = detect(matrix, settings.threshold, settings.window, settings.rule)
+        maxima = window_maxima(matrix, settings.window, settings.rule)
+        points = [{"step": s, "distance_previous": float(matrix[i, i - 1]) if i else "",
+                   "window_max": "" if maxima[i] is None else maxima[i],
+                   "below_threshold": maxima[i] is not None and maxima[i] < settings.threshold,
+                   "detected": i == found, "kept": kept[i], "total": int(flats[i].numel())}
+                  for i, s in enumerate(plan.points)]
+        write_csv(run / EARLYBIRD_POINTS, points, EARLYBIRD_POINT_COLUMNS)
+        write_csv(run / EARLYBIRD_DISTANCES, [{"step_a": a, "step_b": b, "distance": float(matrix[i, j])}
+                                              for i, a in enumerate(plan.points) for j, b in enumerate(plan.points)],
+                  EARLYBIRD_DISTANCE_COLUMNS)
+        dense = trunk.final
+        summary: dict[str, Any] = {
+            "detected": found is not None, "detected_step": None if found is None else plan.points[found],
+            "mask": settings.mask, "target_density": settings.density, "threshold": settings.threshold,
+            "window": settings.window, "rule": settings.rule, "every": plan.every, "points": plan.points,
+            "final_step": ctx.total_steps, "rewind_step": plan.rewind_step,
+            "dense_final_test_accuracy": 1 - dense["test_error"], "trunk_dir": str(trunk.run_dir),
+            "settings": asdict(settings), "config": cfg.to_dict()}
+        if found is None:
+            kept_max = [m for m in maxima if m is not None]
+            summary["note"] = (f"no early-bird ticket: the largest of the last {settings.window} mask distances "
+                               f"({settings.rule}) never fell below {settings.threshold} at any of "
+                               f"{len(plan.points)} mask points (smallest window maximum "
+                               f"{min(kept_max):.4f}); no ticket was trained")
+            summary["ticket"] = None
+            summary["cost"] = None
+        else:
+            summary["ticket"] = _train_ticket(ctx, run, plan, settings, plan.points[found])
+            summary["cost"] = training_cost(plan.points[found], plan.rewind_step, ctx.total_steps, settings.density,
+                                            settings.prune_fraction)
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        summary["run_dir"] = str(run.path)
+        write_json(run / EARLYBIRD_SUMMARY, summary)
+        run.update(status="complete")
+    return EarlybirdResult(run.path, summary["detected_step"], plan.points, points, matrix.tolist(), summary)
+
+
+def _train_ticket(ctx: Context, run: RunDir, plan: _Plan, settings: EarlybirdSettings, step: int) -> dict[str, Any]:
+    """Prune at ``step``, rewind to the rewind step and train to the end; the ticket's record."""
+    _, masks = _point_masks(trunk_checkpoint(ctx, step).member_state_dict(0), settings, plan)
+    save_tensors(run / EARLYBIRD_MASK, masks, {"step": step, "mask": settings.mask, "density": settings.density})
+    rewind = trunk_checkpoint(ctx, plan.rewind_step)
+    start = Members.from_model_states([rewind.member_state_dict(0)], list(rewind.params), plan.rewind_step,
+                                      rewind.order_seeds, rewind.aug_seeds, ctx.device)  # optimizer state fresh
+    ticket_run = RunDir(run.path, EARLYBIRD_TICKET, mask_digest(masks))
+    ticket_run.path.mkdir(parents=True, exist_ok=True)
+    stacked = {k: v.unsqueeze(0).to(ctx.device) for k, v in masks.items()}
+    eval_every = to_iterations(ctx.cfg.training.eval_every, ctx.ipe)
+    try:
+        train_branch(ctx, ticket_run, start, ctx.total_steps, masks=stacked,
+                               desc=f"early-bird ticket @{format_step(step)}", eval_every=eval_every)
+    except TrainingDiverged as exc:
+        exc.run_dir = str(ticket_run.path)
+        run.update(status="diverged", divergence=exc.info())
+        raise
+    stopped = early_stop(read_csv(ticket_run / METRICS), 0)
+    shapes = dict(ctx.model.named_parameters())
+    prunable = prunable_names(ctx.model)
+    # prunable weights the mask keeps (a channel mask leaves layers that feed no BatchNorm whole)
+    surviving = sum(int((masks[n] != 0).sum()) if n in masks else shapes[n].numel() for n in prunable)
+    total = sum(shapes[n].numel() for n in prunable)
+    record = {"step": step, "rewind_step": plan.rewind_step, **stopped, "weight_density": surviving / total,
+              "ticket_dir": str(ticket_run.path), "mask_file": str(run / EARLYBIRD_MASK)}
+    # a ticket at chance is not a result: flagged, never reported as a ticket's accuracy
+    chance = chance_error(ctx.data.split("test")[1])
+    untrained = is_untrained(1 - stopped["final_test_accuracy"], chance, DEFAULT_CHANCE_MARGIN)
+    record["status"] = "untrained" if untrained else "ok"
+    if settings.mask == "channel":
+        keep = torch.cat([masks[f"{bn}.weight"].reshape(-1) for bn, _ in plan.layers])
+        record["channel_density"] = float(keep.mean())
+    return record
+
+
+def _load(run: RunDir, settings: EarlybirdSettings, total_steps: int) -> EarlybirdResult:
+    """A finished run read back; the IMP comparison redone for this call's prune fraction."""
+    summary = read_json(run / EARLYBIRD_SUMMARY)
+    points = read_csv(run / EARLYBIRD_POINTS)
+    rows = read_csv(run / EARLYBIRD_DISTANCES)
+    steps = [int(p["step"]) for p in points]
+    index = {s: i for i, s in enumerate(steps)}
+    matrix = [[math.nan] * len(steps) for _ in steps]
+    for r in rows:
+        matrix[index[int(r["step_a"])]][index[int(r["step_b"])]] = float(r["distance"])
+    if any(math.isnan(v) for row in matrix for v in row):
+        raise RecordError(f"record {str(run / EARLYBIRD_DISTANCES)!r} lacks pairs of mask points")
+    found = summary["detected_step"]
+    if found is not None and summary.get("ticket") is None:
+        raise RecordError(f"record {str(run / EARLYBIRD_SUMMARY)!r} has a detected step but no ticket")
+    if found is not None:
+        cost = training_cost(found, summary["rewind_step"], total_steps, settings.density, settings.prune_fraction)
+        if cost != summary.get("cost"):
+            summary["cost"] = cost
+            summary["settings"] = {**summary.get("settings", {}), "prune_fraction": settings.prune_fraction}
+            write_json(run / EARLYBIRD_SUMMARY, summary)
+    summary["run_dir"] = str(run.path)  # the run may have been moved since
+    return EarlybirdResult(run.path, found, steps, points, matrix, summary, reused=True)
+
+
+__all__ = ["MASK_KINDS", "RULES", "EarlybirdResult", "EarlybirdSettings", "batchnorm_layers", "channel_keep",
+           "channel_masks", "detect", "distance_matrix", "earlybird_key", "earlybird_settings", "flat_mask",
+           "hamming_distance", "imp_levels_for", "magnitude_masks", "run_earlybird", "training_cost",
+           "window_maxima"]
