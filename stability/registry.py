@@ -1,6 +1,6 @@
 """Named tables of models and datasets that check their own names when looked up.
 
-``MODELS["lenet5"]`` returns the factory or raises ConfigError naming the setting
+``MODELS["lenet5"]`` returns its entry (a ``ModelSpec``) or raises ConfigError naming the setting
 (``model.name``) and every registered name, so a name is checked in one place: where
 it is used. New entries are added with ``register``.
 """

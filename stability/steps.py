@@ -2,9 +2,15 @@
 
 One epoch is ``n_train // batch_size`` iterations: the last partial batch of an
 epoch is dropped, so every batch has the same size.
+
+Records name a swept point by its iteration; the point ``independent`` (networks
+trained from different initializations, measured beside the siblings of an
+instability sweep) is recorded as ``rewind_step = INDEPENDENT_STEP``. Writers
+(``stages.instability``) and readers (``analysis``) take both names from here.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -63,3 +69,15 @@ def to_iterations(value: str | int | Step, iterations_per_epoch: int, setting: s
 def format_step(iteration: int) -> str:
     """Canonical string for an iteration count (``'500it'``)."""
     return f"{int(iteration)}it"
+
+
+# The rewind point "independent" of an instability sweep, as written in settings and as recorded in tables.
+INDEPENDENT = "independent"
+INDEPENDENT_STEP = -1
+
+
+def point_name(step: float | None) -> str:
+    """A swept point for people: ``'50it'``, ``'independent'`` for independently trained networks, '-' for none."""
+    if step is None or (isinstance(step, float) and math.isnan(step)):
+        return "-"  # a missing step in a record frame (NaN): no stable step, say
+    return INDEPENDENT if int(step) == INDEPENDENT_STEP else format_step(int(step))

@@ -25,7 +25,7 @@ from stability.align import (
 )
 from stability.config import DatasetConfig, ModelConfig
 from stability.errors import ConfigError
-from stability.models.build import build_model
+from stability.models import build_model
 
 ZOO = [
     ("lenet_300_100", {}), ("mlp", {}), ("lenet5", {}), ("conv2", {}), ("conv4", {}), ("conv6", {}),
@@ -323,7 +323,7 @@ def _positions(model: nn.Module, state: dict, x: torch.Tensor, module: str) -> i
 
 @pytest.fixture(scope="module")
 def mnist5k():
-    from stability.data.sources import load_dataset
+    from stability.data import load_dataset
 
     return load_dataset(DatasetConfig(name="mnist5k", val_size=0))
 

@@ -11,12 +11,12 @@ from stability.errors import ConfigError
 from stability.maths.interpolation import CurveSettings, evaluate_aligned_path, evaluate_path
 from stability.stages.connect import connect, connect_settings
 from stability.stages.instability import (
-    INDEPENDENT_STEP,
     InstabilitySettings,
     instability_settings,
     instability_sweep,
     sweep_key,
 )
+from stability.steps import INDEPENDENT_STEP
 from stability.store.schema import CONNECT_SUMMARY, CURVES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -109,6 +109,15 @@ def test_connect_two_trunks_gives_the_sweeps_independent_barrier_and_refuses_bad
     got = connect(trunks[0], trunks[1], connect_settings(align="weights", alphas=5))
     assert got.barriers["test"] == pytest.approx(result.table[0]["instability_mean"], abs=1e-12)
     assert (got.run_dir / CURVES).is_file() and (got.run_dir / CONNECT_SUMMARY).is_file()
+    # a finished connect run is reused as it was written; a damaged record is measured again, with a warning
+    stamps = {p.name: p.stat().st_mtime_ns for p in got.run_dir.iterdir()}
+    again = connect(trunks[0], trunks[1], connect_settings(align="weights", alphas=5))
+    assert (again.run_dir, again.barriers, again.curves) == (got.run_dir, got.barriers, got.curves)
+    assert {p.name: p.stat().st_mtime_ns for p in got.run_dir.iterdir()} == stamps
+    (got.run_dir / CONNECT_SUMMARY).write_text("{")
+    capsys.readouterr()
+    repaired = connect(trunks[0], trunks[1], connect_settings(align="weights", alphas=5))
+    assert CONNECT_SUMMARY in capsys.readouterr().err and repaired.barriers == got.barriers
     assert main(["connect", str(trunks[0]), str(trunks[1]), "--align", "activations", "--alphas", "5"]) == 0
     assert "error barrier" in capsys.readouterr().out
     before = sorted(p.name for p in results_root.iterdir())
@@ -123,7 +132,7 @@ def test_connect_two_trunks_gives_the_sweeps_independent_barrier_and_refuses_bad
 
 
 def test_connect_refuses_networks_of_different_architectures_and_aligning_different_masks(results_root, capsys):
-    from stability.stages.imp.run import imp_settings, run_imp
+    from stability.stages.imp import imp_settings, run_imp
     from stability.stages.trunk import train_trunk
 
     cfg = _cfg(results_root)
@@ -183,7 +192,7 @@ def test_a_grid_sweeps_independent_networks_with_their_own_trunk_units(tmp_path)
 
 
 def test_imp_rewinding_to_auto_never_rewinds_to_the_independent_point(results_root):
-    from stability.stages.imp.run import imp_settings, run_imp
+    from stability.stages.imp import imp_settings, run_imp
 
     cfg = _cfg(results_root)
     sweep = instability_settings(rewind_points=["independent"], alphas=3)
@@ -199,7 +208,7 @@ def test_imp_and_sweep_names_from_before_alignment_are_kept():
     """Hashes computed at commit 16239be, before alignment settings existed: the same settings keep them."""
     from stability.config import settings_hash
     from stability.presets import get_preset
-    from stability.stages.imp.run import imp_key, imp_settings
+    from stability.stages.imp import imp_key, imp_settings
 
     cfg = get_preset("lenet5_mnist5k")
     sweep = instability_settings(rewind_points=["0it", "5it"], siblings=3)
@@ -237,3 +246,47 @@ def test_connect_treats_dropout_as_training_noise_not_architecture(results_root)
     dropped = train_trunk(cfg.with_overrides({"model.dropout": "0.5"}))
     result = connect(plain.run_dir, dropped.run_dir, connect_settings(alphas=3, align="weights"))
     assert result.barriers["test"] == result.barriers["test"]  # measured, not refused
+
+
+def test_the_stages_needs_are_the_units_a_grid_plans(tmp_path):
+    """Walking ``needs()`` from a sweep (with independent networks) and a Hessian track finds exactly the runs the
+    grid planner lists for the point, and each planned unit depends only on runs its stage needs."""
+    from stability.config import from_dict
+    from stability.grid.plan import load_grid, make_plan
+    from stability.hessian import hessian_settings
+    from stability.stages.base import stage_dir
+    from stability.stages.context import prepare
+    from stability.stages.instability import SWEEP_STAGE
+    from stability.stages.landscape import TRACK_STAGE
+    from stability.stages.siblings import SIBLINGS_STAGE
+    from stability.stages.trunk import trunk_dir
+
+    path = tmp_path / "g.toml"
+    path.write_text('preset = "lenet300_mnist5k"\nstages = ["instability", "hessian"]\n[set]\n'
+                    '"training.steps" = "40it"\n"model.width" = 0.25\n[instability]\n'
+                    'rewind_points = ["independent", "5it", "10it"]\nsiblings = 3\n[hessian]\ntop_k = 1\n'
+                    'at = ["5it", "40it"]\n')
+    plan = make_plan(load_grid(path, {"runtime.results_root": str(tmp_path / "r")}))
+    own = next(u for u in plan.units if u.kind == "train" and "independent_of" not in u.args)
+    ctx = prepare(from_dict(own.config))
+    stages = {"siblings": SIBLINGS_STAGE}
+
+    def walk(stage, ctx, settings, **args) -> dict[str, set[str]]:
+        """run id -> the ids of the runs it needs, for a run and everything under it."""
+        me = stage_dir(stage, ctx, settings, **args).path.name
+        graph = {me: set()}
+        for need in stage.needs(ctx, settings, **args):
+            if need.kind == "train":
+                graph[me].add(trunk_dir(need.cfg).path.name)
+                graph.setdefault(trunk_dir(need.cfg).path.name, set())
+                continue
+            sub = walk(stages[need.kind], prepare(need.cfg), need.settings, **need.args)
+            graph[me].add(stage_dir(stages[need.kind], prepare(need.cfg), need.settings, **need.args).path.name)
+            graph.update(sub)
+        return graph
+
+    graph = {**walk(SWEEP_STAGE, ctx, instability_settings(rewind_points=["independent", "5it", "10it"], siblings=3)),
+             **walk(TRACK_STAGE, ctx, hessian_settings(top_k=1), at=["5it", "40it"])}
+    assert set(graph) == {u.id for u in plan.units}
+    for unit in plan.units:
+        assert set(unit.deps) <= graph[unit.id], unit.id

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from matplotlib.figure import Figure
 import analysis
 from analysis import figures
 from stability.errors import ConfigError, StabilityError
+from stability.store import schema
 from stability.store.files import FORMAT_VERSION, write_csv, write_json
 
 # ----------------------------------------------------------------------------- synthetic records
@@ -67,7 +70,7 @@ def _trunk(root, run_hash, config):
     write_json(path / "summary.json", {"hash": run_hash, "final_step": 100})
 
 
-def _sweep(root, run_hash, barriers, label=None, first=None, by_split=None):
+def _sweep(root, run_hash, barriers, label=None, first=None, by_split=None, batchnorm=None):
     path = _run(root, "instability", run_hash, {"training": TRUNK, "instability": INSTABILITY}, label=label)
     curves = []
     for split, by_step in barriers.items():
@@ -85,7 +88,8 @@ def _sweep(root, run_hash, barriers, label=None, first=None, by_split=None):
     write_json(path / "instability.json", {
         "settings": INSTABILITY, "bn_mode": "interpolate", "rewind_points": sorted(barriers["test"]),
         "threshold": 0.02, "primary_split": "test", "first_stable_step": first,
-        "first_stable_step_by_split": by_split or {"test": first}, "per_split": {}, "label": label})
+        "first_stable_step_by_split": by_split or {"test": first}, "per_split": {}, "label": label,
+        **({} if batchnorm is None else {"batchnorm": batchnorm})})
 
 
 def _imp(root, run_hash, rewind, rewind_step, first_stable=None, instability=False):
@@ -290,7 +294,8 @@ def test_plot_interpolation_one_panel_per_split_one_line_per_rewind_step(records
         assert len(ax.collections) == 3  # the ±std bands
     k0 = axes[0].get_lines()[0]
     assert k0.get_ydata().tolist() == pytest.approx([10.0, 17.0, 10.0])  # percent, mean over pairs
-    assert "LeNet-300-100" in fig._suptitle.get_text() and "MNIST" in fig._suptitle.get_text()
+    # the registry's names, not a second table of display names
+    assert "lenet_300_100 (width ×0.5) on mnist5k" in fig._suptitle.get_text()
     assert len(analysis.plot_interpolation(curves, splits=["train"]).get_axes()) == 1
 
 
@@ -309,6 +314,24 @@ def test_plot_instability_symlog_with_threshold_and_first_stable_step(records):
     assert set(markers) == {"first stable step (test): 10it", "first stable step (train): 50it"}
     assert list(markers["first stable step (test): 10it"].get_xdata()) == [10, 10]
     assert markers["first stable step (test): 10it"].get_linestyle() == "--"
+
+
+def test_batchnorm_note_follows_the_field_the_sweep_wrote(records):
+    """Records without ``batchnorm`` (as the fixture's) get no note; a sweep that says its model has BatchNorm does."""
+    for frame, plot in ((analysis.interpolation_curves, analysis.plot_interpolation),
+                        (analysis.sweeps, analysis.plot_instability)):
+        df = frame(records, include_sparse=False)
+        assert df["batchnorm"].isna().all()
+        assert "BatchNorm" not in plot(df)._suptitle.get_text()
+    bn_root = records.parent / "bn"
+    _sweep(bn_root, "c9c9c9c9c9c9", BARRIERS, first=10, batchnorm=True)
+    _sweep(bn_root, "c8c8c8c8c8c8", BARRIERS, first=10, batchnorm=False)
+    for frame, plot in ((analysis.interpolation_curves, analysis.plot_interpolation),
+                        (analysis.sweeps, analysis.plot_instability)):
+        df = frame(bn_root)
+        with_bn = plot(analysis.filter(df, run_hash="c9c9c9c9c9c9"))._suptitle.get_text()
+        assert "BatchNorm statistics: interpolate" in with_bn
+        assert "BatchNorm" not in plot(analysis.filter(df, run_hash="c8c8c8c8c8c8"))._suptitle.get_text()
 
 
 def test_plot_instability_says_when_no_step_is_stable(records):
@@ -461,6 +484,83 @@ def test_plot_all_draws_every_figure_the_records_allow(records, tmp_path):
     assert all(p.is_file() and p.stat().st_size > 1000 for p in written)
     only = analysis.plot_all(records, tmp_path / "sweep", formats="png,pdf", kinds=["sweep"])
     assert sorted(p.name for p in only) == [f"instability_{H_SWEEP}.pdf", f"instability_{H_SWEEP}.png"]
+
+
+def test_plot_all_walks_the_figure_table_and_reads_each_record_once(records, tmp_path, monkeypatch):
+    from analysis import load
+
+    assert figures.KINDS == (*figures.FIGURES, "all")
+    for kind, entry in figures.FIGURES.items():
+        assert set(entry.needs) <= set(figures.RECORDS), kind
+        module = __import__(f"analysis.figures.{entry.family}", fromlist=[entry.draw])
+        assert callable(getattr(module, entry.draw)), kind
+    assert {loader for loader, _ in figures.RECORDS.values()} <= set(load.__all__)
+    calls = []
+    real = load.interpolation_curves
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(load, "interpolation_curves", counted)
+    written = analysis.plot_all(records, tmp_path / "figs", formats="png", kinds="curves,sweep")
+    assert calls == [{"include_sparse": False}]  # interpolation curves read once, dense only
+    # in the table's order: curves before sweep, whatever the order asked
+    assert [p.name for p in written] == [f"interpolation_{H_SWEEP}.png", f"instability_{H_SWEEP}.png"]
+
+
+def test_every_figure_name_resolves_from_its_family():
+    from analysis.figures import curves, landscape, saving, strong, style, tickets, training
+
+    family_names = set()
+    for module in (curves, landscape, saving, strong, style, tickets, training):
+        family_names |= set(module.__all__)
+    assert family_names <= set(figures.__all__)
+    for name in figures.__all__:
+        assert getattr(figures, name) is not None, name
+    assert {n for n in analysis.__all__ if n.startswith("plot_")} <= set(figures.__all__)
+    for name in analysis.__all__:
+        assert getattr(analysis, name) is not None, name
+    with pytest.raises(AttributeError):
+        figures.no_such_figure  # noqa: B018
+
+
+def test_reading_records_imports_neither_torch_nor_matplotlib():
+    """analysis reads records with the schema alone; the figure table (stability --help) needs no pandas."""
+    code = ("import sys, analysis, analysis.load; from analysis.figures import KINDS; "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules)); "
+            "import analysis.figures.curves; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "False"]
+    code = "import sys; from analysis.figures import FIGURES; print('pandas' in sys.modules, 'matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False False"
+
+
+def test_config_sections_and_strong_methods_of_the_schema_are_the_configs():
+    from stability import config
+    from stability.methods import names_with
+
+    assert schema.CONFIG_SECTIONS == tuple(config.SECTIONS)
+    assert schema.STRONG_METHODS == tuple(names_with("trains_weights", False))
+
+
+def test_strong_tickets_read_the_mask_density_from_the_summary(tmp_path):
+    root = tmp_path / "results"
+    strong = {**TRUNK, "training": {**TRUNK["training"], "method": "edgepopup"}, "strong": {"kept": 0.3}}
+    for run_hash, summary in (("5a5a5a5a5a5a", {"method": "edgepopup", "mask_density": 0.31}),
+                              ("5b5b5b5b5b5b", {})):  # a summary written before it carried the density
+        path = _run(root, "train", run_hash, strong)
+        write_json(path / "summary.json", {"final_test_accuracy": 0.8, "final_step": 100, **summary})
+    path = _run(root, "train", "5c5c5c5c5c5c", TRUNK)
+    write_json(path / "summary.json", {"final_test_accuracy": 0.9, "final_step": 100, "method": "standard"})
+    frame = analysis.strong_tickets(root).set_index("run_hash")
+    assert sorted(frame.index) == ["5a5a5a5a5a5a", "5b5b5b5b5b5b"]
+    assert frame.loc["5a5a5a5a5a5a", "density"] == pytest.approx(0.31)
+    assert math.isnan(frame.loc["5b5b5b5b5b5b", "density"])
+    assert set(frame["kept"]) == {0.3} and set(frame["method"]) == {"edgepopup"}
+    dense = analysis.strong_tickets(root, include_dense=True)
+    assert dense.set_index("run_hash").loc["5c5c5c5c5c5c", "density"] == 1.0
 
 
 # ----------------------------------------------------------------------------- the plot command

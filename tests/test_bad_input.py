@@ -101,11 +101,12 @@ CASES = [
     _case("imp", ["--prune-fraction", "1.0"], "imp.prune_fraction: must be in (0, 1)", id="prune-fraction-one"),
     _case("imp", match="imp.exclude: expected a list", toml="[imp]\nexclude = 3\n", id="exclude-scalar"),
     # ---- stage settings: hessian
-    _case("hessian", ["--path", "5it", "--alphas", "0,abc,1"], "hessian --alphas: expected comma-separated numbers",
-          id="hessian-alphas-text"),
-    _case("hessian", ["--path", "5it", "--alphas", "0,2"], "hessian --alphas: values must lie in [0, 1]",
-          id="hessian-alphas-out-of-range"),
-    _case("hessian", ["--alphas", "0,1"], "hessian --alphas: only applies along a path", id="hessian-alphas-no-path"),
+    _case("hessian", ["--path", "5it", "--alpha-grid", "0,abc,1"],
+          "hessian --alpha-grid: expected comma-separated numbers", id="hessian-alpha-grid-text"),
+    _case("hessian", ["--path", "5it", "--alpha-grid", "0,2"], "hessian --alpha-grid: values must lie in [0, 1]",
+          id="hessian-alpha-grid-out-of-range"),
+    _case("hessian", ["--alpha-grid", "0,1"], "hessian --alpha-grid: only applies along a path",
+          id="hessian-alpha-grid-no-path"),
     _case("hessian", ["--trace", "--trace-probes", "0"], "hessian --trace-probes: must be at least 1",
           id="trace-probes-0"),
     _case("hessian", ["--trace", "--trace-probes", "-3"], "hessian --trace-probes: must be at least 1",
@@ -114,6 +115,22 @@ CASES = [
     _case("hessian", match="hessian.smallest: expected true or false", toml='[hessian]\nsmallest = "yes"\n',
           id="hessian-smallest-text"),
     _case("hessian", ["--samples", "0"], "hessian.samples must be an integer >= 1", id="hessian-samples-0"),
+    # ---- flags are --set: the same conversion, the same messages
+    _case("instability", ["--siblings", "two"], "instability.siblings: expected an integer, got 'two'",
+          id="flag-not-a-number"),
+    _case("instability", ["--set", "instability.siblings=1"], "instability.siblings: need at least 2",
+          id="set-stage-key"),
+    _case("instability", ["--set", "instability.sibling=3"], "instability.sibling: unknown setting; settings are",
+          id="set-stage-key-misspelt"),
+    _case("train", ["--set", "imp.levels=2"], "--set 'imp.levels': unknown section 'imp'; sections are dataset, ",
+          id="set-stage-key-of-another-command"),
+    _case("imp", ["--set", "earlybird.density=0.2"], "sections are dataset, model, optimizer, schedule, training, "
+          "runtime, strong, neq, imp, instability", id="set-sections-listed"),
+    _case("train", ["--device", "gpu"], "runtime.device: unknown device 'gpu'; choose one of auto, cpu, cuda",
+          id="device-unknown"),
+    _case("train", ["--threads", "-1"], "runtime.threads: must be >= 0", id="threads-negative"),
+    _case("earlybird", ["--window", "1"], "earlybird.window: must be an integer >= 2", id="earlybird-window-1"),
+    _case("hessian", ["--set", "hessian.top_k=-1"], "hessian.top_k must be an integer >= 0", id="set-hessian-key"),
 ]
 
 

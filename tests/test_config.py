@@ -72,6 +72,7 @@ def test_bad_overrides_name_the_setting(key, value, match):
     ("model.name", "'transformer'", "lenet_300_100"),
     ("model.init", "'orthogonal'", "kaiming_normal"),
     ("schedule.kind", "'linear'", "constant, step, cosine"),
+    ("training.method", "edge-popup", "unknown method 'edge-popup'; choose one of standard, edgepopup, supermask"),
     ("training.steps", "'ten'", "training.steps"),
     ("training.rewind_points", "'0it,5x'", "training.rewind_points"),
 ])

@@ -13,8 +13,15 @@ import pytest
 import torch
 
 from stability.config import DatasetConfig
+from stability.data import (
+    CIFAR_PAD,
+    DATASETS,
+    DataSplits,
+    augment_batch,
+    load_dataset,
+    register_dataset,
+)
 from stability.data import sources as D
-from stability.data.sources import DATASETS, DataSplits, augment_batch, load_dataset
 from stability.errors import ConfigError, DatasetError
 
 
@@ -76,6 +83,43 @@ def test_val_size_too_large():
         load_dataset(DatasetConfig(name="mnist5k", val_size=4000))
     with pytest.raises(ConfigError, match=r"dataset\.val_size"):
         load_dataset(DatasetConfig(name="mnist5k", val_size=-1))
+
+
+@pytest.fixture
+def own_datasets(monkeypatch):
+    """Registrations made in a test leave the table as it was."""
+    monkeypatch.setattr(DATASETS, "_entries", dict(DATASETS._entries))
+
+
+def test_every_name_carries_its_own_loader():
+    """One table: the spec of a name is what loads it (no second table of loaders to fall out of step)."""
+    assert all(spec.name == name and callable(spec.loader) for name, spec in DATASETS.items())
+    assert DATASETS["mnist5k"].loader is not DATASETS["mnist1d"].loader
+    assert DATASETS["cifar10"].loader is DATASETS["mnist"].loader  # one torchvision reader, by name
+
+
+def test_a_registered_dataset_is_one_entry_loaded_once_and_split_as_the_packaged_ones(own_datasets):
+    calls = []
+
+    def loader():
+        calls.append(1)
+        x = np.random.default_rng(0).normal(size=(300, 2, 4)).astype(np.float32)
+        y = np.arange(300) % 3
+        return x[:240], y[:240], x[240:], y[240:]
+
+    register_dataset("mine", loader)
+    assert DATASETS["mine"].input_shape == () and DATASETS["mine"].num_classes == 0  # read from the data
+    a = load_dataset(DatasetConfig(name="mine", val_size=30, split_seed=1))
+    b = load_dataset(DatasetConfig(name="mine", val_size=30, split_seed=1))
+    assert len(calls) == 1
+    assert a.input_shape == (2, 4) and a.num_classes == 3 and torch.bincount(a.y_val).tolist() == [10, 10, 10]
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.x_val, b.x_val)
+    for name in ("mine", "mnist5k"):
+        with pytest.raises(ConfigError, match=rf"^dataset\.name: a dataset named '{name}' is already registered$"):
+            register_dataset(name, loader)
+    register_dataset("mine", loader, num_classes=5, replace=True)
+    assert load_dataset(DatasetConfig(name="mine", val_size=30)).num_classes == 5
+    assert DATASETS["mnist5k"].num_classes == 10
 
 
 # ---- packaged datasets ------------------------------------------------------------------
@@ -366,7 +410,7 @@ def test_datasplits_to_and_split():
 
 def _crop_params(x: torch.Tensor, out: torch.Tensor) -> list[tuple[int, int, bool]]:
     """For each output image, the (dy, dx, flip) crop of the zero-padded input that it equals."""
-    p = D.CIFAR_PAD
+    p = CIFAR_PAD
     padded = torch.nn.functional.pad(x, (p, p, p, p))
     h, w = x.shape[-2:]
     crops = padded.unfold(2, h, 1).unfold(3, w, 1)  # (N, C, 2p+1, 2p+1, H, W)

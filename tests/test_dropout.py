@@ -11,7 +11,7 @@ from stability.config import Config, ModelConfig
 from stability.engine import Members, StackedModel, derive_seed
 from stability.engine.loop import TrainSpec
 from stability.errors import ConfigError
-from stability.models.build import NoiseDropout, build_model, dropout_noise
+from stability.models import NoiseDropout, build_model, dropout_noise
 from stability.stages.context import prepare
 from stability.stages.siblings import SiblingSettings, train_siblings
 from stability.stages.trunk import train_trunk, trunk_checkpoint

@@ -12,23 +12,22 @@ from torch import nn
 
 from stability.apps.cli import main
 from stability.errors import ConfigError
-from stability.maths.pruning import prunable_names
-from stability.stages.checkpoints import load_weights
-from stability.stages.context import prepare
-from stability.stages.earlybird import (
+from stability.maths.earlybird import (
     batchnorm_layers,
     channel_keep,
     channel_masks,
     detect,
     distance_matrix,
-    earlybird_settings,
     hamming_distance,
     imp_levels_for,
     magnitude_masks,
-    run_earlybird,
     training_cost,
     window_maxima,
 )
+from stability.maths.pruning import prunable_names
+from stability.stages.checkpoints import load_weights
+from stability.stages.context import prepare
+from stability.stages.earlybird import earlybird_settings, run_earlybird
 from stability.stages.trunk import trunk_dir
 from stability.store import schema
 from stability.store.files import load_tensors, read_csv, read_json

@@ -9,7 +9,7 @@ from helpers import tiny_config
 from stability.config import ModelConfig
 from stability.engine import StackedModel, TrainSpec, train_members
 from stability.engine.stacked import stack_states
-from stability.models.build import build_model
+from stability.models import build_model
 from stability.stages.checkpoints import initial_members
 from stability.stages.context import prepare
 

@@ -21,9 +21,10 @@ from helpers import TINY_ARGS, tiny_config
 
 from stability.apps.cli import main
 from stability.errors import TrainingDiverged
+from stability.maths.sweep import first_stable_step
 from stability.stages.context import prepare
-from stability.stages.imp.run import imp_settings, run_imp
-from stability.stages.instability import first_stable_step, instability_settings, instability_sweep
+from stability.stages.imp import imp_settings, run_imp
+from stability.stages.instability import instability_settings, instability_sweep
 from stability.stages.trunk import train_trunk, trunk_checkpoint
 from stability.store import files as store
 from stability.store.files import load_tensors, read_csv, read_json, save_tensors
@@ -457,7 +458,7 @@ def test_orphaned_temporary_files_are_removed_on_resume(tmp_path):
 
 
 def test_a_diverged_imp_level_is_marked_never_matching_and_stops_its_replicate(tmp_path, monkeypatch, capsys):
-    import stability.stages.imp.run as imp_module
+    import stability.stages.imp.levels as imp_module
 
     real_branch = imp_module.train_branch
 

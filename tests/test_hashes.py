@@ -166,7 +166,8 @@ GOLDEN_SWEEP = {
 def test_instability_sweep_names_never_change():
     """Instability sweep names (``instability.sweep_key`` / ``sweep_dir``), dense and sparse (masks, frozen
     removed weights, start states, label): these names must never change."""
-    from stability.stages.instability import INDEPENDENT_STEP, instability_settings, sweep_dir
+    from stability.stages.instability import instability_settings, sweep_dir
+    from stability.steps import INDEPENDENT_STEP
 
     cfg = _tiny()
     default = instability_settings()
@@ -240,7 +241,7 @@ def _mask_source_dir(root, levels: int) -> str:
 def test_imp_names_never_change(tmp_path):
     """IMP run names (``imp.imp_key`` / ``imp_dir``): default, rewind auto, other criteria, mask-0 and mask-1
     actions, instability, one-shot with baselines, transferred masks: these names must never change."""
-    from stability.stages.imp.run import imp_dir, imp_key, imp_settings, mask_source
+    from stability.stages.imp import imp_dir, imp_key, imp_settings, mask_source
     from stability.stages.instability import instability_settings
 
     cfg = _tiny()

@@ -10,7 +10,7 @@ from stability.apps.cli import main
 from stability.maths.pruning import layer_densities
 from stability.stages.checkpoints import load_weights
 from stability.stages.context import prepare
-from stability.stages.imp.run import imp_settings, run_imp
+from stability.stages.imp import imp_settings, run_imp
 from stability.stages.trunk import trunk_dir
 from stability.store.files import load_tensors, read_csv, read_json
 
@@ -62,7 +62,7 @@ def test_pruned_weights_stay_zero_with_momentum_and_weight_decay(imp_run):
 
 
 def test_the_driver_rewinds_survivors_exactly_to_the_rewind_checkpoint(tmp_path, monkeypatch):
-    import stability.stages.imp.run as imp_module
+    import stability.stages.imp.levels as imp_module
 
     seen = {}
     real_branch = imp_module.train_branch
@@ -210,7 +210,7 @@ def test_replicates_start_from_their_own_initialization(results_root):
 
 
 def test_imp_mask_criterion_is_recorded_names_its_own_run_and_changes_the_masks(results_root, capsys):
-    from stability.stages.imp.run import imp_dir
+    from stability.stages.imp import imp_dir
     from stability.stages.instability import InstabilitySettings
 
     cfg = tiny_config(results_root)

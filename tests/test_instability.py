@@ -11,13 +11,12 @@ from stability.apps.cli import main
 from stability.engine import StackedModel
 from stability.errors import ConfigError
 from stability.maths.interpolation import CurveSettings, error_barrier, evaluate_path
+from stability.maths.sweep import first_stable_step, sweep_table
 from stability.stages.context import prepare
 from stability.stages.instability import (
     InstabilitySettings,
-    first_stable_step,
     instability_settings,
     instability_sweep,
-    sweep_table,
 )
 from stability.stages.siblings import SiblingSettings, sibling_seeds, train_branch, train_siblings
 from stability.stages.trunk import train_trunk
@@ -195,10 +194,12 @@ def test_sweep_writes_records_and_reuses_siblings(results_root):
     assert set(summary["first_stable_step_by_split"]) == {"test", "train"}
     assert len(result.curves) == 3 * 1 * 2 * 5
     finals = sorted(results_root.glob("siblings_*/final.safetensors"))
-    stamps = [p.stat().st_mtime_ns for p in finals]
+    records = sorted(p for p in result.run_dir.iterdir() if p.suffix in (".csv", ".json"))
+    stamps = [p.stat().st_mtime_ns for p in finals + records]
     again = instability_sweep(cfg, settings)
-    assert all(s["reused"] for s in again.summary["siblings"])
-    assert len(finals) == 3 and [p.stat().st_mtime_ns for p in finals] == stamps  # no sibling trained again
+    assert again.reused and not result.reused and again.summary == summary
+    # no sibling trained again, and the finished sweep's records are reused as they were written
+    assert len(finals) == 3 and [p.stat().st_mtime_ns for p in finals + records] == stamps
     assert again.table == result.table
     assert again.curves == result.curves  # read back from curves.csv, bit for bit
 

@@ -60,6 +60,11 @@ def test_track_every_k_replays_missing_checkpoints_and_resumes(results_root):
     again = hessian_track(cfg, settings, at=(), every="15it")
     assert [r["step"] for r in again.rows] == [0, 15, 30]
     assert again.rows[1]["lambda_1"] == pytest.approx(rows[1]["lambda_1"], rel=1e-6)
+    # finished: reused as it was written, nothing probed or rewritten
+    stamps = {p.name: p.stat().st_mtime_ns for p in track.run_dir.iterdir()}
+    third = hessian_track(cfg, settings, at=(), every="15it")
+    assert [r["lambda_1"] for r in third.rows] == [r["lambda_1"] for r in read_csv(track.run_dir / "hessian.csv")]
+    assert {p.name: p.stat().st_mtime_ns for p in track.run_dir.iterdir()} == stamps
 
 
 def test_path_probe_with_batchnorm(results_root):

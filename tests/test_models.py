@@ -14,13 +14,17 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from stability.config import ModelConfig
 from stability.errors import ConfigError
-from stability.models.build import (
+from stability.models import (
     MODELS,
     MaxPool2d,
+    NoiseDropout,
     build_model,
     count_parameters,
     has_batchnorm,
+    has_dropout,
+    model_spec,
     output_layer_name,
+    register_model,
 )
 
 MNIST = (1, 28, 28)
@@ -88,6 +92,46 @@ def test_registry_has_exactly_the_documented_models():
     assert set(MODELS) == {
         "lenet_300_100", "lenet5", "conv2", "conv4", "conv6", "resnet", "vgg11", "vgg16", "mlp", "mobilenet_v1",
     }  # fmt: skip
+
+
+def test_the_table_says_which_models_take_dropout_and_the_built_models_agree():
+    """One table: a zoo spec's ``dropout`` flag is exactly whether its model builds an active NoiseDropout."""
+    for name, spec in MODELS.items():
+        assert spec.name == name and spec.source == "zoo" and not spec.checked
+        cfg = ModelConfig(name=name, depth=8, width=0.25, dropout=0.5)
+        if spec.dropout:
+            assert has_dropout(build_model(cfg, CIFAR, 10, 0)), name
+            assert not has_dropout(build_model(replace(cfg, dropout=0.0), CIFAR, 10, 0)), name
+        else:
+            with pytest.raises(ConfigError, match=rf"model\.dropout: '{name}' has no dropout option; models with one: "
+                                                  r"lenet_300_100, lenet5, conv2, conv4, conv6, mlp \(and registered"):
+                build_model(cfg, CIFAR, 10, 0)
+    tv = model_spec("torchvision/resnet18")
+    assert (tv.source, tv.dropout, tv.checked) == ("torchvision", False, True)
+
+
+@pytest.fixture
+def own_models(monkeypatch):
+    """Registrations made in a test leave the table as it was."""
+    monkeypatch.setattr(MODELS, "_entries", dict(MODELS._entries))
+
+
+def test_a_registered_model_is_one_entry_taking_dropout_and_a_taken_name_is_refused_once(own_models):
+    def factory(cfg, shape, n):
+        return nn.Sequential(nn.Flatten(), NoiseDropout(cfg.dropout), nn.Linear(math.prod(shape), n))
+
+    register_model("mine", factory)
+    spec = MODELS["mine"]
+    assert (spec.source, spec.dropout, spec.checked, spec.factory) == ("registered", True, True, factory)
+    assert has_dropout(build_model(ModelConfig(name="mine", dropout=0.5), MNIST1D, 3, 0))
+    for name in ("mine", "lenet5"):
+        with pytest.raises(ConfigError, match=rf"^model\.name: a model named '{name}' is already registered$"):
+            register_model(name, factory)
+    register_model("mine", lambda cfg, shape, n: nn.Linear(40, n), replace=True)
+    assert isinstance(build_model(ModelConfig(name="mine"), MNIST1D, 3, 0), nn.Linear)
+    with pytest.raises(ConfigError, match="the factory registered for 'other' is not callable"):
+        register_model("other", 3)
+    assert "other" not in MODELS and MODELS["lenet5"].source == "zoo"
 
 
 def test_mobilenet_v1_has_the_cifar_code_bases_parameter_count_and_depthwise_convs():

@@ -17,7 +17,7 @@ from stability.engine import StackedModel, TrainSpec, train_members
 from stability.maths.flops import backward_macs, layer_costs, weight_gradient_saved
 from stability.methods import neq as neq_module
 from stability.methods.neq import NeqTracker, choose_frozen, neq_layers, neuron_cosine, velocity
-from stability.stages.checkpoints import initial_members
+from stability.stages.checkpoints import initial_members, load_weights
 from stability.stages.context import prepare
 from stability.stages.trunk import train_trunk
 from stability.store.files import read_csv, read_json
@@ -316,3 +316,30 @@ def test_neq_settings_name_the_run_only_with_neq_and_bad_ones_exit_2_writing_not
         assert code == 2, (sets, err)
         assert expected in err, (sets, err)
         assert not out.exists() or not any(out.iterdir()), sets
+
+
+def test_a_missing_neq_checkpoint_is_replayed_through_the_training_hooks_leaving_the_records_alone(
+        results_root, one_torch_thread):
+    neq = {**NEQ_TINY, "neq__baseline": "matched"}  # neurons frozen from step 5 on: the replay must hold them
+    full = train_trunk(tiny_config(results_root / "full", **neq, training__rewind_points="5it,10it,17it"))
+    cfg = tiny_config(results_root / "late", **neq)
+    late = train_trunk(cfg)
+    assert 17 not in late.checkpoints
+    assert any(r["frozen"] for r in read_csv(late.run_dir / "neq.csv") if 0 < r["step"] < 17)
+    records = (late.run_dir / "neq.csv").read_bytes()
+    again = train_trunk(cfg, extra_checkpoints=[17])
+    assert again.reused and 17 in again.checkpoints
+    w_full, w_late = load_weights(full.run_dir, 17), load_weights(late.run_dir, 17)
+    assert all(torch.equal(w_full[k], w_late[k]) for k in w_full)
+    assert (late.run_dir / "neq.csv").read_bytes() == records
+    assert again.summary["neq"] == read_json(late.run_dir / "summary.json")["neq"]
+
+
+def test_a_reused_neq_trunk_with_damaged_records_trains_again_from_its_newest_state(results_root, capsys):
+    cfg = tiny_config(results_root, **NEQ_TINY)
+    first = train_trunk(cfg)
+    summary = read_json(first.run_dir / "summary.json")
+    (first.run_dir / "neq.csv").write_text("step,member\n1,")  # torn: the columns are missing
+    again = train_trunk(cfg)
+    assert "neq.csv is missing or damaged; training it again" in capsys.readouterr().err
+    assert not again.reused and read_json(first.run_dir / "summary.json")["neq"] == summary["neq"]

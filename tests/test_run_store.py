@@ -8,7 +8,7 @@ from helpers import tiny_config
 
 from stability.config import settings_hash
 from stability.stages.context import prepare
-from stability.stages.imp.run import imp_settings, run_imp
+from stability.stages.imp import imp_settings, run_imp
 from stability.stages.instability import instability_settings, instability_sweep
 from stability.stages.landscape import hessian_settings, hessian_track
 from stability.stages.trunk import trunk_checkpoint

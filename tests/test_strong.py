@@ -10,26 +10,26 @@ from helpers import TINY_ARGS, tiny_config
 from test_faults import _kill_and_resume
 
 from stability.apps.cli import main
-from stability.config import Config, ModelConfig, StrongConfig, validate
+from stability.config import Config, ModelConfig, StrongConfig
 from stability.engine import Members, StackedModel, train_members
 from stability.engine.loop import TrainSpec
 from stability.errors import ConfigError
+from stability.methods import validate_run
 from stability.methods.strong import (
     ScoredConv2d,
     ScoredLinear,
     kept_count,
     make_strong,
     mask_density,
-    run_mask_density,
     scored_layers,
     state_masks,
 )
-from stability.models.build import build_model
+from stability.models import build_model
 from stability.stages.checkpoints import load_weights
 from stability.stages.context import prepare
-from stability.stages.imp.run import run_imp
+from stability.stages.imp import run_imp
 from stability.stages.trunk import train_trunk, trunk_checkpoint
-from stability.store.files import read_csv
+from stability.store.files import read_csv, read_json, write_json
 from stability.store.schema import SWEEP
 from stability.testing.reference import train_reference
 
@@ -99,7 +99,25 @@ def test_only_scores_train_and_the_frozen_weights_stay_bit_identical(results_roo
     # the trained masks moved: another subnetwork than the one at initialization
     m0, m1 = state_masks(start, "edgepopup"), state_masks(end, "edgepopup")
     assert any(not torch.equal(m0[k], m1[k]) for k in m0)
-    assert run_mask_density(result.run_dir) == pytest.approx(0.5, abs=1e-3)
+    summary = read_json(result.run_dir / "summary.json")
+    assert summary["method"] == "edgepopup"
+    assert summary["mask_density"] == mask_density(end, "edgepopup") == pytest.approx(0.5, abs=1e-3)
+
+
+def test_a_finished_strong_run_without_its_mask_density_gets_it_on_reuse(results_root, capsys):
+    cfg = tiny_config(results_root, training__method="supermask", **SGD)
+    result = train_trunk(cfg)
+    path = result.run_dir / "summary.json"
+    written = read_json(path)
+    final = (result.run_dir / "checkpoints" / "step_30.safetensors").read_bytes()
+    write_json(path, {k: v for k, v in written.items() if k not in ("method", "mask_density")})  # an older writer's
+    again = train_trunk(cfg)
+    assert "summary.json has no method, mask_density; training it again" in capsys.readouterr().err
+    assert not again.reused and (result.run_dir / "checkpoints" / "step_30.safetensors").read_bytes() == final
+    assert {k: read_json(path)[k] for k in ("method", "mask_density")} == \
+        {"method": "supermask", "mask_density": written["mask_density"]}
+    reused = train_trunk(cfg)
+    assert reused.reused and reused.summary["mask_density"] == written["mask_density"]
 
 
 def test_signed_constant_weights_are_plus_or_minus_the_kaiming_std_and_biases_zero():
@@ -273,7 +291,7 @@ def test_instability_sweep_of_strong_tickets_from_the_cli(tmp_path, capsys):
     assert sorted({int(r["rewind_step"]) for r in rows}) == [0, 10]
     assert all(math.isfinite(float(r["instability_mean"])) for r in rows)
     train = next(tmp_path.glob("train_*"))
-    assert run_mask_density(train) == pytest.approx(0.3, abs=1e-3)
+    assert read_json(train / "summary.json")["mask_density"] == pytest.approx(0.3, abs=1e-3)
     assert "first stable step" in capsys.readouterr().out
 
 
@@ -284,11 +302,13 @@ def test_strong_settings_name_the_run_only_with_their_method():
     assert Config().with_overrides({"strong.kept": "0.5"}).run_hash() == Config().run_hash()
     assert "strong" not in Config().hashed_dict()
     with pytest.raises(ConfigError, match=r"strong\.kept: applies only with training\.method = edgepopup or supermask"):
-        validate(Config().with_overrides({"strong.kept": "0.3"}))
+        validate_run(Config().with_overrides({"strong.kept": "0.3"}))
     with pytest.raises(ConfigError, match=r"strong\.eval_mask: applies only with training\.method = supermask"):
-        validate(base.with_overrides({"strong.eval_mask": "sample"}))
+        validate_run(base.with_overrides({"strong.eval_mask": "sample"}))
     with pytest.raises(ConfigError, match=r"strong\.kept: applies only with training\.method = edgepopup"):
-        validate(Config().with_overrides({"training.method": "supermask", "strong.kept": "0.3"}))
+        validate_run(Config().with_overrides({"training.method": "supermask", "strong.kept": "0.3"}))
+    with pytest.raises(ConfigError, match=r"strong\.kept: applies only with training\.method = edgepopup or supermask"):
+        validate_run(Config().with_overrides({"training.method": "neq", "strong.kept": "0.3"}))
 
 
 @pytest.mark.parametrize("sets,message", [

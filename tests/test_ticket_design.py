@@ -7,13 +7,13 @@ from helpers import TINY_ARGS, tiny_config
 
 from stability.apps.cli import main
 from stability.config import ModelConfig
-from stability.data.sources import permuted_pixels
+from stability.data import permuted_pixels
 from stability.errors import ConfigError
 from stability.maths.flops import backward_macs, layer_costs, weight_gradient_saved
 from stability.maths.pruning import mask0_start, updated_fraction
-from stability.models.build import build_model
+from stability.models import build_model
 from stability.stages.checkpoints import load_weights
-from stability.stages.imp.run import imp_key, imp_settings, run_imp
+from stability.stages.imp import imp_key, imp_settings, run_imp
 from stability.stages.instability import InstabilitySettings
 from stability.store.files import load_tensors, read_csv
 
@@ -152,7 +152,7 @@ def test_mask0_is_recorded_and_names_the_run_only_when_not_zero(frozen_run):
 def test_freeze_sparse_instability_holds_the_removed_weights(tmp_path):
     import json
 
-    from stability.siblings import mask_digest
+    from stability.stages.base import mask_digest
 
     cfg = tiny_config(tmp_path)
     result = run_imp(cfg, imp_settings(levels=1, rewind="5it", mask0="freeze", instability=True))
@@ -206,7 +206,7 @@ def test_transfer_trains_another_runs_masks_and_says_where_they_came_from(tmp_pa
 
 def test_permuted_task_is_mnist5k_with_its_pixels_in_one_fixed_order(tmp_path):
     from stability.config import DatasetConfig
-    from stability.data.sources import load_dataset
+    from stability.data import load_dataset
 
     plain, permuted = load_dataset(DatasetConfig()), load_dataset(DatasetConfig(name="mnist5k_permuted"))
     order = torch.as_tensor(permuted_pixels())

@@ -12,10 +12,12 @@ import torch
 from helpers import TINY_ARGS, tiny_config
 
 from stability.errors import CheckpointError, ConfigError
+from stability.methods import METHODS
+from stability.methods.base import Method
 from stability.stages.checkpoints import load_weights
 from stability.stages.context import prepare
 from stability.stages.trunk import train_trunk, trunk_dir
-from stability.store.files import load_tensors, read_csv
+from stability.store.files import load_tensors, read_csv, read_json
 
 
 def _weights(run_dir, step):
@@ -70,6 +72,58 @@ def test_missing_rewind_checkpoint_is_produced_by_exact_replay(tmp_path):
     assert 17 in again.checkpoints
     w_full, w_late = _weights(full.run_dir, 17), _weights(late.run_dir, 17)
     assert all(torch.equal(w_full[k], w_late[k]) for k in w_full)
+
+
+class _Watch:
+    """TrainHooks that change nothing and note what the engine asked of them."""
+
+    freeze = False
+
+    def __init__(self, seen: list):
+        self.seen = seen
+
+    def covered(self, step: int) -> bool:
+        return True
+
+    def attach(self, members) -> dict:
+        self.seen.append(f"attach {members.step}")
+        return {}
+
+    def __call__(self, members) -> None:
+        self.seen.append(members.step)
+
+
+class _Watching(Method):
+    """A method of the test's own, added by one registration: plain training watched through its hooks."""
+
+    name = "watching"
+
+    def __init__(self):
+        self.seen: list = []
+
+    def hooks(self, run, rundir, first, n):
+        return _Watch(self.seen)
+
+    def summary(self, run, rundir, first, end, final):
+        return {"watched": {"steps": end - first, "final_tensors": len(final())}}
+
+
+def test_a_method_registered_in_one_line_is_trained_through_its_hooks(tmp_path, monkeypatch):
+    method = _Watching()
+    monkeypatch.setitem(METHODS._entries, "watching", method)  # as ``METHODS.register``, undone after the test
+    plain = train_trunk(tiny_config(tmp_path / "plain"))
+    cfg = tiny_config(tmp_path / "watched", training__method="watching")
+    watched = train_trunk(cfg)
+    assert method.seen == ["attach 0", *range(30)]  # asked before every step, from the state it attached to
+    w_plain, w_watched = _weights(plain.run_dir, 30), _weights(watched.run_dir, 30)
+    assert all(torch.equal(w_plain[k], w_watched[k]) for k in w_plain)  # hooks that change nothing change nothing
+    state = ["fc.0.weight", "fc.0.bias", "fc.1.weight", "fc.1.bias", "fc.2.weight", "fc.2.bias"]
+    assert read_json(watched.run_dir / "summary.json")["watched"] == {"steps": 30, "final_tensors": len(state)}
+    again = train_trunk(cfg)
+    assert again.reused and again.summary["watched"] == {"steps": 30, "final_tensors": len(state)}
+    with pytest.raises(ConfigError, match="training.method: unknown method 'watchd'; choose one of standard, "
+                                          "edgepopup, supermask, neq, watching"):
+        prepare(cfg.with_overrides({"training.method": "watchd"}))
 
 
 def test_resume_from_intermediate_state_is_bit_identical(tmp_path):

@@ -212,7 +212,7 @@ def _chain_layout(model: nn.Module) -> _Layout:
 
 
 def _resnet_layout(model: nn.Module) -> _Layout:
-    from ..models.build import ResidualBlock
+    from ..models import ResidualBlock
 
     b = _Builder()
     stage = 0
@@ -253,7 +253,7 @@ def _resnet_layout(model: nn.Module) -> _Layout:
 
 def _layout(model: nn.Module) -> _Layout:
     """The spec of a zoo model plus its observation and correction points; ConfigError otherwise."""
-    from ..models.build import CifarResNet, CifarVGG, ConvThenFC, FullyConnected, MobileNetV1
+    from ..models import CifarResNet, CifarVGG, ConvThenFC, FullyConnected, MobileNetV1
 
     if type(model) in (FullyConnected, ConvThenFC, CifarVGG, MobileNetV1):
         return _chain_layout(model)

@@ -22,18 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from ..presets import get_preset
-from ..stages.imp.run import ImpResult, imp_settings, run_imp
+from ..stages.imp import ImpResult, imp_settings, run_imp
 from ..stages.instability import (
-    INDEPENDENT,
-    INDEPENDENT_STEP,
     SweepResult,
     checkpoint_points,
     instability_settings,
     instability_sweep,
-    point_name,
 )
 from ..stages.landscape import hessian_path, hessian_settings, hessian_track
 from ..stages.trunk import train_trunk
+from ..steps import INDEPENDENT, INDEPENDENT_STEP, point_name
 
 
 @dataclass(frozen=True)

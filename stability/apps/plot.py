@@ -1,10 +1,12 @@
 """``stability plot``: figures from records on disk, a thin layer over :func:`analysis.figures.plot_all`.
 
-    stability plot RESULTS... [--kind curves|sweep|imp|hessian|training|all] [--out DIR] [--format png,pdf]
+    stability plot RESULTS... [--kind curves|sweep|imp|hessian|training|earlybird|neq|all] [--out DIR]
+                              [--format png,pdf]
 
-Bad input (an unknown kind or format, a RESULTS path that does not exist) raises
-ConfigError naming the option and its allowed values before anything is written;
-the CLI turns it into exit code 2.
+The kinds, their help and the formats come from ``analysis.figures`` (its table ``FIGURES``), which imports
+neither matplotlib nor pandas until something is drawn, so `stability --help` stays quick. Bad input (an
+unknown kind or format, a RESULTS path that does not exist) raises ConfigError naming the option and its
+allowed values before anything is written; the CLI turns it into exit code 2.
 """
 from __future__ import annotations
 
@@ -13,15 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from analysis.figures import FIGURES, FORMATS, KINDS, check_formats, check_kinds, plot_all
+
 from ..errors import ConfigError
 
-# Kept here as well as in analysis.figures so that `stability --help` does not import matplotlib.
-KINDS = ("curves", "sweep", "imp", "hessian", "training", "earlybird", "neq", "all")
-FORMATS = ("png", "pdf")
-_KIND_HELP = ("curves = interpolation curves, sweep = instability vs rewind step, imp = lottery-ticket levels "
-              "and rewind comparisons (and strong tickets beside them), hessian = eigenvalues, trace and spectral density, training = loss and "
-              "error curves, earlybird = early-bird mask distances, neq = frozen neurons and FLOPs saved over training, "
-              "all = every figure the records allow")
+_KIND_HELP = ", ".join(f"{kind} = {entry.shows}" for kind, entry in FIGURES.items()) + \
+    ", all = every figure the records allow"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -39,35 +38,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _choices(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
-    items = [t.strip().lower() for t in str(text).split(",") if t.strip()]
-    bad = [t for t in items if t not in allowed]
-    if bad or not items:
-        shown = repr(bad[0]) if bad else "nothing"
-        raise ConfigError(f"{option}: unknown value {shown}; choose from {', '.join(allowed)} (comma-separated)")
-    return list(dict.fromkeys(items))
-
-
 def cmd_plot(args: argparse.Namespace) -> int:
     """Write the figures for ``args.results`` and print their paths; 1 when there was nothing to draw."""
-    kinds = _choices(args.kind, KINDS, "--kind")
-    formats = _choices(args.format, FORMATS, "--format")
+    kinds = check_kinds(args.kind)
+    formats = check_formats(args.format)
     sources = [Path(r) for r in args.results]
     for path in sources:
         if not path.exists():
             raise ConfigError(f"RESULTS: {str(path)!r} does not exist; give a results root or a run directory")
     out = Path(args.out) if args.out else sources[0] / "figures"
 
-    from analysis.figures import plot_all  # matplotlib only when plotting
-
     written = plot_all(sources, out, formats=formats, kinds=kinds)
     if not written:
         where = ", ".join(str(s) for s in sources)
-        print(f"no records to draw {', '.join(kinds)} figures from under {where}", file=sys.stderr)
+        print(f"no records to draw {args.kind} figures from under {where}", file=sys.stderr)
         return 1
     for path in written:
         print(path)
     return 0
 
 
-__all__ = ["FORMATS", "KINDS", "add_parser", "cmd_plot"]
+__all__ = ["add_parser", "cmd_plot"]

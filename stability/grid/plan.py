@@ -47,8 +47,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, read_toml_data, settings_hash, validate
+from ..config import Config, read_toml_data, settings_hash
 from ..errors import ConfigError
+from ..methods import validate_run
 from ..store.files import RunDir, write_json
 from ..store.schema import (
     GRIDS,
@@ -158,7 +159,7 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
     bad = [k for k in res if k not in names]
     if bad:
         raise ConfigError(f"resources.{bad[0]}: unknown setting; settings are {', '.join(names)}")
-    from ..config import coerce_field
+    from ..config.convert import coerce_field
 
     resources = Resources(**{k: coerce_field(Resources, "resources", k, v) for k, v in res.items()}).validate()
     source = {k: v for k, v in data.items() if k != "description"}
@@ -208,10 +209,8 @@ class Plan:
 def make_plan(grid: Grid) -> Plan:
     """Expand a grid into units; every point is checked (settings, names, steps) before anything runs."""
     from ..stages.context import prepare
-    from ..stages.imp.run import check_method, imp_dir, imp_settings, resolve_rewind_step
+    from ..stages.imp import check_method, imp_dir, imp_settings, resolve_rewind_step
     from ..stages.instability import (
-        INDEPENDENT,
-        INDEPENDENT_STEP,
         check_alignment_method,
         checkpoint_points,
         independent_config,
@@ -221,6 +220,7 @@ def make_plan(grid: Grid) -> Plan:
     from ..stages.landscape import hessian_settings, track_key, track_steps
     from ..stages.siblings import siblings_dir
     from ..stages.trunk import trunk_dir
+    from ..steps import INDEPENDENT, INDEPENDENT_STEP
 
     units: dict[str, Unit] = {}
 
@@ -250,7 +250,7 @@ def make_plan(grid: Grid) -> Plan:
         # units use the threads they are given by the executors (the same number everywhere, so
         # results do not depend on which executor ran them) and print no progress bars
         cfg = cfg.with_overrides({"runtime.threads": str(grid.resources.cpus), "runtime.quiet": "true"})
-        validate(cfg)
+        validate_run(cfg)
         if imp is not None:
             check_method(cfg)  # training methods IMP cannot train: refused when planning, not when the unit runs
         if "instability" in grid.stages or (imp is not None and (imp.rewind == "auto" or imp.instability)):

@@ -30,7 +30,7 @@ def grid_frame(plan: Plan):
     """One row per grid point: its axis values and each stage's headline results (from the records)."""
     import pandas as pd
 
-    from ..stages.instability import point_name
+    from ..steps import point_name
 
     root = plan.grid.root
     rows = []

@@ -24,7 +24,7 @@ def run_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
     A failure is also written to the grid's ``failures/`` folder (and removed once the unit completes).
     """
     from ..stages.context import prepare
-    from ..stages.imp.run import imp_settings, run_imp
+    from ..stages.imp import imp_settings, run_imp
     from ..stages.instability import instability_settings, instability_sweep
     from ..stages.landscape import hessian_settings, hessian_track
     from ..stages.siblings import SiblingSettings, train_siblings

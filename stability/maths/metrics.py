@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # Matching tolerance with a single dense replicate: 0.2 percentage points (as a fraction).
 SINGLE_REPLICATE_TOLERANCE = 0.002
@@ -161,6 +162,8 @@ def trajectory_length(
     outputs. Evaluated under no_grad in batches of ``batch_size``; put a model
     in eval mode first so BatchNorm and dropout do not change along the curve.
     """
+    import torch  # here, not at the top: analysis reads records through this module without torch
+
     if n_points < 3:
         raise ValueError(f"n_points must be >= 3, got {n_points}")
     if x1.shape != x2.shape:

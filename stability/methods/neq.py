@@ -51,24 +51,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..config import Config
 from ..engine import Members, derive_seed
 from ..errors import ConfigError
 from ..maths.flops import LayerCost, backward_macs, layer_costs, weight_gradient_saved
 from ..maths.pruning import PRUNABLE_MODULES
-from ..models.build import output_layer_name
-from ..steps import to_iterations
-from ..store.files import RunDir, write_csv
+from ..models import output_layer_name
+from ..steps import Step, to_iterations
+from ..store.files import RunDir, read_table, write_csv
 from ..store.schema import NEQ_COLUMNS, NEQ_RECORDS
+from .base import Method, RunParts
 
-if TYPE_CHECKING:
-    from ..stages.context import Context
-
+BASELINES = ("none", "random", "matched")
+VELOCITIES = ("reference", "paper")
 ALL = "all"  # the layer name of the rows that sum over every NEq layer
 _KEY = "neq/"  # Members.extra keys
 
@@ -100,7 +101,7 @@ def velocity(dphi: Tensor, dphi_prev: Tensor, v_prev: Tensor, mu: float, rule: s
         return dphi - mu * v_prev
     if rule == "reference":
         return dphi - dphi_prev + mu * v_prev
-    raise ConfigError(f"neq.velocity: unknown value {rule!r}; choose one of reference, paper")
+    raise ConfigError(f"neq.velocity: unknown value {rule!r}; choose one of {', '.join(VELOCITIES)}")
 
 
 def layer_outputs(model: nn.Module, layers: Sequence[str], params: Mapping[str, Tensor],
@@ -158,7 +159,7 @@ class NeqTracker:
     (``{}`` when nothing is frozen), else None. ``on_record`` gets the rows of each evaluation.
     """
 
-    def __init__(self, ctx: Context, first: int, on_record: Callable[[list[dict[str, Any]]], None] | None = None):
+    def __init__(self, ctx: RunParts, first: int, on_record: Callable[[list[dict[str, Any]]], None] | None = None):
         cfg = ctx.cfg
         self.settings = cfg.neq
         self.model = ctx.model
@@ -323,13 +324,13 @@ class NeqTracker:
 
 
 # --------------------------------------------------------------------------- inside a resumable run
-def neq_every(ctx: Context) -> int:
+def neq_every(ctx: RunParts) -> int:
     """The NEq evaluation cadence in iterations (``neq.every``, else ``training.eval_every``)."""
     every = ctx.cfg.neq.every or ctx.cfg.training.eval_every
     return to_iterations(every, ctx.ipe, "neq.every" if ctx.cfg.neq.every else "training.eval_every")
 
 
-def check_settings(ctx: Context) -> None:
+def check_settings(ctx: RunParts) -> None:
     """Refuse NEq settings this model and data cannot run (before anything is written)."""
     if neq_every(ctx) < 1:
         raise ConfigError(f"neq.every: must be at least 1 iteration, got {ctx.cfg.neq.every!r}")
@@ -349,26 +350,29 @@ def check_settings(ctx: Context) -> None:
 
 def read_records(run: RunDir) -> list[dict[str, Any]] | None:
     """neq.csv of a run, or None when it is missing or damaged (a damaged one is moved aside)."""
-    from ..store.files import read_table
-
     return read_table(run, NEQ_RECORDS, NEQ_COLUMNS)
 
 
 class NeqRun:
-    """NEq inside one resumable training run: its tracker, its records (``neq.csv``) and their resume.
+    """NEq inside one training run (``TrainHooks``): its tracker, its records (``neq.csv``) and their resume.
 
     ``covered(s)``: neq.csv holds every member's rows of every NEq evaluation before step s (a saved
     state at s is used only then); ``attach(members)`` continues from the state the members carry and
-    returns the masks in force; the object itself is the engine's ``update_masks`` hook.
+    returns the masks in force; the object itself is the engine's ``update_masks`` hook. Without a run
+    directory (the trunk's checkpoint replay) it reads and writes no records.
     """
 
-    def __init__(self, ctx: Context, run: RunDir, first: int, members: int):
+    freeze = True  # a frozen neuron is held at its values, not pruned
+
+    def __init__(self, ctx: RunParts, run: RunDir | None, first: int, members: int):
         self.run = run
-        self.tracker = NeqTracker(ctx, first, self._record)
+        self.tracker = NeqTracker(ctx, first, None if run is None else self._record)
         self.n = members
-        self.rows: list[dict[str, Any]] = read_records(run) or []
+        self.rows: list[dict[str, Any]] = (read_records(run) or []) if run is not None else []
 
     def covered(self, step: int) -> bool:
+        if self.run is None:
+            return True
         counts: dict[int, int] = {}
         for r in self.rows:
             counts[r["step"]] = counts.get(r["step"], 0) + 1
@@ -411,11 +415,56 @@ def neq_summary(rows: Sequence[Mapping[str, Any]], first: int, end: int) -> dict
             "backward_flops_saved_fraction": saved}
 
 
-def run_summary(run: RunDir, first: int, end: int) -> dict[str, Any] | None:
-    """``neq_summary`` of a run's neq.csv, or None when it is missing or damaged."""
-    rows = read_records(run)
-    return None if rows is None else neq_summary(rows, first, end)
+# --------------------------------------------------------------------------- the method
+class Neq(Method):
+    """``training.method = neq`` with the ``[neq]`` settings: dense training whose neurons at equilibrium
+    skip their updates; its records are ``neq.csv`` and the ``neq`` entry of ``summary.json``."""
+
+    name = "neq"
+    section = "neq"
+    trains = "trains dense networks"
+    accepts_masks = False  # its own masks change as it trains: no pruning or frozen weights besides
+    records = NEQ_RECORDS
+
+    def validate(self, cfg: Config) -> None:
+        """The ``[neq]`` values (ConfigError naming the setting and the allowed values)."""
+        nq = cfg.neq
+        if not (nq.eps >= 0 and math.isfinite(nq.eps)):
+            raise ConfigError(f"neq.eps: the equilibrium threshold must be a finite number >= 0, got {nq.eps}")
+        if not 0 <= nq.mu < 1:
+            raise ConfigError(f"neq.mu: the velocity momentum mu_eq must be in [0, 1), got {nq.mu}")
+        for key, allowed in (("velocity", VELOCITIES), ("baseline", BASELINES)):
+            if getattr(nq, key) not in allowed:
+                raise ConfigError(f"neq.{key}: unknown value {getattr(nq, key)!r}; choose one of {', '.join(allowed)}")
+        if nq.examples < 1:
+            raise ConfigError(f"neq.examples: the number of validation examples must be >= 1, got {nq.examples}")
+        if nq.every:
+            Step.parse(nq.every, "neq.every")
+        if not 0 <= nq.random_fraction <= 1:
+            raise ConfigError(f"neq.random_fraction: must be a fraction in (0, 1], got {nq.random_fraction}")
+        if nq.baseline == "random" and nq.random_fraction == 0:
+            raise ConfigError("neq.random_fraction: neq.baseline = random needs the fraction of neurons to freeze, "
+                              "in (0, 1] (e.g. the mean fraction an NEq run froze); got 0")
+        if nq.baseline != "random" and nq.random_fraction != 0:
+            raise ConfigError(f"neq.random_fraction: applies only with neq.baseline = random, not {nq.baseline!r}")
+
+    def check(self, run: RunParts) -> None:
+        """``check_settings``: a cadence that judges neurons before the end, validation examples, NEq layers."""
+        check_settings(run)
+
+    def hooks(self, run: RunParts, rundir: RunDir | None, first: int, n: int) -> NeqRun:
+        """NEq's tracker and records for this training (``NeqRun``)."""
+        return NeqRun(run, rundir, first, n)
+
+    def summary(self, run: RunParts, rundir: RunDir, first: int, end: int,
+                final: Callable[[], Mapping[str, Tensor]]) -> dict[str, Any] | None:
+        """``neq_summary`` of the run's neq.csv under ``"neq"``; None when it is missing or damaged."""
+        rows = read_records(rundir)
+        return None if rows is None else {"neq": neq_summary(rows, first, end)}
 
 
-__all__ = ["ALL", "NeqRun", "NeqTracker", "check_settings", "choose_frozen", "layer_outputs", "neq_every",
-           "neq_layers", "neq_summary", "neuron_cosine", "read_records", "run_summary", "velocity"]
+NEQ = Neq()
+
+__all__ = ["ALL", "BASELINES", "NEQ", "VELOCITIES", "Neq", "NeqRun", "NeqTracker", "check_settings", "choose_frozen",
+           "layer_outputs", "neq_every", "neq_layers", "neq_summary", "neuron_cosine", "read_records",
+           "velocity"]

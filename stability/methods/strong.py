@@ -25,26 +25,39 @@ re-initializes the weights (the paper's models have no biases), at the model's o
 The effective weight is computed with ``w * (m + (a - a.detach()))``: exactly ``w * m`` in the forward
 pass, the straight-through gradient in the backward pass, no custom autograd.Function (so ``vmap`` over
 members works), the top-k by ``torch.topk`` indices (exactly k kept, ties broken by topk).
+
+The two methods (``EDGEPOPUP``, ``SUPERMASK``: ``StrongTicket``) build that model, train no weights (so IMP,
+early-bird tickets and alignment refuse them) and accept no masks, and write at the top of the run's
+``summary.json`` its ``"method"`` and ``"mask_density"``: the fraction of scored weights the final evaluation
+mask keeps, so readers need not load the weights.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import STRONG_METHODS, Config, StrongConfig
+from ..config import Config, StrongConfig
 from ..engine.members import derive_seed
 from ..errors import ConfigError
-from ..models.build import noise_generator
+from ..models import noise_generator
+from ..store.schema import STRONG_METHODS
+from .base import Method, RunParts, changed_settings
 
-__all__ = ["STRONG_METHODS", "ScoredConv1d", "ScoredConv2d", "ScoredLinear", "edgepopup_mask", "evaluation_mask",
-           "is_strong",
-           "kept_count", "make_strong", "mask_density", "model_for_run", "scored_layers", "state_masks"]
+if TYPE_CHECKING:
+    from ..store.files import RunDir
 
+__all__ = ["EDGEPOPUP", "SUPERMASK", "ScoredConv1d", "ScoredConv2d", "ScoredLinear", "StrongTicket",
+           "edgepopup_mask", "evaluation_mask", "kept_count", "make_strong", "mask_density", "scored_layers",
+           "state_masks"]
+
+WEIGHT_INITS = ("signed_constant", "kaiming_normal", "default")
+SCORE_INITS = ("kaiming_uniform", "kaiming_normal")
+EVAL_MASKS = ("expected", "sample")
 _RELU_GAIN = math.sqrt(2.0)
 _DEFAULTS = StrongConfig()
 
@@ -259,16 +272,6 @@ def make_strong(model: nn.Module, method: str, settings: StrongConfig = _DEFAULT
     return model
 
 
-def is_strong(cfg: Config) -> bool:
-    """Whether a run trains scores over frozen weights."""
-    return cfg.training.method in STRONG_METHODS
-
-
-def model_for_run(model: nn.Module, cfg: Config, seed: int) -> nn.Module:
-    """The model a run of ``cfg`` trains: ``model`` itself, or its strong-ticket version for edgepopup/supermask."""
-    return make_strong(model, cfg.training.method, cfg.strong, seed) if is_strong(cfg) else model
-
-
 def scored_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Module name -> scored layer, in model order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, _SCORED)}
@@ -297,29 +300,42 @@ def mask_density(state: Mapping[str, Tensor], method: str, settings: StrongConfi
     return float(sum(float(m.sum()) for m in masks.values()) / total) if total else float("nan")
 
 
-def run_mask_density(run_dir: Any, step: int | None = None, member: int = 0) -> float | None:
-    """The evaluation mask's density of a finished strong-ticket train run (its final step unless given); None
-    for runs of other methods."""
-    from pathlib import Path
+# --------------------------------------------------------------------------- the methods
+_ONLY = {"kept": "edgepopup", "eval_mask": "supermask"}  # [strong] settings that one strong method alone reads
 
-    from ..config import from_dict
-    from ..errors import RecordError
-    from ..stages.checkpoints import load_weights
-    from ..store.files import read_json
-    from ..store.schema import MANIFEST
 
-    path = Path(run_dir)
-    try:  # read only (``read_record`` would move a damaged manifest aside)
-        manifest = read_json(path / MANIFEST)
-    except (OSError, RecordError):
-        return None
-    config = manifest.get("config") if isinstance(manifest, Mapping) else None
-    if not isinstance(config, Mapping):
-        return None
-    cfg = from_dict(config)
-    if not is_strong(cfg):
-        return None
-    final = manifest.get("final_step") if step is None else step
-    if final is None:
-        return None
-    return mask_density(load_weights(path, int(final), member), cfg.training.method, cfg.strong)
+class StrongTicket(Method):
+    """edge-popup or the learned supermask: scores trained over frozen weights, with ``[strong]`` settings."""
+
+    section = "strong"
+    trains = "trains scores over frozen weights (its own masks)"
+    trains_weights = False
+    accepts_masks = False  # its parameters are scores: a pruning mask of weights does not apply to them
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def validate(self, cfg: Config) -> None:
+        """The ``[strong]`` values, and the settings only the other strong method reads left at their defaults."""
+        st = cfg.strong
+        if not (0 < st.kept <= 1):
+            raise ConfigError(f"strong.kept: the fraction of each layer's weights kept must be in (0, 1], got {st.kept}")
+        for key, allowed in (("weight_init", WEIGHT_INITS), ("score_init", SCORE_INITS), ("eval_mask", EVAL_MASKS)):
+            if getattr(st, key) not in allowed:
+                raise ConfigError(f"strong.{key}: unknown value {getattr(st, key)!r}; choose one of {', '.join(allowed)}")
+        for key in changed_settings(st):
+            if key in _ONLY and _ONLY[key] != self.name:
+                raise ConfigError(f"strong.{key}: applies only with training.method = {_ONLY[key]}, not {self.name!r}")
+
+    def build(self, model: nn.Module, cfg: Config, seed: int) -> nn.Module:
+        """The score-trained version of ``model`` (``make_strong``)."""
+        return make_strong(model, self.name, cfg.strong, seed)
+
+    def summary(self, run: RunParts, rundir: RunDir, first: int, end: int,
+                final: Callable[[], Mapping[str, Tensor]]) -> dict[str, Any]:
+        """The method and the density of the final evaluation mask (so readers need not load the weights)."""
+        return {"method": self.name, "mask_density": mask_density(final(), self.name, run.cfg.strong)}
+
+
+# the names are the schema's, which says what these runs write into summary.json
+EDGEPOPUP, SUPERMASK = (StrongTicket(name) for name in STRONG_METHODS)

@@ -22,14 +22,12 @@ def checkpoint_path(run: RunDir, step: int) -> Path:
     return run / checkpoint_name(step)
 
 
-
 def saved_checkpoints(run: RunDir) -> list[int]:
     """Steps with a saved checkpoint, ascending."""
     folder = run / CHECKPOINTS
     if not folder.is_dir():
         return []
     return sorted(checkpoint_step(p.name) for p in folder.glob(CHECKPOINT_GLOB))
-
 
 
 def load_members(path: Path, ctx: Context) -> Members:
@@ -53,7 +51,6 @@ def load_members(path: Path, ctx: Context) -> Members:
     return members
 
 
-
 def save_state(path: Path, members: Members) -> None:
     """Save a resumable state; a state with NaN or inf is never written (TrainingDiverged instead)."""
     bad = first_nonfinite(members)
@@ -62,7 +59,6 @@ def save_state(path: Path, members: Members) -> None:
                                step=members.step, member=bad[0], tensor=bad[1])
     tensors, meta = members.to_tensors()
     save_tensors(path, tensors, meta)
-
 
 
 def load_weights(run: RunDir | str | Path, step: int, member: int = 0) -> dict[str, torch.Tensor]:
@@ -80,7 +76,6 @@ def load_weights(run: RunDir | str | Path, step: int, member: int = 0) -> dict[s
     if bad:
         raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite values ({bad[0]}); it is not a trained network")
     return out
-
 
 
 def initial_members(ctx: Context) -> Members:

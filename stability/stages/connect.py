@@ -19,12 +19,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import STRONG_METHODS, Config, from_dict, settings_from_table, settings_hash
+from ..config import Config, from_dict, settings_from_table, settings_hash
 from ..engine import Members, StackedModel
 from ..errors import ConfigError
 from ..maths.health import DEFAULT_CHANCE_MARGIN, chance_error
 from ..maths.interpolation import ALIGN_METHODS, CurveSettings, curve_rows
-from ..store.files import RunDir, load_tensors, read_record, write_csv, write_json
+from ..maths.sweep import flag_curves, pair_barriers
+from ..methods import method_of, names_with
+from ..store.files import (
+    RunDir,
+    load_tensors,
+    read_record,
+    read_table,
+    short_digest,
+    write_csv,
+    write_json,
+)
 from ..store.schema import (
     CONNECT,
     CONNECT_SUMMARY,
@@ -36,9 +46,10 @@ from ..store.schema import (
     TRAIN,
     mask_name,
 )
+from .base import Need, run_once, settings_key
 from .checkpoints import load_members, load_weights
-from .context import prepare
-from .instability import SPLITS, flag_curves, pair_barriers
+from .context import Context, prepare
+from .instability import SPLITS
 
 
 @dataclass(frozen=True)
@@ -142,9 +153,21 @@ def _same_masks(a: Mapping[str, Tensor] | None, b: Mapping[str, Tensor] | None) 
     return a.keys() == b.keys() and all(torch.equal(a[k].bool(), b[k].bool()) for k in a)
 
 
+def connect_key(a: Network, b: Network, settings: ConnectSettings) -> dict[str, Any]:
+    """What names a connect run: both networks' and masks' contents, the architecture, the dataset and the settings
+    (allowing different masks only lets a run happen: it names nothing)."""
+    return {"a": short_digest(a.state), "b": short_digest(b.state),
+            "masks": [short_digest(a.masks), short_digest(b.masks)],
+            "model": settings_key(a.cfg.model, legacy="connect.model"), "dataset": a.cfg.dataset.name,
+            **settings_key(settings, drop=("allow_different_masks",), legacy=CONNECT)}
+
+
 def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = ConnectSettings(), *,
             results_root: str | None = None) -> ConnectResult:
-    """The interpolation curve and barrier from network A to network B (B aligned to A when asked)."""
+    """The interpolation curve and barrier from network A to network B (B aligned to A when asked).
+
+    A finished connect run of the same two networks (by contents) and settings is reused, its records as written.
+    """
     settings.validate()
     t0 = time.perf_counter()
     a, b = load_network(path_a, results_root), load_network(path_b, results_root)
@@ -154,51 +177,75 @@ def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = 
             raise ConfigError(f"RUN: the two networks differ in [{section}] ({getattr(a.cfg, section)} vs "
                               f"{getattr(b.cfg, section)}); only networks of the same architecture on the same data connect")
     methods = {a.cfg.training.method, b.cfg.training.method}
-    if methods & set(STRONG_METHODS):
+    if not (method_of(a.cfg).trains_weights and method_of(b.cfg).trains_weights):
         # strong tickets: only the scores are interpolated, so both must sit on the same frozen weights
         frozen = [k for k in a.state if k.endswith((".weight", ".bias"))]  # buffers in a strong model
         if (len(methods) > 1 or a.cfg.strong != b.cfg.strong or settings.curve_settings().aligned
                 or any(k not in b.state or not torch.equal(a.state[k], b.state[k]) for k in frozen)):
-            raise ConfigError("RUN: strong tickets (edgepopup, supermask) connect only to strong tickets of the same "
-                              "method and [strong] settings over the same frozen weights (the same init seed), "
-                              "without alignment or REPAIR; these two differ")
+            raise ConfigError(f"RUN: strong tickets ({', '.join(names_with('trains_weights', False))}) connect only "
+                              "to strong tickets of the same method and [strong] settings over the same frozen "
+                              "weights (the same init seed), without alignment or REPAIR; these two differ")
     if settings.align != "none" and not settings.allow_different_masks and not _same_masks(a.masks, b.masks):
         raise ConfigError("connect.align: the two networks have different masks, so the aligned interpolation "
                               "has neither's sparsity pattern; pass --allow-different-masks to align them anyway")
-    cfg = a.cfg  # rooted at results_root (when given) by load_network
-    ctx = prepare(cfg)
-    sm = StackedModel(ctx.model)
-    key = {"a": _digest(a.state), "b": _digest(b.state), "masks": [_digest(a.masks), _digest(b.masks)],
-           "model": asdict(cfg.model), "dataset": cfg.dataset.name,
-           **{k: v for k, v in asdict(settings).items() if k != "allow_different_masks"}}
-    run = RunDir(cfg.runtime.results_root, CONNECT, settings_hash(key))
-    curve_settings = settings.curve_settings(cfg.runtime.eval_batch_size)
-    # the two networks as the two members of a sweep point: measured as a sweep measures its siblings
-    members = Members.from_model_states([a.state, b.state], sm.param_names, 0, [0, 0], [0, 0], ctx.device)
-    with run.claim():
-        run.start({"connect": asdict(settings), "a": a.source, "b": b.source}, key, {})
-        rows = curve_rows(sm, members, settings.splits, ctx.data, curve_settings, rewind_step="")
+    return _connect(prepare(a.cfg), settings, a, b, t0)  # a.cfg: rooted at results_root (when given)
+
+
+def _connect(ctx: Context, settings: ConnectSettings, a: Network, b: Network, t0: float) -> ConnectResult:
+    key = connect_key(a, b, settings)
+    splits = settings.splits
+
+    def load(run: RunDir) -> ConnectResult | None:
+        summary, rows = read_record(run / CONNECT_SUMMARY), read_table(run, CURVES, CURVE_COLUMNS)
+        if summary is None or rows is None or any(s not in summary.get("barrier", {}) for s in splits):
+            return None
+        return ConnectResult(run.path, summary["barrier"], summary["loss_barrier"], rows, summary)
+
+    def compute(run: RunDir, _: None) -> ConnectResult:
+        sm = StackedModel(ctx.model)
+        curve_settings = settings.curve_settings(ctx.cfg.runtime.eval_batch_size)
+        # the two networks as the two members of a sweep point: measured as a sweep measures its siblings
+        members = Members.from_model_states([a.state, b.state], sm.param_names, 0, [0, 0], [0, 0], ctx.device)
+        rows = curve_rows(sm, members, splits, ctx.data, curve_settings, rewind_step="")
         for row in rows:
             row["pair"] = "a-b"
-        flag_curves(rows, {s: chance_error(ctx.data.split(s)[1]) for s in settings.splits}, DEFAULT_CHANCE_MARGIN)
-        untrained = [s for s in settings.splits if any(r["flag"] for r in rows if r["split"] == s)]
+        flag_curves(rows, {s: chance_error(ctx.data.split(s)[1]) for s in splits}, DEFAULT_CHANCE_MARGIN)
+        untrained = [s for s in splits if any(r["flag"] for r in rows if r["split"] == s)]
         by_pair = pair_barriers(rows)
-        barriers = {s: by_pair["", s, "a-b"][0] for s in settings.splits}
-        loss_barriers = {s: by_pair["", s, "a-b"][1] for s in settings.splits}
+        barriers = {s: by_pair["", s, "a-b"][0] for s in splits}
+        loss_barriers = {s: by_pair["", s, "a-b"][1] for s in splits}
         summary = {"a": a.source, "b": b.source, "settings": asdict(settings), "alignment":
                    curve_settings.alignment(), "barrier": barriers,
                    "loss_barrier": loss_barriers, "untrained": untrained, "sparse": a.masks is not None,
                    "seconds": round(time.perf_counter() - t0, 3)}
         write_csv(run / CURVES, rows, CURVE_COLUMNS)
         write_json(run / CONNECT_SUMMARY, summary)
-        run.update(status="complete")
-    return ConnectResult(run.path, barriers, loss_barriers, rows, summary)
+        return ConnectResult(run.path, barriers, loss_barriers, rows, summary)
+
+    run = RunDir(ctx.cfg.runtime.results_root, CONNECT, settings_hash(key))
+    return run_once(run, load=load, compute=compute, accept_other_versions=ctx.cfg.runtime.accept_other_versions,
+                    start=lambda r: r.start({"connect": asdict(settings), "a": a.source, "b": b.source}, key, {}))
 
 
-def _digest(tensors: Mapping[str, Tensor] | None) -> str | None:
-    from ..store.files import tensors_digest
+class ConnectStage:
+    """``connect`` as a stage: args ``a`` and ``b``, the two checked Networks (``connect`` loads and checks them);
+    ``ctx`` is their shared architecture's and dataset's. It needs no run made first: both are finished runs."""
 
-    return tensors_digest(dict(tensors))[:16] if tensors is not None else None
+    name = CONNECT
+    settings = ConnectSettings
+
+    def key(self, ctx: Context, settings: ConnectSettings, *, a: Network, b: Network) -> dict[str, Any]:
+        return connect_key(a, b, settings)
+
+    def needs(self, ctx: Context, settings: ConnectSettings, *, a: Network, b: Network) -> list[Need]:
+        return []
+
+    def run(self, ctx: Context, settings: ConnectSettings, *, a: Network, b: Network) -> ConnectResult:
+        return _connect(ctx, settings, a, b, time.perf_counter())
 
 
-__all__ = ["ConnectResult", "ConnectSettings", "Network", "connect", "connect_settings", "load_network"]
+CONNECT_STAGE = ConnectStage()
+
+
+__all__ = ["CONNECT_STAGE", "ConnectResult", "ConnectSettings", "Network", "connect", "connect_key", "connect_settings",
+           "load_network"]

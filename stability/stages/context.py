@@ -10,12 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, validate
-from ..data.sources import DataSplits, load_dataset
+from ..config import Config
+from ..data import DataSplits, load_dataset
 from ..engine import configure_threads, iterations_per_epoch, resolve_device
 from ..errors import ConfigError
-from ..methods.strong import model_for_run
-from ..models.build import build_model
+from ..methods import method_of, validate_run
+from ..methods.base import Method
+from ..models import build_model
 from ..plugins import load_plugins
 from ..steps import to_iterations
 
@@ -46,6 +47,11 @@ class Context:
             out.append(it)
         return sorted(set(out))
 
+    @property
+    def method(self) -> Method:
+        """The training method of the run (``training.method``, checked by ``prepare``)."""
+        return method_of(self.cfg)
+
     def new_model(self, seed: int | None = None) -> nn.Module:
         """A freshly initialized model (seeded by init_seed unless given)."""
         seed = self.cfg.training.init_seed if seed is None else seed
@@ -56,25 +62,21 @@ class Context:
         return self.data.augmentation
 
 
-
 @functools.lru_cache(maxsize=4)
 def _cached_dataset(dataset_cfg: Any, device: str) -> DataSplits:
     return load_dataset(dataset_cfg, device)
 
 
-
 def _run_model(cfg: Config, data: DataSplits, seed: int, device: torch.device) -> nn.Module:
-    """The model a run of ``cfg`` trains, initialized from ``seed``, on ``device`` (strong tickets: scores
-    over frozen weights)."""
+    """The model a run of ``cfg`` trains, initialized from ``seed``, on ``device`` (as its method builds it)."""
     model = build_model(cfg.model, data.input_shape, data.num_classes, seed)
-    return model_for_run(model, cfg, seed).to(device)
-
+    return method_of(cfg).build(model, cfg, seed).to(device)
 
 
 def prepare(cfg: Config) -> Context:
     """Validate settings, pick device and threads, load data and build the model template."""
-    load_plugins(cfg.runtime.plugins)
-    validate(cfg)
+    load_plugins(cfg.runtime.plugins)  # before validating: plugins register models, datasets and methods
+    validate_run(cfg)
     device = resolve_device(cfg.runtime.device)
     configure_threads(cfg.runtime.threads)
     data = _cached_dataset(cfg.dataset, str(device))
@@ -87,9 +89,6 @@ def prepare(cfg: Config) -> Context:
     for key in ("eval_every", "checkpoint_every"):
         if to_iterations(getattr(cfg.training, key), ipe, f"training.{key}") < 1:
             raise ConfigError(f"training.{key}: must be at least 1 iteration")
-    if cfg.training.method == "neq":
-        from ..methods.neq import check_settings
-
-        check_settings(ctx)
+    ctx.method.check(ctx)
     return ctx
 

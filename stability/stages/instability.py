@@ -3,14 +3,14 @@
 instability = max_α E(θ(α)) − ½·(E(θ_a) + E(θ_b)) per pair of siblings (the error
 barrier; the loss barrier is the same formula on the loss). A rewind point is
 stable when the mean over pairs is below ``threshold``. The first stable step is
-the first swept k that is stable and stays stable at every later swept k.
+the first swept k that is stable and stays stable at every later swept k
+(``stability.maths.sweep`` judges the curves; this module trains, measures and records).
 
 Results (in ``results_root/instability_<hash>/``): ``curves.csv``, ``sweep.csv``
 and ``instability.json``.
 """
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,39 +20,42 @@ from typing import Any
 
 from torch import Tensor
 
-from ..config import STRONG_METHODS, Config, settings_from_table, settings_hash
+from ..config import Config, settings_from_table, settings_hash
 from ..engine import Members, StackedModel
-from ..errors import ConfigError, TrainingDiverged
-from ..maths.health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin, is_untrained
-from ..maths.interpolation import BN_MODES, CurveSettings, curve_rows, error_barrier
-from ..steps import format_step
-from ..store.files import PointTable, RunDir, read_record, tensors_digest, write_csv, write_json
+from ..errors import ConfigError, RecordError, TrainingDiverged
+from ..maths.health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin
+from ..maths.interpolation import BN_MODES, CurveSettings, curve_rows
+from ..maths.sweep import first_stable_step, flag_curves, sweep_table
+from ..methods import method_of
+from ..models.build import has_batchnorm
+from ..steps import INDEPENDENT, INDEPENDENT_STEP, point_name
+from ..store.files import (
+    PointTable,
+    RunDir,
+    read_record,
+    read_table,
+    short_digest,
+    write_csv,
+    write_json,
+)
 from ..store.schema import (
     CURVE_COLUMNS,
     CURVES,
     INSTABILITY,
     INSTABILITY_SUMMARY,
+    SIBLINGS,
     SWEEP,
     SWEEP_COLUMNS,
     TRAIN,
 )
+from .base import Need, mask_digest, member_tensors, run_once, settings_key
 from .context import Context, prepare
-from .siblings import (
-    NOISE_KINDS,
-    OPTIMIZER_STATES,
-    SiblingSettings,
-    mask_digest,
-    siblings_info,
-    train_siblings,
-)
+from .siblings import NOISE_KINDS, OPTIMIZER_STATES, SiblingSettings, siblings_info, train_siblings
 from .trunk import train_trunk, trunk_checkpoint, trunk_dir
 
 SPLITS = ("test", "train", "val")
-_ALIGN_FIELDS = ("align", "repair", "align_examples", "align_seed")
-# The rewind point "independent": networks trained from different initializations (init and noise seeds
-# init_seed + i, noise_seed + i), measured beside the siblings; recorded with rewind_step = -1.
-INDEPENDENT = "independent"
-INDEPENDENT_STEP = -1
+# The rewind point INDEPENDENT (stability.steps): networks trained from different initializations (init and noise
+# seeds init_seed + i, noise_seed + i), measured beside the siblings; recorded with rewind_step = INDEPENDENT_STEP.
 
 
 
@@ -128,6 +131,7 @@ class SweepResult:
     first_stable_step_by_split: dict[str, int | None] = field(default_factory=dict)
     threshold: float = 0.02
     summary: dict[str, Any] = field(default_factory=dict, repr=False)
+    reused: bool = False  # read back from a finished run (its records as they were written)
 
     def dataframe(self):
         """The sweep table as a pandas DataFrame."""
@@ -136,105 +140,17 @@ class SweepResult:
         return pd.DataFrame(self.table)
 
 
-def first_stable_step(steps: Sequence[int], instabilities: Sequence[float], threshold: float,
-                      statuses: Sequence[str] | None = None) -> int | None:
-    """First k below threshold that stays below it at every later k (steps ascending).
-
-    With ``statuses``, diverged points are skipped and untrained points count as not stable.
-    """
-    first = None
-    for i, (k, value) in enumerate(zip(steps, instabilities)):
-        status = statuses[i] if statuses is not None else "ok"
-        if status == "diverged":
-            continue
-        if status == "ok" and value < threshold:
-            if first is None:
-                first = k
-        else:
-            first = None
-    return first
-
-
-def pair_barriers(curves: Sequence[Mapping[str, Any]]) -> dict[tuple[int, str, str], tuple[float, float]]:
-    """(rewind_step, split, pair) -> (error barrier, loss barrier) from curve rows sorted by α."""
-    grouped: dict[tuple[int, str, str], list[Mapping[str, Any]]] = {}
-    for row in curves:
-        grouped.setdefault((row["rewind_step"], row["split"], row["pair"]), []).append(row)
-    out = {}
-    for key, rows in grouped.items():
-        rows = sorted(rows, key=lambda r: r["alpha"])
-        out[key] = (error_barrier([r["error"] for r in rows]), error_barrier([r["loss"] for r in rows]))
-    return out
-
-
-def untrained_pairs(curves: Sequence[Mapping[str, Any]], chance: Mapping[str, float],
-                    margin: float) -> set[tuple[int, str, str]]:
-    """(rewind_step, split, pair) whose endpoint (α = 0 or 1) error is within ``margin`` of chance."""
-    out = set()
-    for row in curves:
-        if row["alpha"] in (0.0, 1.0) and is_untrained(row["error"], chance[row["split"]], margin):
-            out.add((row["rewind_step"], row["split"], row["pair"]))
-    return out
-
-
-def flag_curves(curves: Sequence[dict[str, Any]], chance: Mapping[str, float], margin: float) -> None:
-    """Set each curve row's ``flag``: ``untrained`` for pairs with an endpoint at chance, else empty."""
-    bad = untrained_pairs(curves, chance, margin)
-    for row in curves:
-        row["flag"] = "untrained" if (row["rewind_step"], row["split"], row["pair"]) in bad else ""
-
-
-def sweep_table(curves: Sequence[Mapping[str, Any]], threshold: float, *, chance: Mapping[str, float] | None = None,
-                margin: float = DEFAULT_CHANCE_MARGIN, diverged: Mapping[int, Any] | None = None,
-                splits: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """sweep.csv rows: mean/std over pairs of the error and loss barriers per (rewind step, split).
-
-    With ``chance`` (split -> chance error), a point with an untrained endpoint is ``untrained`` and not
-    stable; points in ``diverged`` (rewind step -> info) get a ``diverged`` row per split in ``splits``.
-    """
-    by_point: dict[tuple[int, str], list[tuple[float, float]]] = {}
-    for (k, split, _), barriers in pair_barriers(curves).items():
-        by_point.setdefault((k, split), []).append(barriers)
-    bad = {(k, split) for k, split, _ in untrained_pairs(curves, chance, margin)} if chance else set()
-    rows = []
-    for (k, split), values in sorted(by_point.items()):
-        errs = [v[0] for v in values]
-        losses = [v[1] for v in values]
-        mean = statistics.fmean(errs)
-        status = "untrained" if (k, split) in bad else "ok"
-        rows.append({
-            "rewind_step": k, "split": split, "instability_mean": mean,
-            "instability_std": statistics.stdev(errs) if len(errs) > 1 else 0.0,
-            "loss_barrier_mean": statistics.fmean(losses),
-            "loss_barrier_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-            "pairs": len(values), "stable": bool(status == "ok" and mean < threshold), "status": status,
-        })
-    nan = float("nan")
-    for k in diverged or {}:
-        for split in splits:
-            rows.append({"rewind_step": k, "split": split, "instability_mean": nan, "instability_std": nan,
-                         "loss_barrier_mean": nan, "loss_barrier_std": nan, "pairs": 0, "stable": False,
-                         "status": "diverged"})
-    return sorted(rows, key=lambda r: (r["rewind_step"], r["split"]))
-
-
-def without_plain_alignment(settings: InstabilitySettings, drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``asdict(settings)`` without ``drop`` and without alignment fields that change nothing: all of them
-    for plain interpolation (so results from before alignment existed keep their hashes), and the subset
-    size and seed when nothing is aligned or repaired."""
-    default = InstabilitySettings()
-    return {k: v for k, v in asdict(settings).items() if k not in drop
-            and not (k in _ALIGN_FIELDS and (v == getattr(default, k) or not settings.aligned))}
+def instability_settings_key(settings: InstabilitySettings, drop: Sequence[str] = ()) -> dict[str, Any]:
+    """The instability settings as they name a run (a sweep's, and an IMP run's that sweeps): ``settings_key``
+    with the legacy fields of ``LEGACY_NAMED["instability"]``; the alignment subset's size and seed change
+    nothing, and so name nothing, unless pairs are aligned or repaired."""
+    inert = () if settings.aligned else ("align_examples", "align_seed")
+    return settings_key(settings, drop=(*drop, *inert), legacy=INSTABILITY)
 
 
 def checkpoint_points(points: Iterable[str]) -> list[str]:
     """The swept points that are trunk checkpoints: every one but ``independent``."""
     return [p for p in points if p != INDEPENDENT]
-
-
-def point_name(step: int) -> str:
-    """A swept point for people: '50it', or 'independent' for independently trained networks."""
-    return INDEPENDENT if step == INDEPENDENT_STEP else format_step(step)
 
 
 def independent_config(cfg: Config, i: int) -> Config:
@@ -265,8 +181,9 @@ def independent_members(cfg: Config, ctx: Context, n: int,
 
 
 def check_alignment_method(cfg: Config, settings: InstabilitySettings) -> None:
-    """Alignment and REPAIR act on trained weights: refuse them for strong tickets (before anything is written)."""
-    if settings.aligned and cfg.training.method in STRONG_METHODS:
+    """Alignment and REPAIR act on trained weights: refuse them for methods that train none (before anything is
+    written)."""
+    if settings.aligned and not method_of(cfg).trains_weights:
         raise ConfigError(f"instability.align: the siblings of a strong ticket ({cfg.training.method}) share their "
                           "frozen weights and differ only in their scores; permuting one of them would give the "
                           "two endpoints different frozen weights. Use align = none (and no repair) here")
@@ -281,7 +198,7 @@ def sweep_key(cfg: Config, settings: InstabilitySettings, steps: Sequence[int], 
     is named by the masks' and start states' contents as well (and its label).
     """
     key = {"trunk": cfg.run_hash(), "steps": list(steps),
-           **without_plain_alignment(settings, ("rewind_points", "threshold", "chance_margin"))}
+           **instability_settings_key(settings, ("rewind_points", "threshold", "chance_margin"))}
     if masks is None and start_states is None and label is None:
         return key
     key = {"base": settings_hash(key), "label": label, "masks": mask_digest(masks),
@@ -293,14 +210,26 @@ def states_digest(states: Mapping[int, Any] | None) -> str | None:
     """A short content hash of start states (rewind step -> Members), or None."""
     if not states:
         return None
-    return tensors_digest({f"{k}/{kind}/{name}": v for k, m in states.items()
-                           for kind, tensors in (("param", m.params), ("buffer", m.buffers))
-                           for name, v in tensors.items()})[:16]
+    return short_digest({f"{k}/{name}": v for k, m in states.items() for name, v in member_tensors(m).items()})
 
 
 def sweep_dir(cfg: Config, settings: InstabilitySettings, steps: Sequence[int], **sparse: Any) -> RunDir:
     """Where the sweep of these settings lives (``sparse``: masks, start_states, label)."""
     return RunDir(cfg.runtime.results_root, INSTABILITY, settings_hash(sweep_key(cfg, settings, steps, **sparse)))
+
+
+def sweep_steps(ctx: Context, settings: InstabilitySettings, *, sparse: bool = False) -> list[int]:
+    """The swept steps, checked (``INDEPENDENT_STEP`` first when independent networks are swept)."""
+    points = settings.rewind_points or ctx.cfg.training.rewind_points
+    if not points:
+        raise ConfigError("instability.rewind_points: no rewind points to sweep; give --rewind or "
+                          "training.rewind_points")
+    independent = INDEPENDENT in points
+    if independent and sparse:
+        raise ConfigError(f"instability.rewind_points: {INDEPENDENT!r} compares dense networks trained from "
+                          "different initializations; it is not available for sparse sweeps")
+    steps = ctx.steps(checkpoint_points(points), "instability.rewind_points")
+    return [INDEPENDENT_STEP, *steps] if independent else steps
 
 
 def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySettings(), *,
@@ -311,132 +240,218 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
 
     ``masks`` and ``start_states`` (rewind step -> single-member Members) serve sparse networks:
     the siblings then start from those weights instead of the dense trunk's checkpoints; ``freeze``
-    holds the masks' removed weights at their start values instead of zero.
+    holds the masks' removed weights at their start values instead of zero. Every call makes sure the
+    trunk and every point's siblings are intact (trained, repaired or reused); a finished sweep is then reused.
     """
     settings.validate()
     ctx = ctx or prepare(cfg)
-    points = settings.rewind_points or cfg.training.rewind_points
-    if not points:
-        raise ConfigError("instability.rewind_points: no rewind points to sweep; give --rewind or "
-                          "training.rewind_points")
-    independent = INDEPENDENT in points
-    if independent and (masks is not None or start_states is not None):
-        raise ConfigError(f"instability.rewind_points: {INDEPENDENT!r} compares dense networks trained from "
-                          "different initializations; it is not available for sparse sweeps")
-    steps = ctx.steps(checkpoint_points(points), "instability.rewind_points")
+    steps = sweep_steps(ctx, settings, sparse=masks is not None or start_states is not None)
     check_alignment_method(cfg, settings)
     if settings.aligned:
         from ..align import permutation_spec
 
         permutation_spec(ctx.model)  # a model alignment cannot handle is refused before any training
-    if independent:
-        steps = [INDEPENDENT_STEP, *steps]
-    t0 = time.perf_counter()
+    sweep = _Sweep(cfg, settings, ctx, steps, masks, start_states, label, freeze, time.perf_counter())
     if start_states is None:
         train_trunk(cfg, extra_checkpoints=[k for k in steps if k >= 0], ctx=ctx)
+    sweep.train_points()
     key = sweep_key(cfg, settings, steps, masks=masks, start_states=start_states, label=label, freeze=freeze)
     run = RunDir(cfg.runtime.results_root, INSTABILITY, settings_hash(key))
-    with run.claim():
-        return _sweep(cfg, settings, ctx, run, key, steps, masks, start_states, label, t0, freeze)
+    return run_once(run, load=sweep.load, accept_other_versions=cfg.runtime.accept_other_versions,
+                    start=lambda r: r.start({"training": cfg.to_dict(), "instability": asdict(settings)}, key,
+                                            {"label": label}),
+                    compute=sweep.compute)
 
 
-def _sweep(cfg: Config, settings: InstabilitySettings, ctx: Context, run: RunDir, key: dict[str, Any],
-           steps: list[int], masks: Mapping[str, Tensor] | None, start_states: Mapping[int, Any] | None,
-           label: str | None, t0: float, freeze: bool = False) -> SweepResult:
-    run.start({"training": cfg.to_dict(), "instability": asdict(settings)}, key, {"label": label})
-    sm = StackedModel(ctx.model)
-    curve_settings = settings.curve_settings(cfg.runtime.eval_batch_size)
-    # Curves of rewind points measured by an earlier (finished or interrupted) run of these settings
-    # are read back, not measured again: the siblings, and so the curves, are the same.
-    stored = PointTable(run / CURVES, "rewind_step", CURVE_COLUMNS, required=CURVE_COLUMNS[:-1])
-    chance = {split: chance_error(ctx.data.split(split)[1]) for split in settings.splits}
-    siblings_runs = []
-    diverged: dict[int, dict[str, Any]] = {}
-    measured = 0  # rewind points whose curves this call measures
-    for k in steps:
-        start = start_states.get(k) if start_states else None
-        try:
+@dataclass
+class _Sweep:
+    """One call of ``instability_sweep``: its points' siblings, and the steps of its lifecycle."""
+
+    cfg: Config
+    settings: InstabilitySettings
+    ctx: Context
+    steps: list[int]
+    masks: Mapping[str, Tensor] | None
+    start_states: Mapping[int, Any] | None
+    label: str | None
+    freeze: bool
+    t0: float
+    siblings: list[dict[str, Any]] = field(default_factory=list)  # per point: its siblings' runs, or divergence
+    diverged: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def members(self, k: int, names: Sequence[str] | None = None) -> tuple[Members, dict[str, Any]]:
+        """The networks compared at point k (trained, resumed or reused) and where they are."""
+        if k == INDEPENDENT_STEP:
+            return independent_members(self.cfg, self.ctx, self.settings.siblings, names)
+        start = self.start_states.get(k) if self.start_states else None
+        sib = train_siblings(self.ctx, k, self.settings.sibling_settings(), masks=self.masks, start=start,
+                             label=None if start is None else f"{self.label}@{k}", freeze=self.freeze)
+        return sib.members, siblings_info(sib)
+
+    def train_points(self) -> None:
+        """Every point's networks, before the sweep's run is claimed; a point whose training diverged is marked."""
+        for k in self.steps:
+            try:
+                _, info = self.members(k)
+            except TrainingDiverged as exc:
+                self.diverged[k] = exc.info()
+                self.siblings.append({"rewind_step": k, "diverged": exc.info()})
+                print(f"warning: {point_name(k)} diverged ({exc}); the point is marked diverged", file=sys.stderr)
+                continue
+            self.siblings.append(info)
+
+    @property
+    def chance(self) -> dict[str, float]:
+        return {split: chance_error(self.ctx.data.split(split)[1]) for split in self.settings.splits}
+
+    def curves(self, run: RunDir) -> PointTable:
+        # Curves of rewind points measured by an earlier (finished or interrupted) run of these settings
+        # are read back, not measured again: the siblings, and so the curves, are the same.
+        return PointTable(run / CURVES, "rewind_step", CURVE_COLUMNS, required=CURVE_COLUMNS[:-1])
+
+    def compute(self, run: RunDir, _: None) -> SweepResult:
+        """Measure the points not measured yet, then judge and record the whole sweep."""
+        settings, ctx = self.settings, self.ctx
+        sm = StackedModel(ctx.model)
+        curve_settings = settings.curve_settings(self.cfg.runtime.eval_batch_size)
+        stored = self.curves(run)
+        chance = self.chance
+        measured = 0  # rewind points whose curves this call measures
+        for k in self.steps:
+            if k in self.diverged or stored.done(k):
+                continue
+            members, _ = self.members(k, sm.param_names)
+            new = curve_rows(sm, members, settings.splits, ctx.data, curve_settings, k)
+            flag_curves(new, chance, settings.chance_margin)
+            stored.add(new)  # after every rewind point: a rerun resumes here
+            measured += 1
+        seconds = round(time.perf_counter() - self.t0, 3)
+        if measured == 0 and (run / INSTABILITY_SUMMARY).is_file():
+            # every curve was read back: the time is the one of the run that measured them
+            earlier = read_record(run / INSTABILITY_SUMMARY)
+            if earlier is not None:
+                seconds = earlier.get("seconds", seconds)
+        return self.write(run, self.judge(run, stored, seconds), stored)
+
+    def load(self, run: RunDir) -> SweepResult | None:
+        """A finished sweep read back; judged again (and its records rewritten) when the threshold or chance
+        margin asked for now, which name nothing, differ from the recorded ones, or a record lacks a part."""
+        summary = read_record(run / INSTABILITY_SUMMARY)
+        if summary is None:
+            return None
+        stored = self.curves(run)
+        missing = [point_name(k) for k in self.steps if k not in self.diverged and not stored.done(k)]
+        if missing:
+            raise RecordError(f"record {str(run / CURVES)!r} lacks the curves of {', '.join(missing)}")
+        if set(summary.get("diverged", {})) != {str(k) for k in self.diverged}:
+            raise RecordError(f"record {str(run / INSTABILITY_SUMMARY)!r} marks other points diverged than "
+                              f"these siblings ({sorted(summary.get('diverged', {}))} against {sorted(self.diverged)})")
+        stale = (read_table(run, SWEEP, SWEEP_COLUMNS) is None or any("flag" not in r for r in stored.rows)
+                 or (summary.get("threshold"), summary.get("chance_margin"))
+                 != (self.settings.threshold, self.settings.chance_margin))
+        result = self.judge(run, stored, summary.get("seconds", 0.0))
+        if stale or set(result.summary) - set(summary):
+            self.write(run, result, stored)
+        else:
+            result.summary = summary  # the record as it was written
+        result.reused = True
+        return result
+
+    def judge(self, run: RunDir, stored: PointTable, seconds: float) -> SweepResult:
+        """The sweep's table, first stable steps and summary from its curves (flagged by the margin asked for now)."""
+        settings, cfg, steps, diverged = self.settings, self.cfg, self.steps, self.diverged
+        stored.keep(steps)
+        curves = stored.rows
+        chance = self.chance
+        flag_curves(curves, chance, settings.chance_margin)  # flags follow the margin asked for now
+        table = sweep_table(curves, settings.threshold, chance=chance, margin=settings.chance_margin,
+                            diverged=diverged, splits=settings.splits)
+        by_split = {}
+        for split in settings.splits:
+            rows = [r for r in table if r["split"] == split and r["rewind_step"] != INDEPENDENT_STEP]
+            by_split[split] = first_stable_step([r["rewind_step"] for r in rows],
+                                                [r["instability_mean"] for r in rows], settings.threshold,
+                                                [r["status"] for r in rows])
+        primary = settings.splits[0]
+        warnings = [f"{point_name(k)}: diverged at step {info['step']} ({info.get('tensor')}); "
+                    "not a result" for k, info in diverged.items()]
+        warnings += [f"{point_name(r['rewind_step'])} ({r['split']}): an endpoint's error is within "
+                     f"{settings.chance_margin} of chance ({chance[r['split']]:.3f}): the siblings did not learn, "
+                     "so a small barrier does not mean stable" for r in table if r["status"] == "untrained"]
+        summary = {
+            "settings": {**asdict(settings), "rewind_points": [point_name(s) for s in steps]},
+            "bn_mode": settings.bn,
+            "batchnorm": has_batchnorm(self.ctx.model),  # readers note the BatchNorm handling only for such models
+            "alignment": settings.alignment(),
+            "independent": {r["split"]: {k: r[k] for k in SWEEP_COLUMNS if k not in ("rewind_step", "split")}
+                            for r in table if r["rewind_step"] == INDEPENDENT_STEP},
+            "trunk": {"hash": cfg.run_hash(),
+                      "run_dir": str(RunDir(cfg.runtime.results_root, TRAIN, cfg.run_hash()).path)},
+            "config": cfg.to_dict(),
+            "rewind_points": steps,
+            "threshold": settings.threshold,
+            "primary_split": primary,
+            "first_stable_step": by_split[primary],
+            "first_stable_step_by_split": by_split,
+            "per_split": {s: [{k: r[k] for k in SWEEP_COLUMNS if k != "split"} for r in table if r["split"] == s]
+                          for s in settings.splits},
+            "siblings": self.siblings,
+            "chance_error": chance,
+            "chance_margin": settings.chance_margin,
+            "diverged": {str(k): v for k, v in diverged.items()},
+            "untrained": sorted({r["rewind_step"] for r in table if r["status"] == "untrained"}),
+            "warnings": warnings,
+            "label": self.label,
+            "seconds": seconds,
+        }
+        return SweepResult(run.path, steps, table, curves, by_split[primary], by_split, settings.threshold, summary)
+
+    @staticmethod
+    def write(run: RunDir, result: SweepResult, stored: PointTable) -> SweepResult:
+        stored.write()
+        write_csv(run / SWEEP, result.table, SWEEP_COLUMNS)
+        write_json(run / INSTABILITY_SUMMARY, result.summary)
+        return result
+
+
+class SweepStage:
+    """Instability sweeps as a stage. args: for sparse networks ``masks``, ``start_states``, ``label``, ``freeze``
+    (see ``instability_sweep``)."""
+
+    name = INSTABILITY
+    settings = InstabilitySettings
+
+    def key(self, ctx: Context, settings: InstabilitySettings, **sparse: Any) -> dict[str, Any]:
+        steps = sweep_steps(ctx, settings, sparse=sparse.get("masks") is not None
+                            or sparse.get("start_states") is not None)
+        return sweep_key(ctx.cfg, settings, steps, **sparse)
+
+    def needs(self, ctx: Context, settings: InstabilitySettings, *, masks: Mapping[str, Tensor] | None = None,
+              start_states: Mapping[int, Any] | None = None, label: str | None = None,
+              freeze: bool = False) -> list[Need]:
+        """The trunk with a checkpoint at every swept step (unless the start states are given), the siblings of
+        every point, and for ``independent`` the other independently trained trunks."""
+        cfg = ctx.cfg
+        steps = sweep_steps(ctx, settings, sparse=masks is not None or start_states is not None)
+        out = [] if start_states is not None else [Need(TRAIN, cfg, None, {"extra_checkpoints": [k for k in steps
+                                                                                                  if k >= 0]})]
+        for k in steps:
             if k == INDEPENDENT_STEP:
-                members, info = independent_members(cfg, ctx, settings.siblings, sm.param_names)
-            else:
-                sib = train_siblings(ctx, k, settings.sibling_settings(), masks=masks, start=start,
-                                     label=None if start is None else f"{label}@{k}", freeze=freeze)
-                members, info = sib.members, siblings_info(sib)
-        except TrainingDiverged as exc:
-            diverged[k] = exc.info()
-            siblings_runs.append({"rewind_step": k, "diverged": exc.info()})
-            print(f"warning: {point_name(k)} diverged ({exc}); the point is marked diverged", file=sys.stderr)
-            continue
-        siblings_runs.append(info)
-        if stored.done(k):
-            continue
-        new = curve_rows(sm, members, settings.splits, ctx.data, curve_settings, k)
-        flag_curves(new, chance, settings.chance_margin)
-        stored.add(new)  # after every rewind point: a rerun resumes here
-        measured += 1
-    stored.keep(steps)
-    curves = stored.rows
-    flag_curves(curves, chance, settings.chance_margin)  # flags follow the margin asked for now
-    table = sweep_table(curves, settings.threshold, chance=chance, margin=settings.chance_margin,
-                        diverged=diverged, splits=settings.splits)
-    by_split = {}
-    for split in settings.splits:
-        rows = [r for r in table if r["split"] == split and r["rewind_step"] != INDEPENDENT_STEP]
-        by_split[split] = first_stable_step([r["rewind_step"] for r in rows], [r["instability_mean"] for r in rows],
-                                            settings.threshold, [r["status"] for r in rows])
-    primary = settings.splits[0]
-    warnings = [f"{point_name(k)}: diverged at step {info['step']} ({info.get('tensor')}); "
-                "not a result" for k, info in diverged.items()]
-    warnings += [f"{point_name(r['rewind_step'])} ({r['split']}): an endpoint's error is within "
-                 f"{settings.chance_margin} of chance ({chance[r['split']]:.3f}): the siblings did not learn, "
-                 "so a small barrier does not mean stable" for r in table if r["status"] == "untrained"]
-    summary = {
-        "settings": {**asdict(settings), "rewind_points": [point_name(s) for s in steps]},
-        "bn_mode": settings.bn,
-        "alignment": settings.alignment(),
-        "independent": {r["split"]: {k: r[k] for k in SWEEP_COLUMNS if k not in ("rewind_step", "split")}
-                        for r in table if r["rewind_step"] == INDEPENDENT_STEP},
-        "trunk": {"hash": cfg.run_hash(), "run_dir": str(RunDir(cfg.runtime.results_root, TRAIN, cfg.run_hash()).path)},
-        "config": cfg.to_dict(),
-        "rewind_points": steps,
-        "threshold": settings.threshold,
-        "primary_split": primary,
-        "first_stable_step": by_split[primary],
-        "first_stable_step_by_split": by_split,
-        "per_split": {s: [{k: r[k] for k in SWEEP_COLUMNS if k != "split"} for r in table if r["split"] == s]
-                      for s in settings.splits},
-        "siblings": siblings_runs,
-        "chance_error": chance,
-        "chance_margin": settings.chance_margin,
-        "diverged": {str(k): v for k, v in diverged.items()},
-        "untrained": sorted({r["rewind_step"] for r in table if r["status"] == "untrained"}),
-        "warnings": warnings,
-        "label": label,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    if measured == 0 and (run / INSTABILITY_SUMMARY).is_file():
-        # every curve was read back: the time is the one of the run that measured them
-        earlier = read_record(run / INSTABILITY_SUMMARY)
-        if earlier is not None:
-            summary["seconds"] = earlier.get("seconds", summary["seconds"])
-    stored.write()
-    write_csv(run / SWEEP, table, SWEEP_COLUMNS)
-    write_json(run / INSTABILITY_SUMMARY, summary)
-    run.update(status="complete")
-    return SweepResult(run.path, steps, table, curves, by_split[primary], by_split, settings.threshold, summary)
+                out += [Need(TRAIN, independent_config(cfg, i), None, {"extra_checkpoints": [0, ctx.total_steps]})
+                        for i in range(1, settings.siblings)]
+                continue
+            start = start_states.get(k) if start_states else None
+            sparse = {"masks": masks, "start": start, "label": None if start is None else f"{label}@{k}",
+                      "freeze": freeze} if masks is not None or start is not None or freeze else {}
+            out.append(Need(SIBLINGS, cfg, settings.sibling_settings(), {"rewind_step": k, **sparse}))
+        return out
+
+    def run(self, ctx: Context, settings: InstabilitySettings, **sparse: Any) -> SweepResult:
+        return instability_sweep(ctx.cfg, settings, ctx=ctx, **sparse)
 
 
-__all__ = [
-    "BN_MODES",
-    "INDEPENDENT",
-    "INDEPENDENT_STEP",
-    "NOISE_KINDS",
-    "OPTIMIZER_STATES",
-    "InstabilitySettings",
-    "SweepResult",
-    "first_stable_step",
-    "instability_settings",
-    "instability_sweep",
-    "pair_barriers",
-    "sweep_table",
-]
+SWEEP_STAGE = SweepStage()
+
+
+__all__ = ["BN_MODES", "NOISE_KINDS", "OPTIMIZER_STATES", "SWEEP_STAGE", "InstabilitySettings", "SweepResult",
+           "instability_settings", "instability_settings_key", "instability_sweep", "sweep_dir", "sweep_key"]

@@ -22,12 +22,21 @@ from torch import nn
 
 from ..config import Config, settings_hash
 from ..engine import StackedModel
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, RecordError
 from ..hessian import HessianSettings, hessian_settings, probe
 from ..maths.interpolation import CurveSettings, interpolate_stacks, reset_bn_stats
 from ..steps import to_iterations
-from ..store.files import PointTable, RunDir, write_json
-from ..store.schema import DENSITY_TABLE, HESSIAN, HESSIAN_SUMMARY, HESSIAN_TABLE, MANIFEST
+from ..store.files import PointTable, RunDir, read_record, write_json
+from ..store.schema import (
+    DENSITY_TABLE,
+    HESSIAN,
+    HESSIAN_SUMMARY,
+    HESSIAN_TABLE,
+    MANIFEST,
+    SIBLINGS,
+    TRAIN,
+)
+from .base import Need, run_once, settings_key
 from .context import Context, prepare
 from .siblings import SiblingSettings, train_siblings
 from .trunk import train_trunk, trunk_checkpoint, trunk_dir
@@ -84,7 +93,16 @@ def _resolve_steps(ctx: Context, at: str | Sequence[str | int], every: str | Non
 
 def track_key(cfg: Config, settings: HessianSettings, steps: Sequence[int]) -> dict[str, Any]:
     """The settings that name a Hessian track of a trunk (its run hash is ``settings_hash`` of this)."""
-    return {"trunk": cfg.run_hash(), "hessian": asdict(settings), "steps": list(steps)}
+    return {"trunk": cfg.run_hash(), "hessian": settings_key(settings, legacy=HESSIAN), "steps": list(steps)}
+
+
+def path_key(cfg: Config, settings: HessianSettings, rewind_step: int, alphas: Sequence[float],
+             siblings: SiblingSettings, bn_batches: int) -> dict[str, Any]:
+    """The settings that name the Hessian probes of a path between two siblings (its run hash is
+    ``settings_hash`` of this)."""
+    return {"trunk": cfg.run_hash(), "hessian": settings_key(settings, legacy=HESSIAN), "path": rewind_step,
+            "alphas": list(alphas), "siblings": settings_key(siblings, legacy="hessian.siblings"),
+            "bn_batches": bn_batches}
 
 
 def track_steps(ctx: Context, at: str | Sequence[str | int] = "all", every: str | None = None) -> list[int]:
@@ -101,11 +119,14 @@ def hessian_track(cfg: Config, settings: HessianSettings, *, at: str | Sequence[
     key = track_key(cfg, settings, steps)
     run = RunDir(cfg.runtime.results_root, HESSIAN, settings_hash(key))
     train_trunk(cfg, extra_checkpoints=[s for s in steps if s < ctx.total_steps], ctx=ctx)
-    with run.claim():
+
+    def begin(run: RunDir) -> bool:
         new_run = not run.exists()
         run.start({"training": cfg.to_dict(), "hessian": asdict(settings)}, key,
                   {"target": "trunk", "trunk": str(trunk_dir(cfg).path)})
+        return new_run
 
+    def compute(run: RunDir, new_run: bool) -> HessianTrack:
         def model_at(step: int) -> nn.Module:
             try:
                 members = trunk_checkpoint(ctx, step)  # a damaged checkpoint is replayed, never used
@@ -120,27 +141,38 @@ def hessian_track(cfg: Config, settings: HessianSettings, *, at: str | Sequence[
         return _probe_points(run, cfg, settings, ctx, "step", steps, lambda step: {"step": step}, model_at,
                              {"target": "trunk", "steps": steps})
 
+    return run_once(run, load=lambda r: _load_probes(r, settings, "step", steps), start=begin, compute=compute,
+                    accept_other_versions=cfg.runtime.accept_other_versions)
 
-def hessian_path(cfg: Config, settings: HessianSettings, rewind_step: int | str, *,
-                 alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), siblings: SiblingSettings | None = None,
-                 bn_batches: int = 20, ctx: Context | None = None) -> HessianTrack:
-    """Probe θ(α) between siblings 0 and 1 of ``rewind_step`` (BatchNorm statistics reset for each α)."""
-    siblings = siblings or SiblingSettings()
-    ctx = ctx or prepare(cfg)
-    _check_dim(ctx, settings)
+
+PATH_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _path_point(ctx: Context, rewind_step: int | str, alphas: Sequence[float]) -> tuple[int, list[float]]:
+    """A path's rewind step (in iterations) and α values, checked."""
     step = to_iterations(rewind_step, ctx.ipe, "hessian --path") if isinstance(rewind_step, str) else rewind_step
     if not 0 <= step < ctx.total_steps:
         raise ConfigError(f"hessian --path: rewind step {step} must be before the final step {ctx.total_steps}")
     alphas = [float(a) for a in alphas]
     if not alphas or any(not 0 <= a <= 1 for a in alphas):
-        raise ConfigError(f"hessian --alphas: values must lie in [0, 1], got {alphas}")
-    key = {"trunk": cfg.run_hash(), "hessian": asdict(settings), "path": step, "alphas": alphas,
-           "siblings": asdict(siblings), "bn_batches": bn_batches}
+        raise ConfigError(f"hessian --alpha-grid: values must lie in [0, 1], got {alphas}")
+    return step, alphas
+
+
+def hessian_path(cfg: Config, settings: HessianSettings, rewind_step: int | str, *,
+                 alphas: Sequence[float] = PATH_ALPHAS, siblings: SiblingSettings | None = None,
+                 bn_batches: int = 20, ctx: Context | None = None) -> HessianTrack:
+    """Probe θ(α) between siblings 0 and 1 of ``rewind_step`` (BatchNorm statistics reset for each α)."""
+    siblings = siblings or SiblingSettings()
+    ctx = ctx or prepare(cfg)
+    _check_dim(ctx, settings)
+    step, alphas = _path_point(ctx, rewind_step, alphas)
+    key = path_key(cfg, settings, step, alphas, siblings, bn_batches)
     run = RunDir(cfg.runtime.results_root, HESSIAN, settings_hash(key))
     sib = train_siblings(ctx, step, siblings)
-    with run.claim():
-        run.start({"training": cfg.to_dict(), "hessian": asdict(settings)}, key,
-                  {"target": "path", "siblings": str(sib.run_dir)})
+    points = sorted(alphas)
+
+    def compute(run: RunDir, _: None) -> HessianTrack:
         sm = StackedModel(ctx.model)
         a, b = sib.members.member_state_dict(0), sib.members.member_state_dict(1)
 
@@ -155,9 +187,14 @@ def hessian_path(cfg: Config, settings: HessianSettings, rewind_step: int | str,
             model.load_state_dict({**{k: v[0] for k, v in params.items()}, **{k: v[0] for k, v in buffers.items()}})
             return model
 
-        return _probe_points(run, cfg, settings, ctx, "alpha", sorted(alphas),
+        return _probe_points(run, cfg, settings, ctx, "alpha", points,
                              lambda alpha: {"rewind_step": step, "alpha": alpha}, model_at,
                              {"target": "path", "rewind_step": step, "alphas": alphas})
+
+    return run_once(run, load=lambda r: _load_probes(r, settings, "alpha", points), compute=compute,
+                    accept_other_versions=cfg.runtime.accept_other_versions,
+                    start=lambda r: r.start({"training": cfg.to_dict(), "hessian": asdict(settings)}, key,
+                                            {"target": "path", "siblings": str(sib.run_dir)}))
 
 
 def _probe_points(run: RunDir, cfg: Config, settings: HessianSettings, ctx: Context, key: str, points: list[Any],
@@ -168,28 +205,37 @@ def _probe_points(run: RunDir, cfg: Config, settings: HessianSettings, ctx: Cont
     density = PointTable(run / DENSITY_TABLE, key)
     t0 = time.perf_counter()
     for point in points:
-        if rows.done(point):
+        if rows.done(point) and (density.done(point) or not settings.density):
             continue
         result = probe(model_at(point), ctx.data.x_train, ctx.data.y_train, settings)
         row, dens = _probe_rows(label(point), result)
+        rows.drop(point)  # a row whose density was lost
         density.drop(point)  # rows a killed probe of this point left
         if dens:
             density.add(dens)
         rows.add([row])  # the point counts as done once its row is written
     rows.keep(points)
     rows.write()
-    _write_summary(run, cfg, settings, rows.rows, where, time.perf_counter() - t0)
+    write_json(run / HESSIAN_SUMMARY, {
+        "settings": asdict(settings), **where, "points": len(rows.rows),
+        "seconds": round(time.perf_counter() - t0, 3), "optimizer": asdict(cfg.optimizer), "config": cfg.to_dict(),
+        "edge_of_stability": _edge_of_stability(cfg),
+    })
     return HessianTrack(run.path, rows.rows, density.rows)
 
 
-def _write_summary(run: RunDir, cfg: Config, settings: HessianSettings, rows: list[dict[str, Any]],
-                   where: dict[str, Any], seconds: float) -> None:
-    write_json(run / HESSIAN_SUMMARY, {
-        "settings": asdict(settings), **where, "points": len(rows), "seconds": round(seconds, 3),
-        "optimizer": asdict(cfg.optimizer), "config": cfg.to_dict(),
-        "edge_of_stability": _edge_of_stability(cfg),
-    })
-    run.update(status="complete")
+def _load_probes(run: RunDir, settings: HessianSettings, key: str, points: list[Any]) -> HessianTrack | None:
+    """A finished probe run read back (None, or RecordError, when a record is missing, damaged or short)."""
+    if read_record(run / HESSIAN_SUMMARY) is None:
+        return None
+    rows = PointTable(run / HESSIAN_TABLE, key)
+    density = PointTable(run / DENSITY_TABLE, key)
+    missing = [p for p in points if not rows.done(p) or (settings.density and not density.done(p))]
+    if missing:
+        raise RecordError(f"records {HESSIAN_TABLE} and {DENSITY_TABLE} of {run.path.name} lack the probes at "
+                          f"{key} = {missing}")
+    rows.keep(points)
+    return HessianTrack(run.path, rows.rows, density.rows)
 
 
 def _edge_of_stability(cfg: Config) -> float | None:
@@ -220,4 +266,52 @@ def config_from_run(run_dir: str | Path) -> Config:
     return cfg
 
 
-__all__ = ["HessianTrack", "config_from_run", "hessian_path", "hessian_settings", "hessian_track"]
+class TrackStage:
+    """Hessian tracks of a trunk as a stage. args: ``at``, ``every`` (see ``hessian_track``)."""
+
+    name = HESSIAN
+    settings = HessianSettings
+
+    def key(self, ctx: Context, settings: HessianSettings, *, at: str | Sequence[str | int] = "all",
+            every: str | None = None) -> dict[str, Any]:
+        return track_key(ctx.cfg, settings, track_steps(ctx, at, every))
+
+    def needs(self, ctx: Context, settings: HessianSettings, *, at: str | Sequence[str | int] = "all",
+              every: str | None = None) -> list[Need]:
+        """The trunk with a checkpoint at every probed step (the final one it always keeps)."""
+        steps = [s for s in track_steps(ctx, at, every) if s < ctx.total_steps]
+        return [Need(TRAIN, ctx.cfg, None, {"extra_checkpoints": steps})]
+
+    def run(self, ctx: Context, settings: HessianSettings, *, at: str | Sequence[str | int] = "all",
+            every: str | None = None) -> HessianTrack:
+        return hessian_track(ctx.cfg, settings, at=at, every=every, ctx=ctx)
+
+
+class PathStage:
+    """Hessian probes along the path between two siblings as a stage. args: ``rewind_step``, ``alphas``,
+    ``siblings`` (SiblingSettings), ``bn_batches`` (see ``hessian_path``)."""
+
+    name = HESSIAN
+    settings = HessianSettings
+
+    def key(self, ctx: Context, settings: HessianSettings, *, rewind_step: int | str,
+            alphas: Sequence[float] = PATH_ALPHAS, siblings: SiblingSettings | None = None,
+            bn_batches: int = 20) -> dict[str, Any]:
+        step, alphas = _path_point(ctx, rewind_step, alphas)
+        return path_key(ctx.cfg, settings, step, alphas, siblings or SiblingSettings(), bn_batches)
+
+    def needs(self, ctx: Context, settings: HessianSettings, *, rewind_step: int | str,
+              siblings: SiblingSettings | None = None, **args: Any) -> list[Need]:
+        """The two siblings of the rewind step."""
+        step, _ = _path_point(ctx, rewind_step, args.get("alphas", PATH_ALPHAS))
+        return [Need(SIBLINGS, ctx.cfg, siblings or SiblingSettings(), {"rewind_step": step})]
+
+    def run(self, ctx: Context, settings: HessianSettings, *, rewind_step: int | str, **args: Any) -> HessianTrack:
+        return hessian_path(ctx.cfg, settings, rewind_step, ctx=ctx, **args)
+
+
+TRACK_STAGE, PATH_STAGE = TrackStage(), PathStage()
+
+
+__all__ = ["PATH_STAGE", "TRACK_STAGE", "HessianTrack", "config_from_run", "hessian_path", "hessian_settings",
+           "hessian_track", "path_key", "track_key"]

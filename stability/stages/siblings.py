@@ -11,22 +11,20 @@ trunk's checkpoint.
 """
 from __future__ import annotations
 
-import hashlib
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..config import Config, settings_hash
 from ..engine import Members, derive_seed
-from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..errors import CheckpointError, ConfigError
 from ..steps import format_step
-from ..store.files import RunDir, quarantine, tensors_digest
-from ..store.schema import FINAL_STATE, SIBLINGS
+from ..store.files import RunDir, quarantine, short_digest
+from ..store.schema import FINAL_STATE, SIBLINGS, TRAIN
+from .base import Need, mask_digest, member_tensors, run_once, settings_key
 from .checkpoints import load_members, save_state
 from .context import Context
 from .training import read_metrics, resumable_train
@@ -70,17 +68,6 @@ def sibling_seeds(noise_seed: int, settings: SiblingSettings) -> tuple[list[int]
     order = [seed(i if vary_order else "shared", "order") for i in range(n)]
     aug = [seed(i if vary_aug else "shared", "augment") for i in range(n)]
     return order, aug
-
-
-def mask_digest(masks: Mapping[str, Tensor] | None) -> str | None:
-    """A short content hash of a mask set (None when dense)."""
-    if not masks:
-        return None
-    h = hashlib.sha256()
-    for name in sorted(masks):
-        h.update(name.encode())
-        h.update(masks[name].detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -142,13 +129,14 @@ def siblings_key(cfg: Config, rewind_step: int, settings: SiblingSettings, *,
         order, aug = [s[0] for s in noise_seeds], [s[1] for s in noise_seeds]
     else:
         order, aug = sibling_seeds(cfg.training.noise_seed, settings)
+    # the count, noise kind and seed are named by the seeds they give
     key = {"trunk": cfg.run_hash(), "rewind_step": rewind_step, "order_seeds": order, "aug_seeds": aug,
-           "optimizer_state": settings.optimizer_state, "masks": mask_digest(masks), "start": label}
+           **settings_key(settings, drop=("siblings", "noise", "sibling_seed"), legacy=SIBLINGS),
+           "masks": mask_digest(masks), "start": label}
     if freeze:  # removed weights frozen rather than pruned (named only then: older sets keep their hash)
         key["mask0"] = "freeze"
     if start is not None:  # named by the start state's contents, not only by its label
-        key["start_state"] = tensors_digest({**{f"param/{k}": v for k, v in start.params.items()},
-                                             **{f"buffer/{k}": v for k, v in start.buffers.items()}})[:16]
+        key["start_state"] = short_digest(member_tensors(start))
     return key
 
 
@@ -173,32 +161,35 @@ def train_siblings(ctx: Context, rewind_step: int, settings: SiblingSettings = S
     key = siblings_key(cfg, rewind_step, settings, masks=masks, noise_seeds=noise_seeds, start=start, label=label,
                        freeze=freeze)
     order, aug = key["order_seeds"], key["aug_seeds"]
-    trunk = trunk_dir(cfg)
+
+    def result(run: RunDir, members: Members, reused: bool) -> SiblingsResult:
+        return SiblingsResult(run.path, rewind_step, ctx.total_steps, members, order, aug, reused)
+
+    def load(run: RunDir) -> SiblingsResult | None:
+        final = run / FINAL_STATE
+        if not final.is_file():
+            return None
+        try:
+            return result(run, load_members(final, ctx), True)
+        except CheckpointError as exc:
+            quarantine(final, str(exc))
+            return None
+
+    def begin(run: RunDir) -> Members:
+        source = start if start is not None else trunk_checkpoint(ctx, rewind_step)
+        members0 = start_members(ctx, source, len(order), order, aug, settings.optimizer_state)
+        run.start({"training": cfg.to_dict(), "siblings": asdict(settings)}, key,
+                  {"rewind_step": rewind_step, "final_step": ctx.total_steps, "trunk": str(trunk_dir(cfg).path)})
+        return members0
+
+    def compute(run: RunDir, members0: Members) -> SiblingsResult:
+        members = train_branch(ctx, run, members0, ctx.total_steps, masks=masks, freeze=freeze,
+                               desc=f"siblings @{format_step(rewind_step)}")
+        return result(run, members, False)
+
     run = RunDir(cfg.runtime.results_root, SIBLINGS, settings_hash(key))
-    with run.claim():
-        status = run.status()
-        if status == "diverged":
-            raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
-        members = None
-        if status == "complete" and (run / FINAL_STATE).is_file():
-            try:
-                members = load_members(run / FINAL_STATE, ctx)
-                run.check_reuse(cfg.runtime.accept_other_versions)
-            except CheckpointError as exc:
-                quarantine(run / FINAL_STATE, str(exc))
-                members = None
-        reused = members is not None
-        if not reused:
-            if start is None:
-                start = trunk_checkpoint(ctx, rewind_step)
-            run.start({"training": cfg.to_dict(), "siblings": asdict(settings)}, key,
-                      {"rewind_step": rewind_step, "final_step": ctx.total_steps, "trunk": str(trunk.path)})
-            members0 = start_members(ctx, start, len(order), order, aug, settings.optimizer_state)
-            t0 = time.perf_counter()
-            members = train_branch(ctx, run, members0, ctx.total_steps, masks=masks, freeze=freeze,
-                                   desc=f"siblings @{format_step(rewind_step)}")
-            run.update(status="complete", seconds=round(time.perf_counter() - t0, 3))
-    return SiblingsResult(run.path, rewind_step, ctx.total_steps, members, order, aug, reused)
+    return run_once(run, load=load, start=begin, compute=compute,
+                    accept_other_versions=cfg.runtime.accept_other_versions, timed=True)
 
 
 def siblings_info(result: SiblingsResult) -> dict[str, Any]:
@@ -206,3 +197,24 @@ def siblings_info(result: SiblingsResult) -> dict[str, Any]:
     return {"run_dir": str(result.run_dir), "rewind_step": result.rewind_step, "final_step": result.final_step,
             "order_seeds": result.order_seeds, "aug_seeds": result.aug_seeds, "reused": result.reused}
 
+
+class SiblingsStage:
+    """Sibling sets as a stage. args: ``rewind_step``, and for sparse networks ``masks``, ``start``, ``label``,
+    ``freeze`` (see ``train_siblings``)."""
+
+    name = SIBLINGS
+    settings = SiblingSettings
+
+    def key(self, ctx: Context, settings: SiblingSettings, *, rewind_step: int, **sparse: Any) -> dict[str, Any]:
+        return siblings_key(ctx.cfg, rewind_step, settings, **sparse)
+
+    def needs(self, ctx: Context, settings: SiblingSettings, *, rewind_step: int, start: Members | None = None,
+              **sparse: Any) -> list[Need]:
+        """The trunk with a checkpoint at the rewind step (nothing when the start state is given)."""
+        return [] if start is not None else [Need(TRAIN, ctx.cfg, None, {"extra_checkpoints": [rewind_step]})]
+
+    def run(self, ctx: Context, settings: SiblingSettings, *, rewind_step: int, **sparse: Any) -> SiblingsResult:
+        return train_siblings(ctx, rewind_step, settings, **sparse)
+
+
+SIBLINGS_STAGE = SiblingsStage()

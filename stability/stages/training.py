@@ -31,6 +31,9 @@ from ..engine import (
     train_members,
 )
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..maths.pruning import apply_masks_
+from ..methods import names_with
+from ..methods.base import TrainHooks
 from ..steps import to_iterations
 from ..store.files import (
     RunDir,
@@ -48,7 +51,6 @@ from .checkpoints import checkpoint_path, load_members, save_state, saved_checkp
 
 if TYPE_CHECKING:
     from .context import Context
-
 
 
 class Progress:
@@ -121,8 +123,9 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
     ``eval_every`` > 0 evaluates every member at the start step, every ``eval_every`` steps and at
     the end into ``metrics.csv``; ``keep`` are the steps saved as ``checkpoints/step_<k>``. ``masks``
     prune (the mask-0 coordinates held at zero) or, with ``freeze``, freeze (held at their values in
-    ``start``, which a resumed state holds too, bit for bit). A
-    non-finite loss or weight marks the run ``diverged`` in its manifest and raises TrainingDiverged.
+    ``start``, which a resumed state holds too, bit for bit); a method whose masks change as it trains
+    (NEq) brings them itself (``Method.hooks``) and refuses these. A non-finite loss or weight marks the
+    run ``diverged`` in its manifest and raises TrainingDiverged.
     """
     cfg = ctx.cfg
     sm = StackedModel(ctx.model)
@@ -135,21 +138,17 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
     def eval_due(s: int) -> bool:
         return bool(eval_every) and (s == first or s % eval_every == 0 or s == end_step)
 
-    neq = None
-    if cfg.training.method == "neq":  # neurons at equilibrium skip their updates (stability.methods.neq)
-        from ..methods.neq import NeqRun
-
-        if masks:
-            raise ConfigError("training.method: neq trains dense networks; it cannot be combined with masks "
-                              "(pruning or frozen weights); use training.method = standard here")
-        neq = NeqRun(ctx, run, first, start.n)
-    members, rows = _resume(ctx, run, start, end_step, keep, eval_due, neq.covered if neq else None)
-    if neq is not None:
-        masks, freeze = neq.attach(members), True
-    if masks and not freeze:
-        from ..maths.pruning import apply_masks_
-
-        apply_masks_(members.params, masks)
+    method = ctx.method
+    if masks and not method.accepts_masks:
+        allowed = " or ".join(names_with("accepts_masks"))
+        raise ConfigError(f"training.method: {method.name} {method.trains}; it cannot be combined with masks "
+                          f"(pruning or frozen weights); use training.method = {allowed} here")
+    hooks = method.hooks(ctx, run, first, start.n)
+    members, rows = _resume(ctx, run, start, end_step, keep, eval_due, hooks.covered if hooks else None)
+    spec = TrainSpec(ctx.data, cfg, ctx.ipe, masks=masks, freeze=freeze, augmentation=ctx.augmentation)
+    attach_hooks(spec, hooks, members)
+    if spec.masks and not spec.freeze:
+        apply_masks_(members.params, spec.masks)
 
     def evaluate(m: Members) -> None:
         new = evaluate_rows(ctx, sm, m, schedule.lr(m.step - 1 if m.step > first else m.step))
@@ -175,8 +174,7 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
             if s % state_every == 0 and s != end_step:
                 save_state(latest, m)
 
-        spec = TrainSpec(ctx.data, cfg, ctx.ipe, masks=masks, freeze=freeze, after_step=after_step,
-                         augmentation=ctx.augmentation, update_masks=neq)
+        spec.after_step = after_step
         train_members(sm, members, spec, end_step)
     except TrainingDiverged as exc:
         exc.run_dir = str(run.path)
@@ -186,6 +184,13 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
     finally:
         progress.close()
     return members
+
+
+def attach_hooks(spec: TrainSpec, hooks: TrainHooks | None, members: Members) -> None:
+    """Wire a method's hooks into the engine, for training and checkpoint replay alike: the masks in force from
+    the state ``members`` carry, what their mask-0 coordinates do, and the update before every step."""
+    if hooks is not None:
+        spec.masks, spec.freeze, spec.update_masks = hooks.attach(members), hooks.freeze, hooks
 
 
 def _resume(ctx: Context, run: RunDir, start: Members, end_step: int, keep: set[int],
@@ -200,7 +205,7 @@ def _resume(ctx: Context, run: RunDir, start: Members, end_step: int, keep: set[
 
     def covered(s: int) -> bool:
         """Every evaluation before step s has all members' rows (the one at s may be redone)."""
-        if records_cover is not None and not records_cover(s):  # a method's own records (NEq's neq.csv)
+        if records_cover is not None and not records_cover(s):  # the method's own records (``TrainHooks.covered``)
             return False
         if not eval_due(start.step):
             return True

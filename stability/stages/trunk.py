@@ -36,7 +36,7 @@ from .checkpoints import (
     saved_checkpoints,
 )
 from .context import Context, prepare
-from .training import read_metrics, resumable_train
+from .training import attach_hooks, read_metrics, resumable_train
 
 __all__ = ["TrainResult", "ensure_checkpoints", "produce_checkpoints", "train_trunk", "trunk_checkpoint", "trunk_dir"]
 
@@ -58,7 +58,9 @@ class TrainResult:
     reused: bool = False
     seconds: float = 0.0
     chance_test_error: float = float("nan")  # error of always predicting the most frequent test class
-    neq: dict[str, Any] | None = None  # training.method = neq: frozen neurons and backward FLOPs saved
+    # what the training method adds to summary.json (``Method.summary``): NEq its "neq" fractions, strong
+    # tickets their "method" and "mask_density"
+    method_summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -77,7 +79,7 @@ class TrainResult:
             "seconds": round(self.seconds, 3), "chance_test_error": self.chance_test_error,
             "chance_margin": DEFAULT_CHANCE_MARGIN,
             "untrained": is_untrained(test_error, self.chance_test_error, DEFAULT_CHANCE_MARGIN),
-            **({"neq": self.neq} if self.neq is not None else {}),
+            **self.method_summary,
         }
 
 
@@ -96,42 +98,47 @@ def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Cont
         if status == "diverged":
             raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
         if status == "complete":
-            rows, problem = _finished_records(run)
-            neq_rows = None
-            if problem is None and cfg.training.method == "neq":
-                from ..methods.neq import read_records
-
-                neq_rows = read_records(run)
-                problem = None if neq_rows is not None else "neq.csv is missing or damaged"
+            rows, method_summary, problem = _finished_records(ctx, run)
             if problem is None:
                 run.check_reuse(cfg.runtime.accept_other_versions)
                 ensure_checkpoints(ctx, run, wanted)
-                return _result(run, T, reused=True, seconds=time.perf_counter() - t0, ctx=ctx, rows=rows,
-                               neq_rows=neq_rows)
+                return _result(ctx, run, rows, method_summary, reused=True, seconds=time.perf_counter() - t0)
             print(f"warning: finished run {run.path.name}: {problem}; training it again from its newest intact state",
                   file=sys.stderr)
         run.start(cfg.to_dict(), cfg.hashed_dict(), {"iterations_per_epoch": ctx.ipe, "final_step": T})
         eval_every = to_iterations(cfg.training.eval_every, ctx.ipe)
-        resumable_train(ctx, run, initial_members(ctx), T, eval_every=eval_every, keep=wanted,
-                        desc=f"train {run.hash}")
-        result = _result(run, T, reused=False, seconds=time.perf_counter() - t0, ctx=ctx)
+        final = resumable_train(ctx, run, initial_members(ctx), T, eval_every=eval_every, keep=wanted,
+                                desc=f"train {run.hash}")
+        method_summary = ctx.method.summary(ctx, run, 0, T, lambda: final.member_state_dict(0))
+        result = _result(ctx, run, read_metrics(run) or [], method_summary or {}, reused=False,
+                         seconds=time.perf_counter() - t0)
         write_json(run / SUMMARY, result.summary)
         run.update(status="complete")
     return result
 
 
-def _finished_records(run: RunDir) -> tuple[list[dict[str, Any]], str | None]:
-    """A finished trunk's metrics rows, and what is wrong with its records (metrics.csv, summary.json), or None."""
+def _finished_records(ctx: Context, run: RunDir) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
+    """A finished trunk's metrics rows and its method's part of the summary, and what is wrong with its records
+    (metrics.csv, summary.json, the method's own), or None."""
     rows = read_metrics(run)
     if rows is None:
-        return [], "metrics.csv is missing or damaged"
+        return [], {}, "metrics.csv is missing or damaged"
     final_step = run.manifest().get("final_step")
     if not rows or rows[-1]["step"] != final_step:
-        return rows, (f"metrics.csv ends at step {rows[-1]['step'] if rows else None}, "
-                      f"not at the final step {final_step}")
-    if read_record(run / SUMMARY) is None:
-        return rows, "summary.json is missing or damaged"
-    return rows, None
+        return rows, {}, (f"metrics.csv ends at step {rows[-1]['step'] if rows else None}, "
+                          f"not at the final step {final_step}")
+    summary = read_record(run / SUMMARY)
+    if summary is None:
+        return rows, {}, "summary.json is missing or damaged"
+    T = ctx.total_steps
+    method = ctx.method
+    method_summary = method.summary(ctx, run, 0, T, lambda: _intact_state(ctx, run, T).member_state_dict(0))
+    if method_summary is None:
+        return rows, {}, f"{method.records} is missing or damaged"
+    missing = [k for k in method_summary if k not in summary]
+    if missing:  # written before the method recorded them: the repair rewrites summary.json
+        return rows, method_summary, f"summary.json has no {', '.join(missing)}"
+    return rows, method_summary, None
 
 
 def ensure_checkpoints(ctx: Context, run: RunDir, steps: Iterable[int]) -> None:
@@ -162,12 +169,21 @@ def trunk_checkpoint(ctx: Context, step: int) -> Members:
         train_trunk(ctx.cfg, extra_checkpoints=[step], ctx=ctx)
     try:
         return load_members(path, ctx)
-    except CheckpointError as exc:
+    except CheckpointError:
         with run.claim():
-            if path.is_file():
-                quarantine(path, str(exc))
-            produce_checkpoints(ctx, run, [step])
-        return load_members(path, ctx)
+            return _intact_state(ctx, run, step)
+
+
+def _intact_state(ctx: Context, run: RunDir, step: int) -> Members:
+    """A claimed trunk's state at ``step``, replayed when its checkpoint is missing or damaged (moved aside)."""
+    path = checkpoint_path(run, step)
+    if path.is_file():
+        try:
+            return load_members(path, ctx)
+        except CheckpointError as exc:
+            quarantine(path, str(exc))
+    produce_checkpoints(ctx, run, [step])
+    return load_members(path, ctx)
 
 
 def produce_checkpoints(ctx: Context, run: RunDir, steps: Iterable[int]) -> None:
@@ -186,25 +202,15 @@ def produce_checkpoints(ctx: Context, run: RunDir, steps: Iterable[int]) -> None
         if members is None:
             members = initial_members(ctx)  # step 0 is the seeded initialization: always reproducible
         spec = TrainSpec(ctx.data, ctx.cfg, ctx.ipe, augmentation=ctx.augmentation)
-        if ctx.cfg.training.method == "neq":  # replayed with NEq's state from the checkpoint, records untouched
-            from ..methods.neq import NeqTracker
-
-            tracker = NeqTracker(ctx, 0)
-            tracker.restore(members)
-            spec.masks, spec.freeze, spec.update_masks = tracker.masks(), True, tracker
+        # the method continues from its state in the checkpoint, as in training; a replay keeps no records
+        attach_hooks(spec, ctx.method.hooks(ctx, None, 0, members.n), members)
         train_members(sm, members, spec, target)
         save_state(checkpoint_path(run, target), members)
 
 
-def _result(run: RunDir, T: int, reused: bool, seconds: float, ctx: Context,
-            rows: list[dict[str, Any]] | None = None, neq_rows: list[dict[str, Any]] | None = None) -> TrainResult:
-    """The run's result from its records (``rows``: metrics.csv, ``neq_rows``: neq.csv, when already read)."""
-    if rows is None:
-        rows = read_metrics(run) or []
-    neq = None
-    if ctx.cfg.training.method == "neq":
-        from ..methods.neq import neq_summary, run_summary
-
-        neq = run_summary(run, 0, T) if neq_rows is None else neq_summary(neq_rows, 0, T)
+def _result(ctx: Context, run: RunDir, rows: list[dict[str, Any]], method_summary: dict[str, Any], *,
+            reused: bool, seconds: float) -> TrainResult:
+    """The run's result from its metrics rows and its method's part of the summary."""
+    T = ctx.total_steps
     return TrainResult(run.path, run.hash, T, saved_checkpoints(run), rows, reused, seconds,
-                       chance_error(ctx.data.split("test")[1]), neq)
+                       chance_error(ctx.data.split("test")[1]), method_summary)

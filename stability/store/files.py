@@ -151,6 +151,11 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def short_digest(tensors: Mapping[str, torch.Tensor] | None) -> str | None:
+    """What names a run by tensor contents: the first 16 hex digits of ``tensors_digest`` (None for None)."""
+    return None if tensors is None else tensors_digest(tensors)[:16]
+
+
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> None:
     """Atomically save tensors as safetensors, with their digest; metadata values are stored as JSON strings."""
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}

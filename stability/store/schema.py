@@ -27,6 +27,9 @@ RUN_KINDS = (TRAIN, SIBLINGS, INSTABILITY, IMP, HESSIAN)
 # ---------------------------------------------------------------- files of every run
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+# The sections of a training run's config, in order (stability.config.SECTIONS; a test holds them equal). A train
+# run's manifest holds them under "config"; a stage run's manifest nests them under "config" -> "training".
+CONFIG_SECTIONS = ("dataset", "model", "optimizer", "schedule", "training", "runtime", "strong", "neq")
 
 # ---------------------------------------------------------------- training runs (trunk, siblings, IMP levels)
 METRICS = "metrics.csv"
@@ -39,6 +42,10 @@ FINAL_STATE = "final.safetensors"
 NEQ_RECORDS = "neq.csv"
 NEQ_COLUMNS = ["step", "member", "layer", "neurons", "frozen", "frozen_fraction", "at_equilibrium",
                "mean_abs_velocity", "backward_macs", "macs_saved", "saved_fraction"]
+# training.method in STRONG_METHODS (stability.methods.strong names its registry entries from here; a test
+# holds them equal to the methods that do not train weights): scores over frozen weights. summary.json
+# then says at its top level "method" and "mask_density", the fraction of weights the evaluation mask keeps.
+STRONG_METHODS = ("edgepopup", "supermask")
 
 
 def checkpoint_name(step: int) -> str:

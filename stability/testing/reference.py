@@ -20,7 +20,7 @@ from ..engine.loop import TrainSpec, draw_batch
 from ..engine.members import Members, derive_seed
 from ..engine.optim import Schedule, make_optimizer
 from ..maths.interpolation import CurveSettings, _bn_modules
-from ..models.build import dropout_noise
+from ..models import dropout_noise
 from ..stages.context import Context
 from ..stages.trunk import trunk_checkpoint
 

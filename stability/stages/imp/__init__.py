@@ -1,1 +1,34 @@
-"""Iterative magnitude pruning with rewinding, against random baselines."""
+"""Iterative magnitude pruning with rewinding: lottery tickets and their baselines.
+
+Level 0 is the dense trunk. At each next level a fraction ``prune_fraction`` of
+the surviving prunable weights is removed (by ``strategy``, from the previous
+level's final weights), the survivors are rewound to their values at the rewind
+step (from the dense trunk's checkpoint; optimizer state fresh, as in open_lth),
+and the network is trained to the end. ``rewind = auto`` rewinds to the dense
+network's first stable step, found by an instability sweep (the stabilized
+lottery ticket hypothesis).
+
+Baselines trained alongside each level, batched as extra members: ``reinit``
+(the same mask, weights from a fresh initialization with another init seed,
+trained over the same steps) and ``random`` (a random mask with the same
+per-layer densities, the same rewound weights).
+
+Each finished level is stored before the next starts, and a level in progress
+saves a resumable state, so a killed run rerun with the same command resumes.
+Results in ``results_root/imp_<hash>/``: ``levels.csv``, ``masks/`` (one
+safetensors file per replicate and level) and ``imp.json``.
+
+The steps, one module each: ``settings`` (the ``[imp]`` table), ``naming`` (the run's name),
+``masks`` (choosing masks and the members' starts), ``levels`` (the driver: the loop over levels,
+resuming finished ones), ``rows`` (the rows of ``levels.csv``) and ``summary`` (``imp.json``).
+"""
+from __future__ import annotations
+
+from .levels import resolve_rewind_step, run_imp
+from .masks import MaskSource, mask_source
+from .naming import imp_dir, imp_key
+from .settings import BASELINES, ImpSettings, check_method, imp_settings
+from .summary import ImpResult
+
+__all__ = ["BASELINES", "ImpResult", "ImpSettings", "MaskSource", "check_method", "imp_dir", "imp_key",
+           "imp_settings", "mask_source", "resolve_rewind_step", "run_imp"]

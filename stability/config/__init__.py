@@ -4,30 +4,29 @@ A run is named by a hash of the settings that change its result. Fields left at
 their defaults stay out of the hash (as in open_lth), so adding a setting later
 keeps old results addressable; settings that do not change results (paths,
 device, threads, checkpoint cadence) are never hashed.
+
+Values are converted to their declared types by ``convert.coerce_field``. ``validate`` checks the
+settings every run reads; the training method's name and the sections only one method reads
+(``[strong]``, ``[neq]``) are checked by ``stability.methods.validate_run``, which the methods own.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import os
 import tomllib
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .steps import Step
+from ..errors import ConfigError
+from ..steps import Step
+from .convert import coerce_field
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
-# How a run trains: plain weight training, strong tickets (edge-popup; Zhou et al.'s learned supermask)
-# over frozen weights, or NEq (neurons at equilibrium skip their updates).
-METHODS = ("standard", "edgepopup", "supermask", "neq")
-STRONG_METHODS = ("edgepopup", "supermask")  # trained through scores over frozen weights (stability.methods.strong)
 DEVICES = ("auto", "cpu", "cuda")
 # Tables of a TOML config besides the run's SECTIONS: the later stages' settings.
 STAGE_TABLES = ("instability", "imp", "hessian")
@@ -104,18 +103,14 @@ class TrainingConfig:
     rewind_points: tuple[str, ...] = ()  # checkpoints kept besides step 0 and T
     eval_every: str = "100it"
     checkpoint_every: str = "200it"  # resumable state cadence; does not change results
-    method: str = "standard"  # standard | edgepopup | supermask | neq (names the run only when not standard)
+    # how the run trains, a name in ``stability.methods.METHODS`` (names the run only when not standard)
+    method: str = "standard"
 
     # rewind points are produced on demand by exact resume, so they do not name the run
     UNHASHED = ("rewind_points", "checkpoint_every")
 
 
-# ---- strong lottery tickets (training.method = edgepopup | supermask; stability.methods.strong) ----
-STRONG_WEIGHT_INITS = ("signed_constant", "kaiming_normal", "default")
-STRONG_SCORE_INITS = ("kaiming_uniform", "kaiming_normal")
-STRONG_EVAL_MASKS = ("expected", "sample")
-
-
+# ---- strong lottery tickets (training.method = edgepopup | supermask; checked by stability.methods.strong) ----
 @dataclass(frozen=True)
 class StrongConfig:
     """Strong lottery tickets over frozen weights: edge-popup's fraction kept, the inits, supermask evaluation.
@@ -132,11 +127,7 @@ class StrongConfig:
     UNHASHED = ()
 
 
-# ---- NEq: neurons at equilibrium skip their updates (training.method = neq; stability.methods.neq) ----
-NEQ_BASELINES = ("none", "random", "matched")
-NEQ_VELOCITIES = ("reference", "paper")
-
-
+# ---- NEq: neurons at equilibrium skip their updates (training.method = neq; checked by stability.methods.neq) ----
 @dataclass(frozen=True)
 class NeqConfig:
     """NEq (Bragagnolo et al. 2022): which neurons skip their updates, checked at every NEq evaluation.
@@ -266,99 +257,9 @@ def _split_key(dotted: str) -> tuple[str, str]:
     return section_name, key
 
 
-def _parse_cli_value(text: str) -> Any:
-    """A ``--set`` value: a TOML literal if it parses as one, else the raw string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def coerce(section_name: str, key: str, value: Any) -> Any:
     """Convert ``value`` to the type of ``[section_name].key`` or raise ConfigError naming it."""
     return coerce_field(SECTIONS[section_name], section_name, key, value)
-
-
-# Settings whose values are steps ("500it", "2ep"): a bare number is taken as written.
-_STEP_KEYS = ("steps", "warmup", "eval_every", "checkpoint_every", "rewind", "every")
-
-
-def coerce_field(cls: type, section: str, key: str, value: Any) -> Any:
-    """Convert ``value`` (from TOML, a keyword or a CLI string) to the declared type of ``cls.key``.
-
-    The one converter for run sections and stage tables alike: booleans, integers, numbers,
-    strings, and tuples of those (``tuple[tuple[str, float], ...]`` also from a table
-    ``{name = number}``). A CLI string is read as a TOML literal first. Errors name the setting.
-    """
-    name = f"{section}.{key}"
-    hint = _field_types(cls)[key]
-    if isinstance(value, str) and hint is not str:
-        value = _parse_cli_value(value)
-    return _convert(name, hint, value, key)
-
-
-def _convert(name: str, hint: Any, value: Any, key: str) -> Any:
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
-    if hint is str:
-        if key in _STEP_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    if typing.get_origin(hint) is tuple:
-        item = typing.get_args(hint)[0]
-        if typing.get_origin(item) is tuple:  # pairs, e.g. per-layer rates: a table or a list of pairs
-            return _pairs(name, typing.get_args(item), value)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        if item is str:
-            return tuple(str(v) for v in value)
-        if item is int:  # "512,512" from the CLI: each element read as a literal
-            value = [_parse_cli_value(v) if isinstance(v, str) else v for v in value]
-        if item is int and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-            raise ConfigError(f"{name}: expected a list of positive integers, got {list(value)!r}")
-        if item is float:
-            try:
-                return tuple(_convert(name, float, _parse_cli_value(v) if isinstance(v, str) else v, key)
-                             for v in value)
-            except ConfigError:
-                raise ConfigError(f"{name}: expected a list of numbers, got {list(value)!r}") from None
-        return tuple(value)
-    raise ConfigError(f"{name}: cannot set a value of type {hint!r}")
-
-
-def _pairs(name: str, types: tuple[Any, ...], value: Any) -> tuple[tuple[Any, ...], ...]:
-    items = value.items() if isinstance(value, Mapping) else value
-    try:
-        pairs = [(k, v) for k, v in items]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected a table of name = value, e.g. {{ output = 0.1 }}, got {value!r}") from None
-    out = []
-    for k, v in pairs:
-        if types[1] is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ConfigError(f"{name}: value for {str(k)!r} must be a number, got {v!r}")
-        out.append((str(k), float(v) if types[1] is float else v))
-    return tuple(sorted(out))
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def settings_from_table(cls: type, section: str, table: Mapping[str, Any] | None = None, **overrides: Any) -> Any:
@@ -427,9 +328,10 @@ def read_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], str | N
 
 
 def validate(cfg: Config) -> Config:
-    """Check every setting a run needs, raising ConfigError with the allowed values."""
+    """Check the settings every run reads, raising ConfigError with the allowed values."""
     # Names of datasets, models and init schemes are checked where they are looked up (``registry``,
-    # ``models.build_model``), which ``trunk.prepare`` does before anything is written.
+    # ``models.build_model``), the training method and its section by ``methods.validate_run``: ``prepare``
+    # does all of it before anything is written.
     if not (cfg.model.width > 0 and math.isfinite(cfg.model.width)):
         raise ConfigError(f"model.width: must be a positive finite number, got {cfg.model.width}")
     if not 0 <= cfg.model.dropout < 1:
@@ -456,12 +358,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"schedule.kind: unknown schedule {cfg.schedule.kind!r}; choose one of {', '.join(SCHEDULES)}")
     if not (cfg.schedule.gamma >= 0 and math.isfinite(cfg.schedule.gamma)):
         raise ConfigError(f"schedule.gamma: must be a finite number >= 0, got {cfg.schedule.gamma}")
-    if cfg.training.method not in METHODS:
-        raise ConfigError(f"training.method: unknown method {cfg.training.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.training.batch_size < 1:
         raise ConfigError(f"training.batch_size: must be >= 1, got {cfg.training.batch_size}")
-    validate_strong(cfg)
-    validate_neq(cfg)
     if cfg.dataset.val_size < 0:
         raise ConfigError(f"dataset.val_size: must be >= 0, got {cfg.dataset.val_size}")
     if cfg.runtime.device not in DEVICES:
@@ -479,58 +377,6 @@ def validate(cfg: Config) -> Config:
     Step.parse(cfg.schedule.warmup, "schedule.warmup")
     check_results_root(cfg.runtime.results_root)
     return cfg
-
-
-def validate_strong(cfg: Config) -> None:
-    """The ``[strong]`` settings: allowed values, and set only with the method they belong to."""
-    st, method = cfg.strong, cfg.training.method
-    if not (0 < st.kept <= 1):
-        raise ConfigError(f"strong.kept: the fraction of each layer's weights kept must be in (0, 1], got {st.kept}")
-    for key, allowed in (("weight_init", STRONG_WEIGHT_INITS), ("score_init", STRONG_SCORE_INITS),
-                         ("eval_mask", STRONG_EVAL_MASKS)):
-        if getattr(st, key) not in allowed:
-            raise ConfigError(f"strong.{key}: unknown value {getattr(st, key)!r}; choose one of {', '.join(allowed)}")
-    changed = _changed(st)
-    if changed and method not in STRONG_METHODS:
-        raise ConfigError(f"strong.{changed[0]}: applies only with training.method = {' or '.join(STRONG_METHODS)} "
-                          f"(strong tickets), not {method!r}; set training.method or leave [strong] at its defaults")
-    only = {"kept": "edgepopup", "eval_mask": "supermask"}
-    for key in changed:
-        if key in only and method != only[key]:
-            raise ConfigError(f"strong.{key}: applies only with training.method = {only[key]}, not {method!r}")
-
-
-def validate_neq(cfg: Config) -> None:
-    """The ``[neq]`` settings: allowed values, and set only with ``training.method = neq``."""
-    nq = cfg.neq
-    if not (nq.eps >= 0 and math.isfinite(nq.eps)):
-        raise ConfigError(f"neq.eps: the equilibrium threshold must be a finite number >= 0, got {nq.eps}")
-    if not 0 <= nq.mu < 1:
-        raise ConfigError(f"neq.mu: the velocity momentum mu_eq must be in [0, 1), got {nq.mu}")
-    for key, allowed in (("velocity", NEQ_VELOCITIES), ("baseline", NEQ_BASELINES)):
-        if getattr(nq, key) not in allowed:
-            raise ConfigError(f"neq.{key}: unknown value {getattr(nq, key)!r}; choose one of {', '.join(allowed)}")
-    if nq.examples < 1:
-        raise ConfigError(f"neq.examples: the number of validation examples must be >= 1, got {nq.examples}")
-    if nq.every:
-        Step.parse(nq.every, "neq.every")
-    if not 0 <= nq.random_fraction <= 1:
-        raise ConfigError(f"neq.random_fraction: must be a fraction in (0, 1], got {nq.random_fraction}")
-    if nq.baseline == "random" and nq.random_fraction == 0:
-        raise ConfigError("neq.random_fraction: neq.baseline = random needs the fraction of neurons to freeze, "
-                          "in (0, 1] (e.g. the mean fraction an NEq run froze); got 0")
-    if nq.baseline != "random" and nq.random_fraction != 0:
-        raise ConfigError(f"neq.random_fraction: applies only with neq.baseline = random, not {nq.baseline!r}")
-    changed = _changed(nq)
-    if changed and cfg.training.method != "neq":
-        raise ConfigError(f"neq.{changed[0]}: applies only with training.method = neq, not "
-                          f"{cfg.training.method!r}; set training.method = neq or leave [neq] at its defaults")
-
-
-def _changed(section: Any) -> list[str]:
-    """The fields of a settings section that differ from the section's defaults."""
-    default = type(section)()
-    return [f.name for f in fields(section) if getattr(section, f.name) != getattr(default, f.name)]
 
 
 def check_results_root(root: str) -> None:

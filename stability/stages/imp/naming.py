@@ -1,0 +1,44 @@
+"""What names an IMP run, and where it lives: ``results_root/imp_<hash>/``. These names must never change
+(tests/test_hashes.py pins them)."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from ...config import Config, settings_hash
+from ...store.files import RunDir
+from ...store.schema import IMP
+from ..instability import InstabilitySettings, instability_settings_key
+from .masks import MaskSource, mask_source
+from .settings import ImpSettings
+
+# Settings added after the first IMP runs, left out of the name at their defaults so those runs keep theirs:
+# magnitude pruning and rewinding, as before these settings existed.
+_LATER_DEFAULTS = (("criterion", "large_final"), ("mask1", "rewind"), ("supermask", False), ("mask0", "zero"),
+                   ("mask_from", ""))
+
+
+def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings,
+            source: MaskSource | None = None) -> dict[str, Any]:
+    """The settings that name an IMP run (its hash is ``settings_hash`` of this, recorded in its manifest).
+
+    ``source``: the masks of ``imp.mask_from`` when already read (else they are read here for their digest)."""
+    # chance margins only classify results: they do not name the run
+    imp = {k: v for k, v in asdict(settings).items() if k != "chance_margin"}
+    for field_name, default in _LATER_DEFAULTS:
+        if imp[field_name] == default:
+            del imp[field_name]
+    if settings.mask_from:  # named by the masks' contents, not by where they are
+        imp["mask_from"] = (source or mask_source(settings)).digest
+    key = {"trunk": cfg.run_hash(), "imp": imp}
+    if settings.rewind == "auto" or settings.instability:
+        key["instability"] = instability_settings_key(sweep, ("chance_margin",))
+    return key
+
+
+def imp_dir(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings, source: MaskSource | None = None) -> RunDir:
+    """Where the IMP run of these settings lives."""
+    return RunDir(cfg.runtime.results_root, IMP, settings_hash(imp_key(cfg, settings, sweep, source)))
+
+
+__all__ = ["imp_dir", "imp_key"]
