@@ -290,3 +290,31 @@ def test_the_stages_needs_are_the_units_a_grid_plans(tmp_path):
     assert set(graph) == {u.id for u in plan.units}
     for unit in plan.units:
         assert set(unit.deps) <= graph[unit.id], unit.id
+
+
+def test_composed_settings_read_flat_names_and_write_them_back_flat():
+    """Sweep and connect settings hold their siblings' and curve settings; tables, errors, keys and records name
+    every setting flat, as before the settings were composed."""
+    from stability.config.nested import flat_settings
+    from stability.stages.siblings import SiblingSettings
+
+    settings = instability_settings({"siblings": 3, "alphas": "11", "align": "weights"}, noise="data_order")
+    assert settings.siblings == SiblingSettings(siblings=3, noise="data_order")  # `siblings` is the count
+    assert (settings.curve.alphas, settings.curve.align, settings.curve.aligned) == (11, "weights", True)
+    assert list(flat_settings(settings)) == [
+        "rewind_points", "siblings", "noise", "optimizer_state", "sibling_seed", "alphas", "alpha_grid", "bn",
+        "bn_batches", "splits", "threshold", "chance_margin", "align", "repair", "align_examples", "align_seed"]
+    assert instability_settings(flat_settings(settings)) == settings  # what a grid unit ships reads back
+    assert list(flat_settings(connect_settings()))[:8] == ["align", "repair", "alphas", "splits", "bn",
+                                                            "align_examples", "align_seed", "allow_different_masks"]
+    assert connect_settings(align="weights", alphas=5).curve == CurveSettings(alphas=5, align="weights")
+    # each error names the setting as the user wrote it, in the table it was read from
+    for make, section in ((instability_settings, "instability"), (connect_settings, "connect")):
+        with pytest.raises(ConfigError, match=rf"^{section}\.alphas: need at least 2"):
+            make(alphas=1)
+        with pytest.raises(ConfigError, match=rf"^{section}\.align: unknown method 'twist'"):
+            make(align="twist")
+        with pytest.raises(ConfigError, match=rf"^{section}\.bn_seed: unknown setting"):
+            make(bn_seed=1)  # fixed by the package: no table sets it
+    with pytest.raises(ConfigError, match=r"^instability\.siblings: need at least 2"):
+        instability_settings(siblings=1)

@@ -126,7 +126,8 @@ def test_stage_flags_are_aliases_of_set():
                      "--set", "instability.alpha_grid=[0, 0.5, 1]")
     settings = instability_settings(by_flag.tables["instability"])
     assert settings == instability_settings(by_set.tables["instability"])
-    assert (settings.siblings, settings.splits, settings.repair, settings.rewind_points, settings.alpha_grid) == \
+    assert (settings.siblings.siblings, settings.splits, settings.curve.repair, settings.rewind_points,
+            settings.curve.alpha_grid) == \
         (3, ("test", "train"), True, ("0it", "5it"), (0.0, 0.5, 1.0))
     assert by_flag.cfg == by_set.cfg  # stage settings leave the run config alone
     # a flag wins over --set of the same setting
@@ -173,16 +174,16 @@ def test_flag_help_reads_the_settings_defaults(command, capsys):
     _help(command)
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     expected = {
-        "instability": [f"[instability.alphas; default {InstabilitySettings().alphas}]",
+        "instability": [f"[instability.alphas; default {InstabilitySettings().curve.alphas}]",
                         f"[instability.threshold; default {InstabilitySettings().threshold}]",
                         "[instability.rewind_points; default training.rewind_points]",
-                        f"instability.align_examples = {InstabilitySettings().align_examples}"],
+                        f"instability.align_examples = {InstabilitySettings().curve.align_examples}"],
         "imp": [f"[imp.levels; default {ImpSettings().levels}]", f"[imp.criterion; default {ImpSettings().criterion}]",
                 ", ".join(CRITERIA), f"imp.prune_fraction = {ImpSettings().prune_fraction}"],
         "hessian": [f"[hessian.top_k; default {HessianSettings().top_k}]", f"(default {TRACE_PROBES})",
                     "--alpha-grid ALPHAS", "(default 0,0.25,0.5,0.75,1)"],
-        "connect": [f"[connect.alphas; default {ConnectSettings().alphas}]",
-                    f"[connect.align_examples; default {ConnectSettings().align_examples}]"],
+        "connect": [f"[connect.alphas; default {ConnectSettings().curve.alphas}]",
+                    f"[connect.align_examples; default {ConnectSettings().curve.align_examples}]"],
         "earlybird": [f"[earlybird.density; default {EarlybirdSettings().density}]",
                       "[earlybird.every; default training.eval_every]"],
         "grid": [f"[runtime.results_root; default {RuntimeConfig().results_root}]"],
@@ -233,3 +234,8 @@ def test_presets_and_help_do_not_import_torch():
             "assert 'torch' not in sys.modules, 'stability presets imported torch'")
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    code = ("import sys\nfrom stability.apps.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0\nassert 'torch' not in sys.modules, 'stability --help imported torch'")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "presets,train,instability" in done.stdout

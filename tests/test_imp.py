@@ -151,6 +151,20 @@ def test_kill_at_level_boundary_and_mid_level_resumes_to_the_same_results(tmp_pa
     assert again.levels == reference.levels
 
 
+
+def test_a_finished_run_without_its_summary_is_rebuilt_from_its_levels(tmp_path, imp_run, capsys):
+    cfg0, settings, reference = imp_run
+    cfg = cfg0.with_overrides({"runtime.results_root": str(tmp_path)})
+    first = run_imp(cfg, settings)
+    (first.run_dir / "imp.json").unlink()
+    capsys.readouterr()
+    again = run_imp(cfg, settings)
+    err = capsys.readouterr().err
+    assert f"finished run {first.run_dir.name}" in err and "imp.json" in err
+    assert "rebuilding its records from the stored levels" in err
+    assert again.levels == reference.levels and read_json(first.run_dir / "imp.json")["rewind_step"] == 5
+    assert read_json(first.run_dir / "manifest.json")["status"] == "complete"
+
 def test_auto_rewind_uses_the_first_stable_step(results_root):
     from stability.stages.instability import instability_settings
 

@@ -14,7 +14,6 @@ from stability.maths.interpolation import CurveSettings, error_barrier, evaluate
 from stability.maths.sweep import first_stable_step, sweep_table
 from stability.stages.context import prepare
 from stability.stages.instability import (
-    InstabilitySettings,
     instability_settings,
     instability_sweep,
 )
@@ -277,4 +276,4 @@ def test_cli_bad_input_exits_2_and_writes_nothing(results_root, capsys, flags, m
 
 def test_alpha_grid_without_both_ends_is_rejected():
     with pytest.raises(ConfigError, match="include both ends"):
-        InstabilitySettings(alpha_grid=(0.0, 0.5, 0.9)).validate()
+        instability_settings(alpha_grid=(0.0, 0.5, 0.9))

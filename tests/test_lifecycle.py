@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, make_dataclass
 
 import pytest
 import torch
 
 from stability.config import SECTIONS, settings_hash
+from stability.config.nested import flat_paths
 from stability.errors import RecordError, StabilityError, TrainingDiverged
 from stability.hessian import HessianSettings
 from stability.presets import get_preset
 from stability.stages.base import LEGACY_NAMED, mask_digest, run_once, settings_key
 from stability.stages.connect import ConnectSettings
 from stability.stages.imp import ImpSettings
-from stability.stages.instability import InstabilitySettings
+from stability.stages.instability import InstabilitySettings, instability_settings
 from stability.stages.siblings import SiblingSettings
 from stability.store.files import RunDir, read_json, short_digest, tensors_digest
 
@@ -130,10 +131,10 @@ def test_a_field_added_later_at_its_default_renames_nothing():
 def test_legacy_fields_are_named_at_every_value_and_the_others_only_when_changed():
     key = settings_key(InstabilitySettings(), legacy="instability")
     assert set(key) == set(LEGACY_NAMED["instability"])  # alignment fields at their defaults drop out
-    key = settings_key(InstabilitySettings(align="weights", alpha_grid=[0.0, 1.0]), drop=("threshold",),
+    key = settings_key(instability_settings(align="weights", alpha_grid=[0.0, 1.0]), drop=("threshold",),
                        legacy="instability")
     assert key["align"] == "weights" and "threshold" not in key and "repair" not in key
-    assert settings_key(InstabilitySettings(alpha_grid=[]), legacy=None) == {}  # a TOML [] is the default ()
+    assert settings_key(instability_settings(alpha_grid=[]), legacy=None) == {}  # a TOML [] is the default ()
 
 
 def test_the_legacy_table_names_only_real_fields():
@@ -145,7 +146,7 @@ def test_the_legacy_table_names_only_real_fields():
     owners["earlybird"] = EarlybirdSettings
     assert set(owners) == set(LEGACY_NAMED)
     for legacy, cls in owners.items():
-        assert set(LEGACY_NAMED[legacy]) <= {f.name for f in fields(cls)}, legacy
+        assert set(LEGACY_NAMED[legacy]) <= set(flat_paths(cls)), legacy
     with pytest.raises(TypeError, match="no field 'treshold'"):
         settings_key(InstabilitySettings(), drop=("treshold",), legacy="instability")
 
@@ -171,3 +172,26 @@ def test_one_short_tensor_digest_and_the_legacy_mask_digest():
     # the legacy mask digest hashes names and uint8 bytes only (pinned: sibling sets and sparse sweeps use it)
     assert mask_digest(masks) == mask_digest({"w": masks["w"].bool().reshape(6)}) == "3d1c0ef6b1d0df05"
     assert mask_digest(None) is None and mask_digest({}) is None
+
+
+# ---------------------------------------------------------------- the trunk and IMP as stages
+def test_the_trunk_and_imp_are_stages_whose_needs_a_planner_walks(tmp_path):
+    from stability.stages.base import Need, stage_dir
+    from stability.stages.context import prepare
+    from stability.stages.imp import IMP_STAGE, imp_dir, imp_settings
+    from stability.stages.instability import instability_settings
+    from stability.stages.trunk import TRUNK_STAGE, trunk_dir
+
+    cfg = get_preset("lenet300_mnist5k").with_overrides({"runtime.results_root": str(tmp_path),
+                                                         "training.steps": "40it", "training.rewind_points": ["5it"]})
+    ctx = prepare(cfg)
+    assert stage_dir(TRUNK_STAGE, ctx, None).path == trunk_dir(cfg).path and TRUNK_STAGE.needs(ctx, None) == []
+    sweep = instability_settings(rewind_points=["5it"])
+    fixed, auto = imp_settings(rewind="10it"), imp_settings(rewind="auto")
+    assert IMP_STAGE.needs(ctx, fixed, sweep=sweep) == [Need("train", cfg, None, {"extra_checkpoints": [10]})]
+    # the rewind step of ``auto`` is known only once the sweep is done: the sweep is needed, no checkpoint
+    assert IMP_STAGE.needs(ctx, auto, sweep=sweep) == [Need("train", cfg, None, {"extra_checkpoints": []}),
+                                                       Need("instability", cfg, sweep)]
+    for settings in (fixed, auto):
+        assert stage_dir(IMP_STAGE, ctx, settings, sweep=sweep).path == imp_dir(cfg, settings, sweep).path
+    assert not any(tmp_path.iterdir())  # naming and needs write nothing

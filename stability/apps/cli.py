@@ -428,7 +428,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argparse tree: every subcommand, with the arguments of ``command`` (None: of every one).
+    """The argparse tree: every subcommand, with the arguments of ``command`` (None: of every one; "": none).
 
     The arguments read the settings dataclasses, whose modules import torch; building only the
     command that runs keeps ``stability presets`` and ``stability --help`` instant.
@@ -450,7 +450,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stability`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))  # "": no command, only the list
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -157,8 +157,8 @@ def _alignment_sweeps(sweeps: dict[str, SweepResult], sweep_settings: dict[str, 
                    f"({', '.join(alignments)})"):
             for alignment in alignments:
                 align, _, repair = alignment.partition("+")
-                settings = replace(base, rewind_points=tuple(points), align=align, repair=bool(repair),
-                                   splits=("test",))  # summary.md reports the test barrier
+                settings = replace(base, rewind_points=tuple(points), splits=("test",),  # summary.md: test barrier
+                                   curve=replace(base.curve, align=align, repair=bool(repair)))
                 out[name][alignment] = instability_sweep(configs[name], settings)
     return out
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import DEVICES, SECTIONS, Config, RuntimeConfig, settings_help
+from ..config.nested import flat_settings
 from ..errors import ConfigError
 
 _DEST = "set:"  # argparse destination prefix of every alias: its value is the setting's, as --set would give it
@@ -50,13 +51,7 @@ RUNTIME_FLAGS = (
 
 def defaults(settings: Any) -> dict[str, Any]:
     """Every setting of a settings dataclass (class or instance) by name, nested settings flattened."""
-    obj = settings() if isinstance(settings, type) else settings
-    out: dict[str, Any] = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        # settings composed of other settings (curves inside a sweep) keep their flat names in tables
-        out.update(defaults(value) if is_dataclass(value) else {f.name: value})
-    return out
+    return flat_settings(settings() if isinstance(settings, type) else settings)
 
 
 def shown(value: Any, empty: str = "") -> str:

@@ -53,9 +53,9 @@ def instability(result: Any, settings: Any) -> None:
     """``stability instability``: one row per rewind point and split, and the first stable step."""
     from ..steps import point_name
 
-    print(f"instability sweep: {settings.siblings} siblings, noise={settings.noise}, bn={settings.bn}, "
-          f"{len(settings.curve_settings().grid())} alphas, threshold {settings.threshold}, "
-          f"alignment {settings.alignment()}")
+    print(f"instability sweep: {settings.siblings.siblings} siblings, noise={settings.siblings.noise}, "
+          f"bn={settings.curve.bn}, {len(settings.curve.grid())} alphas, threshold {settings.threshold}, "
+          f"alignment {settings.curve.alignment()}")
     print(f"{'rewind':>11} {'split':>6} {'instability':>14} {'loss barrier':>14} {'stable':>7} {'status':>9}")
     for row in result.table:
         print(f"{point_name(row['rewind_step']):>11} {row['split']:>6} "
@@ -127,7 +127,7 @@ def connect(result: Any, settings: Any) -> None:
     """``stability connect``: the two ends, and the error and loss barrier per split."""
     print(f"a: {result.summary['a']}")
     print(f"b: {result.summary['b']}")
-    print(f"alignment {result.summary['alignment']}, {settings.alphas} alphas")
+    print(f"alignment {result.summary['alignment']}, {settings.curve.alphas} alphas")
     for split, barrier in result.barriers.items():
         print(f"{split:>6}: error barrier {barrier:.4f}, loss barrier {result.loss_barriers[split]:.4f}")
     print(f"results: {result.run_dir}")

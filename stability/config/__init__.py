@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..steps import Step
 from .convert import coerce_field
+from .nested import build, flat_paths, owner
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
@@ -264,15 +265,18 @@ def coerce(section_name: str, key: str, value: Any) -> Any:
 
 def settings_from_table(cls: type, section: str, table: Mapping[str, Any] | None = None, **overrides: Any) -> Any:
     """A stage's settings (``[instability]``, ``[imp]``, ``[hessian]``) from its TOML table and keyword
-    overrides (None = not given), converted by ``coerce_field`` and checked by the class's ``validate``."""
+    overrides (None = not given), converted by ``coerce_field`` and checked by the class's ``validate``.
+
+    Names are flat: a setting of a nested settings dataclass (``instability.alphas``, held by its curve settings)
+    goes to the dataclass that holds it (``nested.build``)."""
     values = {**(table or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    names = [f.name for f in fields(cls)]
+    names = list(flat_paths(cls))
     kwargs = {}
     for key, value in values.items():
         if key not in names:
             raise ConfigError(f"{section}.{key}: unknown setting; settings are {', '.join(names)}")
-        kwargs[key] = coerce_field(cls, section, key, value)
-    return cls(**kwargs).validate()
+        kwargs[key] = coerce_field(owner(cls, key)[0], section, key, value)
+    return build(cls, kwargs).validate()
 
 
 def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:

@@ -50,15 +50,21 @@ from typing import Any
 from ..config import Config, read_toml_data, settings_hash
 from ..errors import ConfigError
 from ..methods import validate_run
-from ..store.files import RunDir, write_json
-from ..store.schema import (
-    GRIDS,
-    HESSIAN,
-    IMP,
-    INSTABILITY,
-    PLAN,
-    TRAIN,
+from ..stages.base import stage_dir
+from ..stages.context import Context, prepare
+from ..stages.imp import ImpSettings, check_method, imp_settings
+from ..stages.instability import (
+    InstabilitySettings,
+    check_alignment_method,
+    checkpoint_points,
+    instability_settings,
 )
+from ..stages.landscape import hessian_settings
+from ..stages.trunk import trunk_dir
+from ..steps import INDEPENDENT
+from ..store.files import RunDir, write_json
+from ..store.schema import GRIDS, HESSIAN, IMP, INSTABILITY, PLAN, TRAIN
+from .stages import GRID_STAGES, flops_per_example, unit_args, unit_cost
 
 STAGES = ("instability", "imp", "hessian")
 GRID_KEYS = ("preset", "config", "description", "stages", "set", "axes", "resources", *STAGES)
@@ -207,143 +213,102 @@ class Plan:
 
 
 def make_plan(grid: Grid) -> Plan:
-    """Expand a grid into units; every point is checked (settings, names, steps) before anything runs."""
-    from ..stages.context import prepare
-    from ..stages.imp import check_method, imp_dir, imp_settings, resolve_rewind_step
-    from ..stages.instability import (
-        check_alignment_method,
-        checkpoint_points,
-        independent_config,
-        instability_settings,
-        sweep_dir,
-    )
-    from ..stages.landscape import hessian_settings, track_key, track_steps
-    from ..stages.siblings import siblings_dir
-    from ..stages.trunk import trunk_dir
-    from ..steps import INDEPENDENT, INDEPENDENT_STEP
+    """Expand a grid into units; every point is checked (settings, names, steps) before anything runs.
 
+    The units of a point are the runs its stages need, found by walking each stage's ``needs`` (see
+    ``stages.base.Stage``): one unit per run directory, depending on the runs its stage needs, a trunk
+    keeping every checkpoint any of its dependents asks for.
+    """
     units: dict[str, Unit] = {}
-
-    def add(unit: Unit) -> str:
-        old = units.get(unit.id)
-        if old is not None and unit.kind == TRAIN:
-            # one trunk can be a point's own and another point's independent network: one unit that
-            # keeps every checkpoint either asks for, and counts as the point's own trunk
-            own = old if "independent_of" not in old.args else unit
-            extra = sorted(set(old.args["extra_checkpoints"]) | set(unit.args["extra_checkpoints"]))
-            units[unit.id] = replace(own, args={**own.args, "extra_checkpoints": extra})
-        else:
-            units.setdefault(unit.id, unit)
-        return unit.id
-
     tables = grid.tables
     sweep = instability_settings(tables.get("instability"))
     imp = imp_settings(tables.get("imp")) if "imp" in grid.stages else None
     hessian_table = dict(tables.get("hessian", {}))
     at, every = hessian_table.pop("at", "all"), hessian_table.pop("every", None)
     hessian = hessian_settings(hessian_table) if "hessian" in grid.stages else None
+    wanted: list[tuple[str, Any, dict[str, Any]]] = []  # the stages every point asks for: (kind, settings, args)
+    if "instability" in grid.stages:
+        wanted.append((INSTABILITY, sweep, {}))
+    if imp is not None:
+        wanted.append((IMP, imp, {"sweep": sweep}))
+    if hessian is not None:
+        wanted.append((HESSIAN, hessian, {"at": at if isinstance(at, str) else list(at), "every": every}))
     for point in grid.points():
         cfg = grid.base.with_overrides(point)
-        independent = INDEPENDENT in sweep.rewind_points
         if sweep.rewind_points:
             cfg = cfg.with_overrides({"training.rewind_points": checkpoint_points(sweep.rewind_points)})
         # units use the threads they are given by the executors (the same number everywhere, so
         # results do not depend on which executor ran them) and print no progress bars
         cfg = cfg.with_overrides({"runtime.threads": str(grid.resources.cpus), "runtime.quiet": "true"})
-        validate_run(cfg)
-        if imp is not None:
-            check_method(cfg)  # training methods IMP cannot train: refused when planning, not when the unit runs
-        if "instability" in grid.stages or (imp is not None and (imp.rewind == "auto" or imp.instability)):
-            check_alignment_method(cfg, sweep)
-        # planned on the CPU: a login node needs no GPU to check settings and size the work
-        ctx = prepare(cfg.with_overrides({"runtime.device": "cpu"}))
-        config = cfg.to_dict()
-        flops = _flops_per_example(ctx)
-        B, T = cfg.training.batch_size, ctx.total_steps
-        needs_sweep = "instability" in grid.stages or (imp is not None and imp.rewind == "auto")
-        steps = ctx.steps(checkpoint_points(sweep.rewind_points or cfg.training.rewind_points),
-                          "instability.rewind_points") if needs_sweep else []
-        if needs_sweep and not steps and not independent:
-            raise ConfigError("instability.rewind_points: no rewind points to sweep; give them in the grid's "
-                              "[instability] table or as training.rewind_points")
-        extra: set[int] = set(steps)
-        if imp is not None and imp.rewind != "auto":
-            extra.add(resolve_rewind_step(ctx, imp))
-        hessian_steps = track_steps(ctx, at if isinstance(at, str) else list(at), every) if hessian else []
-        extra.update(s for s in hessian_steps if s < T)
-        trunk = add(Unit(trunk_dir(cfg).path.name, TRAIN, point, config, {"extra_checkpoints": sorted(extra)}, [],
-                         T, 3 * flops * B * T + _eval_flops(ctx, flops, T)))
-        sweep_id = None
-        if needs_sweep:
-            sibs = []
-            for k in steps:
-                n = sweep.siblings
-                sibs.append(add(Unit(siblings_dir(cfg, k, sweep.sibling_settings()).path.name, "siblings", point,
-                                     config, {"rewind_step": k, "settings": asdict(sweep.sibling_settings())},
-                                     [trunk], n * (T - k), 3 * flops * B * n * (T - k))))
-            if independent:  # the other independently trained networks: trunks of their own seeds
-                sibs.append(trunk)
-                for i in range(1, sweep.siblings):
-                    cfg_i = independent_config(cfg, i)
-                    sibs.append(add(Unit(trunk_dir(cfg_i).path.name, TRAIN, point, cfg_i.to_dict(),
-                                         {"extra_checkpoints": [0, T], "independent_of": trunk}, [], T,
-                                         3 * flops * B * T + _eval_flops(ctx, flops, T))))
-            swept = ([INDEPENDENT_STEP] if independent else []) + steps
-            pairs = sweep.siblings * (sweep.siblings - 1) // 2
-            examples = sum(len(ctx.data.split(s)[1]) for s in sweep.splits)
-            curve_flops = flops * len(sweep.curve_settings().grid()) * pairs * examples * len(swept)
-            sweep_id = add(Unit(sweep_dir(cfg, sweep, swept).path.name, INSTABILITY, point, config,
-                                {"settings": asdict(sweep)}, sibs, 0, curve_flops))
-        if imp is not None:
-            members = 1 + len(imp.baselines)
-            rewind = 0 if imp.rewind == "auto" else resolve_rewind_step(ctx, imp)
-            iters = imp.replicates * imp.levels * members * (T - rewind)
-            deps = [trunk] + ([sweep_id] if imp.rewind == "auto" and sweep_id else [])
-            add(Unit(imp_dir(cfg, imp, sweep).path.name, IMP, point, config,
-                     {"settings": asdict(imp), "sweep": asdict(sweep)}, deps, iters, 3 * flops * B * iters))
-        if hessian is not None:
-            key = track_key(cfg, hessian, hessian_steps)
-            hvps = len(hessian_steps) * (max(hessian.lanczos_steps, 2 * hessian.top_k + 20) * bool(hessian.top_k)
-                                         + hessian.trace_probes + hessian.density_steps * hessian.density)
-            add(Unit(f"{HESSIAN}_{settings_hash(key)}", HESSIAN, point, config,
-                     {"settings": asdict(hessian), "at": at, "every": every}, [trunk], 0,
-                     4 * flops * min(hessian.samples, ctx.data.n_train) * hvps))
+        _check_point(grid, cfg, sweep, imp)
+        _Walk(units, point, cfg).add_all(wanted)
     ordered = sorted(units.values(), key=lambda u: WAVES.index(u.kind))
     return Plan(grid, ordered, grid.points())
 
 
-def _flops_per_example(ctx: Any) -> float:
-    """Forward multiply-adds x 2 of one example through the model (Linear and Conv2d layers)."""
-    import torch
-    from torch import nn
-
-    total = 0.0
-
-    def count(module: nn.Module, inputs: Any, output: Any) -> None:
-        nonlocal total
-        if isinstance(module, nn.Linear):
-            total += 2 * module.in_features * module.out_features
-        elif isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1]
-            total += 2 * module.in_channels // module.groups * k * output[0].numel()
-
-    model = ctx.new_model()
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(ctx.data.x_test[:1].to("cpu"))
-    finally:
-        for h in hooks:
-            h.remove()
-    return total
+def _check_point(grid: Grid, cfg: Config, sweep: InstabilitySettings, imp: ImpSettings | None) -> None:
+    """What the stages would refuse when their units run, refused when planning instead."""
+    validate_run(cfg)
+    if imp is not None:
+        check_method(cfg)  # training methods IMP cannot train
+    if "instability" in grid.stages or (imp is not None and (imp.rewind == "auto" or imp.instability)):
+        check_alignment_method(cfg, sweep)
+    sweeps = "instability" in grid.stages or (imp is not None and imp.rewind == "auto")
+    if sweeps and INDEPENDENT not in sweep.rewind_points and \
+            not checkpoint_points(sweep.rewind_points or cfg.training.rewind_points):
+        raise ConfigError("instability.rewind_points: no rewind points to sweep; give them in the grid's "
+                              "[instability] table or as training.rewind_points")
 
 
-def _eval_flops(ctx: Any, flops: float, T: int) -> float:
-    from ..steps import to_iterations
+class _Walk:
+    """The units of one grid point, added to ``units`` by walking the needs of the stages it asks for."""
 
-    evals = T // max(to_iterations(ctx.cfg.training.eval_every, ctx.ipe), 1) + 2
-    n = ctx.data.n_train + len(ctx.data.split("val")[1]) + len(ctx.data.split("test")[1])
-    return flops * n * evals
+    def __init__(self, units: dict[str, Unit], point: dict[str, Any], cfg: Config):
+        self.units, self.point, self.cfg = units, point, cfg
+        self.contexts: dict[str, tuple[Context, float]] = {}
+        self.own_trunk = trunk_dir(cfg).path.name
 
+    def add_all(self, wanted: list[tuple[str, Any, dict[str, Any]]]) -> None:
+        for kind, settings, args in wanted:
+            self.add(kind, self.cfg, settings, args)
 
+    def context(self, cfg: Config) -> tuple[Context, float]:
+        """The context of a run's Config (planned on the CPU: a login node needs no GPU to check settings and
+        size the work), and its model's forward FLOPs per example."""
+        name = cfg.run_hash()
+        if name not in self.contexts:
+            ctx = prepare(cfg.with_overrides({"runtime.device": "cpu"}))
+            self.contexts[name] = ctx, flops_per_example(ctx)
+        return self.contexts[name]
+
+    def add(self, kind: str, cfg: Config, settings: Any, args: dict[str, Any]) -> str:
+        """The unit of one run (and, first, of every run it needs); its id."""
+        stage = GRID_STAGES[kind]
+        ctx, flops = self.context(cfg)
+        unit_id = stage_dir(stage, ctx, settings, **args).path.name
+        if kind != TRAIN and unit_id in self.units:
+            return unit_id  # the same run, needed again: its needs are the same too
+        deps: list[str] = []
+        for need in stage.needs(ctx, settings, **args):
+            dep = self.add(need.kind, replace(need.cfg, runtime=cfg.runtime), need.settings, dict(need.args))
+            if dep not in deps:
+                deps.append(dep)
+        shipped = unit_args(settings, args)
+        if kind == TRAIN:
+            shipped["extra_checkpoints"] = sorted(shipped.get("extra_checkpoints", ()))
+            if unit_id != self.own_trunk:  # another seed's network of this point (its independent point)
+                shipped["independent_of"] = self.own_trunk
+        iterations, cost = unit_cost(kind, ctx, flops, settings, args)
+        self._put(Unit(unit_id, kind, self.point, cfg.to_dict(), shipped, deps, iterations, cost))
+        return unit_id
+
+    def _put(self, unit: Unit) -> None:
+        old = self.units.get(unit.id)
+        if old is None:
+            self.units[unit.id] = unit
+        elif unit.kind == TRAIN:
+            # one trunk can be a point's own and another point's independent network: one unit that
+            # keeps every checkpoint either asks for, and counts as the point's own trunk
+            own = old if "independent_of" not in old.args else unit
+            extra = sorted(set(old.args["extra_checkpoints"]) | set(unit.args["extra_checkpoints"]))
+            self.units[unit.id] = replace(own, args={**own.args, "extra_checkpoints": extra})

@@ -32,47 +32,52 @@ ALIGN_METHODS = ("none", "weights", "activations")
 
 @dataclass(frozen=True)
 class CurveSettings:
-    """How interpolation curves are measured."""
+    """How interpolation curves are measured (held by a sweep's and a connect run's settings, whose tables name
+    these fields flat: ``instability.alphas``, ``connect.align``)."""
 
     alphas: int = 30  # evenly spaced values in [0, 1], both ends included
     alpha_grid: tuple[float, ...] = ()  # explicit grid (overrides alphas); must include 0 and 1
     bn: str = "interpolate"  # interpolate | reset
     bn_batches: int = 20  # training batches for recomputing BatchNorm statistics (bn = reset)
-    bn_batch_size: int = 128
-    bn_seed: int = 0
-    eval_batch_size: int = 1000
-    max_members: int = 64  # α values evaluated at once (memory bound)
     align: str = "none"  # none | weights | activations: permute sibling b's hidden units to match a's first
     repair: bool = False  # REPAIR every θ(α) (Jordan et al. 2023)
     align_examples: int = 1000  # training examples (fixed, seeded subset) for activation matching and REPAIR
     align_seed: int = 0  # seeds weight matching's order and the subset
+    bn_batch_size: int = 128
+    bn_seed: int = 0
+    eval_batch_size: int = 1000
+    max_members: int = 64  # α values evaluated at once (memory bound)
 
-    def grid(self) -> list[float]:
-        """The α grid, checked."""
+    # Not settings of a stage (``config.nested``): fixed, or (eval_batch_size) the run's runtime.eval_batch_size.
+    FIXED = ("bn_batch_size", "bn_seed", "eval_batch_size", "max_members")
+
+    def grid(self, section: str = "instability") -> list[float]:
+        """The α grid, checked (errors name ``section.alphas``: the table these settings were read from)."""
         if self.alpha_grid:
             grid = [float(a) for a in self.alpha_grid]
             if sorted(grid) != grid or grid[0] != 0.0 or grid[-1] != 1.0 or any(not 0 <= a <= 1 for a in grid):
-                raise ConfigError(f"instability.alphas: the α grid must be increasing in [0, 1] and include both ends "
+                raise ConfigError(f"{section}.alphas: the α grid must be increasing in [0, 1] and include both ends "
                                   f"0 and 1, got {grid}")
             return grid
         if self.alphas < 2:
-            raise ConfigError(f"instability.alphas: need at least 2 values (both ends 0 and 1), got {self.alphas}")
+            raise ConfigError(f"{section}.alphas: need at least 2 values (both ends 0 and 1), got {self.alphas}")
         return torch.linspace(0, 1, self.alphas, dtype=torch.float64).tolist()
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> CurveSettings:
-        self.grid()
+    def validate(self, section: str = "instability") -> CurveSettings:
+        """Check every field; errors name ``section.<field>`` (the table these settings were read from)."""
+        self.grid(section)
         if self.bn not in BN_MODES:
-            raise ConfigError(f"instability.bn: unknown mode {self.bn!r}; choose one of {', '.join(BN_MODES)}")
+            raise ConfigError(f"{section}.bn: unknown mode {self.bn!r}; choose one of {', '.join(BN_MODES)}")
         if self.align not in ALIGN_METHODS:
-            raise ConfigError(f"instability.align: unknown method {self.align!r}; choose one of "
+            raise ConfigError(f"{section}.align: unknown method {self.align!r}; choose one of "
                               f"{', '.join(ALIGN_METHODS)}")
         if not isinstance(self.repair, bool):
-            raise ConfigError(f"instability.repair: must be true or false, got {self.repair!r}")
+            raise ConfigError(f"{section}.repair: must be true or false, got {self.repair!r}")
+        if self.bn_batches < 1:
+            raise ConfigError(f"{section}.bn_batches: must be at least 1 (training batches for BatchNorm "
+                              f"statistics), got {self.bn_batches}")
         if self.align_examples < 1:
-            raise ConfigError(f"instability.align_examples: must be at least 1 training example, got "
+            raise ConfigError(f"{section}.align_examples: must be at least 1 training example, got "
                               f"{self.align_examples}")
         return self
 

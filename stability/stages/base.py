@@ -14,13 +14,14 @@ import hashlib
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
 from ..config import Config, settings_hash
+from ..config.nested import flat_paths, flat_settings
 from ..errors import CheckpointError, RecordError, TrainingDiverged
 from ..store.files import RunDir
 
@@ -117,17 +118,18 @@ LEGACY_NAMED: dict[str, tuple[str, ...]] = {
 
 def settings_key(settings: Any, *, drop: Sequence[str] = (), legacy: str | None = None) -> dict[str, Any]:
     """A settings dataclass as it names a run: its fields, those at their defaults (or UNHASHED, or in ``drop``)
-    left out, except the fields ``LEGACY_NAMED[legacy]`` names at every value."""
-    names = [f.name for f in fields(settings)]
+    left out, except the fields ``LEGACY_NAMED[legacy]`` names at every value. Composed settings are named by their
+    flat fields (``config.nested.flat_settings``), as they were before they were composed."""
+    names = list(flat_paths(type(settings)))
     always = LEGACY_NAMED[legacy] if legacy is not None else ()
     unknown = [n for n in (*always, *drop) if n not in names]
     if unknown:  # a misspelt exception would silently rename runs
         raise TypeError(f"{type(settings).__name__} has no field {unknown[0]!r} (legacy {legacy!r}, drop {tuple(drop)})")
     default = _defaults(type(settings))
     skip = {*drop, *getattr(type(settings), "UNHASHED", ())}
-    values = asdict(settings)
+    values, defaults = flat_settings(settings), flat_settings(default)
     return {n: values[n] for n in names
-            if n not in skip and (n in always or _plain(values[n]) != _plain(getattr(default, n)))}
+            if n not in skip and (n in always or _plain(values[n]) != _plain(defaults[n]))}
 
 
 @functools.cache

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from ..config import Config, from_dict, settings_from_table, settings_hash
+from ..config.nested import flat_settings
 from ..engine import Members, StackedModel
 from ..errors import ConfigError
 from ..maths.health import DEFAULT_CHANCE_MARGIN, chance_error
-from ..maths.interpolation import ALIGN_METHODS, CurveSettings, curve_rows
+from ..maths.interpolation import CurveSettings, curve_rows
 from ..maths.sweep import flag_curves, pair_barriers
 from ..methods import method_of, names_with
 from ..store.files import (
@@ -54,25 +55,19 @@ from .instability import SPLITS
 
 @dataclass(frozen=True)
 class ConnectSettings:
-    """How the path between the two networks is measured."""
+    """How the path between the two networks is measured (the ``connect`` table names the curve's settings flat:
+    ``connect.align``, ``connect.alphas``; see ``config.nested``)."""
 
-    align: str = "none"  # none | weights | activations
-    repair: bool = False
-    alphas: int = 30
+    curve: CurveSettings = field(default_factory=CurveSettings)
     splits: tuple[str, ...] = ("test",)
-    bn: str = "interpolate"
-    align_examples: int = 1000
-    align_seed: int = 0
     allow_different_masks: bool = False
 
-    def curve_settings(self, eval_batch_size: int = 1000) -> CurveSettings:
-        return CurveSettings(self.alphas, (), self.bn, eval_batch_size=eval_batch_size, align=self.align,
-                             repair=self.repair, align_examples=self.align_examples, align_seed=self.align_seed)
+    # the flat names in the order records and run keys were written in before the settings were composed
+    FLAT_ORDER = ("align", "repair", "alphas", "splits", "bn", "align_examples", "align_seed", "allow_different_masks")
 
     def validate(self) -> ConnectSettings:
-        if self.align not in ALIGN_METHODS:
-            raise ConfigError(f"connect.align: unknown method {self.align!r}; choose one of {', '.join(ALIGN_METHODS)}")
-        self.curve_settings().validate()
+        """Check the settings (the curve's by its own ``validate``)."""
+        self.curve.validate(CONNECT)
         if not self.splits or any(s not in SPLITS for s in self.splits):
             raise ConfigError(f"connect.splits: unknown split in {list(self.splits)}; choose from {', '.join(SPLITS)}")
         return self
@@ -180,12 +175,12 @@ def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = 
     if not (method_of(a.cfg).trains_weights and method_of(b.cfg).trains_weights):
         # strong tickets: only the scores are interpolated, so both must sit on the same frozen weights
         frozen = [k for k in a.state if k.endswith((".weight", ".bias"))]  # buffers in a strong model
-        if (len(methods) > 1 or a.cfg.strong != b.cfg.strong or settings.curve_settings().aligned
+        if (len(methods) > 1 or a.cfg.strong != b.cfg.strong or settings.curve.aligned
                 or any(k not in b.state or not torch.equal(a.state[k], b.state[k]) for k in frozen)):
             raise ConfigError(f"RUN: strong tickets ({', '.join(names_with('trains_weights', False))}) connect only "
                               "to strong tickets of the same method and [strong] settings over the same frozen "
                               "weights (the same init seed), without alignment or REPAIR; these two differ")
-    if settings.align != "none" and not settings.allow_different_masks and not _same_masks(a.masks, b.masks):
+    if settings.curve.align != "none" and not settings.allow_different_masks and not _same_masks(a.masks, b.masks):
         raise ConfigError("connect.align: the two networks have different masks, so the aligned interpolation "
                               "has neither's sparsity pattern; pass --allow-different-masks to align them anyway")
     return _connect(prepare(a.cfg), settings, a, b, t0)  # a.cfg: rooted at results_root (when given)
@@ -203,7 +198,7 @@ def _connect(ctx: Context, settings: ConnectSettings, a: Network, b: Network, t0
 
     def compute(run: RunDir, _: None) -> ConnectResult:
         sm = StackedModel(ctx.model)
-        curve_settings = settings.curve_settings(ctx.cfg.runtime.eval_batch_size)
+        curve_settings = replace(settings.curve, eval_batch_size=ctx.cfg.runtime.eval_batch_size)
         # the two networks as the two members of a sweep point: measured as a sweep measures its siblings
         members = Members.from_model_states([a.state, b.state], sm.param_names, 0, [0, 0], [0, 0], ctx.device)
         rows = curve_rows(sm, members, splits, ctx.data, curve_settings, rewind_step="")
@@ -214,7 +209,7 @@ def _connect(ctx: Context, settings: ConnectSettings, a: Network, b: Network, t0
         by_pair = pair_barriers(rows)
         barriers = {s: by_pair["", s, "a-b"][0] for s in splits}
         loss_barriers = {s: by_pair["", s, "a-b"][1] for s in splits}
-        summary = {"a": a.source, "b": b.source, "settings": asdict(settings), "alignment":
+        summary = {"a": a.source, "b": b.source, "settings": flat_settings(settings), "alignment":
                    curve_settings.alignment(), "barrier": barriers,
                    "loss_barrier": loss_barriers, "untrained": untrained, "sparse": a.masks is not None,
                    "seconds": round(time.perf_counter() - t0, 3)}
@@ -224,7 +219,7 @@ def _connect(ctx: Context, settings: ConnectSettings, a: Network, b: Network, t0
 
     run = RunDir(ctx.cfg.runtime.results_root, CONNECT, settings_hash(key))
     return run_once(run, load=load, compute=compute, accept_other_versions=ctx.cfg.runtime.accept_other_versions,
-                    start=lambda r: r.start({"connect": asdict(settings), "a": a.source, "b": b.source}, key, {}))
+                    start=lambda r: r.start({"connect": flat_settings(settings), "a": a.source, "b": b.source}, key, {}))
 
 
 class ConnectStage:

@@ -62,7 +62,6 @@ distances, detection and cost are pure functions in ``stability.maths.earlybird`
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -104,11 +103,11 @@ from ..store.schema import (
     EARLYBIRD_TICKET,
     METRICS,
 )
-from .base import mask_digest
+from .base import mask_digest, run_once, settings_key
 from .context import Context, prepare
 from .siblings import train_branch
 from .training import early_stop
-from .trunk import train_trunk, trunk_checkpoint
+from .trunk import TrainResult, train_trunk, trunk_checkpoint
 
 MASK_KINDS = ("magnitude", "channel")
 
@@ -223,9 +222,8 @@ def _plan(ctx: Context, settings: EarlybirdSettings) -> _Plan:
 def earlybird_key(cfg: Config, settings: EarlybirdSettings, plan: _Plan) -> dict[str, Any]:
     """The settings that name an early-bird run: the trunk and the resolved steps (not the IMP comparison)."""
     return {"trunk": cfg.run_hash(),
-            "earlybird": {"mask": settings.mask, "density": settings.density, "threshold": settings.threshold,
-                          "window": settings.window, "rule": settings.rule, "every": plan.every,
-                          "rewind_step": plan.rewind_step}}
+            "earlybird": {**settings_key(settings, drop=("prune_fraction", "every", "rewind"), legacy="earlybird"),
+                          "every": plan.every, "rewind_step": plan.rewind_step}}
 
 
 def _point_masks(state: Mapping[str, Tensor], settings: EarlybirdSettings, plan: _Plan) -> tuple[Tensor, Masks]:
@@ -254,21 +252,14 @@ def run_earlybird(cfg: Config, settings: EarlybirdSettings = EarlybirdSettings()
     key = earlybird_key(cfg, settings, plan)
     run = RunDir(cfg.runtime.results_root, EARLYBIRD, settings_hash(key))
     t0 = time.perf_counter()
-    with run.claim():
-        status = run.status()
-        if status == "diverged":
-            raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
-        if status == "complete":
-            try:
-                result = _load(run, settings, ctx.total_steps)
-                run.check_reuse(cfg.runtime.accept_other_versions)
-                return result
-            except (RecordError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
-                print(f"warning: finished early-bird run {run.path.name} cannot be read back ({exc}); computing it "
-                      "again", file=sys.stderr)
+
+    def start(run: RunDir) -> TrainResult:
         trunk = train_trunk(cfg, extra_checkpoints=plan.points, ctx=ctx)
         run.start({"training": cfg.to_dict(), "earlybird": asdict(settings)}, key,
                   {"final_step": ctx.total_steps, "trunk": str(trunk.run_dir)})
+        return trunk
+
+    def compute(run: RunDir, trunk: TrainResult) -> EarlybirdResult:
         flats, kept = [], []
         for step in plan.points:
             flat, _ = _point_masks(trunk_checkpoint(ctx, step).member_state_dict(0), settings, plan)
@@ -309,8 +300,10 @@ def run_earlybird(cfg: Config, settings: EarlybirdSettings = EarlybirdSettings()
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         summary["run_dir"] = str(run.path)
         write_json(run / EARLYBIRD_SUMMARY, summary)
-        run.update(status="complete")
-    return EarlybirdResult(run.path, summary["detected_step"], plan.points, points, matrix.tolist(), summary)
+        return EarlybirdResult(run.path, summary["detected_step"], plan.points, points, matrix.tolist(), summary)
+
+    return run_once(run, load=lambda r: _load(r, settings, ctx.total_steps), start=start, compute=compute,
+                    accept_other_versions=cfg.runtime.accept_other_versions)
 
 
 def _train_ticket(ctx: Context, run: RunDir, plan: _Plan, settings: EarlybirdSettings, step: int) -> dict[str, Any]:
@@ -327,9 +320,8 @@ def _train_ticket(ctx: Context, run: RunDir, plan: _Plan, settings: EarlybirdSet
     try:
         train_branch(ctx, ticket_run, start, ctx.total_steps, masks=stacked,
                                desc=f"early-bird ticket @{format_step(step)}", eval_every=eval_every)
-    except TrainingDiverged as exc:
+    except TrainingDiverged as exc:  # run_once marks the run diverged, naming the ticket's directory
         exc.run_dir = str(ticket_run.path)
-        run.update(status="diverged", divergence=exc.info())
         raise
     stopped = early_stop(read_csv(ticket_run / METRICS), 0)
     shapes = dict(ctx.model.named_parameters())
@@ -350,7 +342,16 @@ def _train_ticket(ctx: Context, run: RunDir, plan: _Plan, settings: EarlybirdSet
 
 
 def _load(run: RunDir, settings: EarlybirdSettings, total_steps: int) -> EarlybirdResult:
-    """A finished run read back; the IMP comparison redone for this call's prune fraction."""
+    """A finished run read back (RecordError: missing or damaged records); the IMP comparison redone for this
+    call's prune fraction."""
+    try:
+        return _read_back(run, settings, total_steps)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:
+        raise RecordError(f"finished early-bird run {run.path.name} cannot be read back "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
+def _read_back(run: RunDir, settings: EarlybirdSettings, total_steps: int) -> EarlybirdResult:
     summary = read_json(run / EARLYBIRD_SUMMARY)
     points = read_csv(run / EARLYBIRD_POINTS)
     rows = read_csv(run / EARLYBIRD_DISTANCES)

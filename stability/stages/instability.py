@@ -14,13 +14,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from ..config import Config, settings_from_table, settings_hash
+from ..config.nested import flat_settings
 from ..engine import Members, StackedModel
 from ..errors import ConfigError, RecordError, TrainingDiverged
 from ..maths.health import DEFAULT_CHANCE_MARGIN, chance_error, check_margin
@@ -61,53 +62,31 @@ SPLITS = ("test", "train", "val")
 
 @dataclass(frozen=True)
 class InstabilitySettings:
-    """Everything an instability sweep adds to the trunk's settings (the ``[instability]`` table)."""
+    """Everything an instability sweep adds to the trunk's settings (the ``[instability]`` table): how siblings are
+    made, how their curves are measured, and how the curves are judged. The table names every setting flat
+    (``instability.siblings`` is the sibling count, ``instability.alphas`` the curve's; see ``config.nested``)."""
 
     rewind_points: tuple[str, ...] = ()  # empty = the trunk's training.rewind_points
-    siblings: int = 2
-    noise: str = "both"
-    optimizer_state: str = "fresh"
-    sibling_seed: int = 0
-    alphas: int = 30
-    alpha_grid: tuple[float, ...] = ()
-    bn: str = "interpolate"
-    bn_batches: int = 20
+    siblings: SiblingSettings = field(default_factory=SiblingSettings)
+    curve: CurveSettings = field(default_factory=CurveSettings)
     splits: tuple[str, ...] = ("test",)
     threshold: float = 0.02
     chance_margin: float = DEFAULT_CHANCE_MARGIN  # endpoints this close to chance error are flagged untrained
-    align: str = "none"  # none | weights | activations: permutation alignment of each pair before interpolating
-    repair: bool = False  # REPAIR each interpolated network (Jordan et al. 2023)
-    align_examples: int = 1000  # training examples for activation matching and REPAIR (fixed, seeded subset)
-    align_seed: int = 0
 
-    def sibling_settings(self) -> SiblingSettings:
-        return SiblingSettings(self.siblings, self.noise, self.optimizer_state, self.sibling_seed)
-
-    def curve_settings(self, eval_batch_size: int = 1000) -> CurveSettings:
-        return CurveSettings(self.alphas, tuple(self.alpha_grid), self.bn, self.bn_batches,
-                             eval_batch_size=eval_batch_size, align=self.align, repair=self.repair,
-                             align_examples=self.align_examples, align_seed=self.align_seed)
-
-    def alignment(self) -> str:
-        """'none', 'weights', 'activations', or one of them followed by '+repair'."""
-        return self.align + ("+repair" if self.repair else "")
-
-    @property
-    def aligned(self) -> bool:
-        """Whether pairs are aligned or repaired before their curves are measured."""
-        return self.align != "none" or self.repair
+    # the flat names in the order records and run keys were written in before the settings were composed
+    FLAT_ORDER = ("rewind_points", "siblings", "noise", "optimizer_state", "sibling_seed", "alphas", "alpha_grid",
+                  "bn", "bn_batches", "splits", "threshold", "chance_margin", "align", "repair", "align_examples",
+                  "align_seed")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> InstabilitySettings:
-        self.sibling_settings().validate()
-        self.curve_settings().validate()
+        """Check the settings (the siblings' and the curve's by their own ``validate``)."""
+        self.siblings.validate()
+        self.curve.validate(INSTABILITY)
         if not 0 < self.threshold < 1:
             raise ConfigError(f"instability.threshold: must be in (0, 1) (a fraction of examples), got {self.threshold}")
-        if self.bn_batches < 1:
-            raise ConfigError(f"instability.bn_batches: must be at least 1 (training batches for BatchNorm "
-                              f"statistics), got {self.bn_batches}")
         if not self.splits or any(s not in SPLITS for s in self.splits):
             raise ConfigError(f"instability.splits: unknown split in {list(self.splits)}; choose from {', '.join(SPLITS)}")
         check_margin(self.chance_margin, "instability.chance_margin")
@@ -144,7 +123,7 @@ def instability_settings_key(settings: InstabilitySettings, drop: Sequence[str] 
     """The instability settings as they name a run (a sweep's, and an IMP run's that sweeps): ``settings_key``
     with the legacy fields of ``LEGACY_NAMED["instability"]``; the alignment subset's size and seed change
     nothing, and so name nothing, unless pairs are aligned or repaired."""
-    inert = () if settings.aligned else ("align_examples", "align_seed")
+    inert = () if settings.curve.aligned else ("align_examples", "align_seed")
     return settings_key(settings, drop=(*drop, *inert), legacy=INSTABILITY)
 
 
@@ -183,7 +162,7 @@ def independent_members(cfg: Config, ctx: Context, n: int,
 def check_alignment_method(cfg: Config, settings: InstabilitySettings) -> None:
     """Alignment and REPAIR act on trained weights: refuse them for methods that train none (before anything is
     written)."""
-    if settings.aligned and not method_of(cfg).trains_weights:
+    if settings.curve.aligned and not method_of(cfg).trains_weights:
         raise ConfigError(f"instability.align: the siblings of a strong ticket ({cfg.training.method}) share their "
                           "frozen weights and differ only in their scores; permuting one of them would give the "
                           "two endpoints different frozen weights. Use align = none (and no repair) here")
@@ -247,7 +226,7 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
     ctx = ctx or prepare(cfg)
     steps = sweep_steps(ctx, settings, sparse=masks is not None or start_states is not None)
     check_alignment_method(cfg, settings)
-    if settings.aligned:
+    if settings.curve.aligned:
         from ..align import permutation_spec
 
         permutation_spec(ctx.model)  # a model alignment cannot handle is refused before any training
@@ -258,7 +237,7 @@ def instability_sweep(cfg: Config, settings: InstabilitySettings = InstabilitySe
     key = sweep_key(cfg, settings, steps, masks=masks, start_states=start_states, label=label, freeze=freeze)
     run = RunDir(cfg.runtime.results_root, INSTABILITY, settings_hash(key))
     return run_once(run, load=sweep.load, accept_other_versions=cfg.runtime.accept_other_versions,
-                    start=lambda r: r.start({"training": cfg.to_dict(), "instability": asdict(settings)}, key,
+                    start=lambda r: r.start({"training": cfg.to_dict(), "instability": flat_settings(settings)}, key,
                                             {"label": label}),
                     compute=sweep.compute)
 
@@ -282,9 +261,9 @@ class _Sweep:
     def members(self, k: int, names: Sequence[str] | None = None) -> tuple[Members, dict[str, Any]]:
         """The networks compared at point k (trained, resumed or reused) and where they are."""
         if k == INDEPENDENT_STEP:
-            return independent_members(self.cfg, self.ctx, self.settings.siblings, names)
+            return independent_members(self.cfg, self.ctx, self.settings.siblings.siblings, names)
         start = self.start_states.get(k) if self.start_states else None
-        sib = train_siblings(self.ctx, k, self.settings.sibling_settings(), masks=self.masks, start=start,
+        sib = train_siblings(self.ctx, k, self.settings.siblings, masks=self.masks, start=start,
                              label=None if start is None else f"{self.label}@{k}", freeze=self.freeze)
         return sib.members, siblings_info(sib)
 
@@ -313,7 +292,7 @@ class _Sweep:
         """Measure the points not measured yet, then judge and record the whole sweep."""
         settings, ctx = self.settings, self.ctx
         sm = StackedModel(ctx.model)
-        curve_settings = settings.curve_settings(self.cfg.runtime.eval_batch_size)
+        curve_settings = replace(settings.curve, eval_batch_size=self.cfg.runtime.eval_batch_size)
         stored = self.curves(run)
         chance = self.chance
         measured = 0  # rewind points whose curves this call measures
@@ -379,10 +358,10 @@ class _Sweep:
                      f"{settings.chance_margin} of chance ({chance[r['split']]:.3f}): the siblings did not learn, "
                      "so a small barrier does not mean stable" for r in table if r["status"] == "untrained"]
         summary = {
-            "settings": {**asdict(settings), "rewind_points": [point_name(s) for s in steps]},
-            "bn_mode": settings.bn,
+            "settings": {**flat_settings(settings), "rewind_points": [point_name(s) for s in steps]},
+            "bn_mode": settings.curve.bn,
             "batchnorm": has_batchnorm(self.ctx.model),  # readers note the BatchNorm handling only for such models
-            "alignment": settings.alignment(),
+            "alignment": settings.curve.alignment(),
             "independent": {r["split"]: {k: r[k] for k in SWEEP_COLUMNS if k not in ("rewind_step", "split")}
                             for r in table if r["rewind_step"] == INDEPENDENT_STEP},
             "trunk": {"hash": cfg.run_hash(),
@@ -438,12 +417,12 @@ class SweepStage:
         for k in steps:
             if k == INDEPENDENT_STEP:
                 out += [Need(TRAIN, independent_config(cfg, i), None, {"extra_checkpoints": [0, ctx.total_steps]})
-                        for i in range(1, settings.siblings)]
+                        for i in range(1, settings.siblings.siblings)]
                 continue
             start = start_states.get(k) if start_states else None
             sparse = {"masks": masks, "start": start, "label": None if start is None else f"{label}@{k}",
                       "freeze": freeze} if masks is not None or start is not None or freeze else {}
-            out.append(Need(SIBLINGS, cfg, settings.sibling_settings(), {"rewind_step": k, **sparse}))
+            out.append(Need(SIBLINGS, cfg, settings.siblings, {"rewind_step": k, **sparse}))
         return out
 
     def run(self, ctx: Context, settings: InstabilitySettings, **sparse: Any) -> SweepResult:

@@ -9,7 +9,6 @@ and ends bit-identical (on CPU) to an uninterrupted run.
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,11 +22,12 @@ from ..engine import (
     TrainSpec,
     train_members,
 )
-from ..errors import CheckpointError, TrainingDiverged
+from ..errors import CheckpointError, RecordError
 from ..maths.health import DEFAULT_CHANCE_MARGIN, chance_error, is_untrained
 from ..steps import format_step, to_iterations
 from ..store.files import RunDir, quarantine, read_record, write_json
 from ..store.schema import SUMMARY, TRAIN
+from .base import Need, run_once
 from .checkpoints import (
     checkpoint_path,
     initial_members,
@@ -38,7 +38,7 @@ from .checkpoints import (
 from .context import Context, prepare
 from .training import attach_hooks, read_metrics, resumable_train
 
-__all__ = ["TrainResult", "ensure_checkpoints", "produce_checkpoints", "train_trunk", "trunk_checkpoint", "trunk_dir"]
+__all__ = ["TRUNK_STAGE", "TrainResult", "TrunkStage", "ensure_checkpoints", "produce_checkpoints", "train_trunk", "trunk_checkpoint", "trunk_dir"]
 
 
 def trunk_dir(cfg: Config) -> RunDir:
@@ -90,22 +90,20 @@ def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Cont
     """
     ctx = ctx or prepare(cfg)
     t0 = time.perf_counter()
-    run = trunk_dir(cfg)
     T = ctx.total_steps
     wanted = sorted({0, T, *ctx.steps(cfg.training.rewind_points, "training.rewind_points"), *extra_checkpoints})
-    with run.claim():
-        status = run.status()
-        if status == "diverged":
-            raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
-        if status == "complete":
-            rows, method_summary, problem = _finished_records(ctx, run)
-            if problem is None:
-                run.check_reuse(cfg.runtime.accept_other_versions)
-                ensure_checkpoints(ctx, run, wanted)
-                return _result(ctx, run, rows, method_summary, reused=True, seconds=time.perf_counter() - t0)
-            print(f"warning: finished run {run.path.name}: {problem}; training it again from its newest intact state",
-                  file=sys.stderr)
+
+    def load(run: RunDir) -> TrainResult:
+        rows, method_summary, problem = _finished_records(ctx, run)
+        if problem is not None:
+            raise RecordError(problem)
+        ensure_checkpoints(ctx, run, wanted)
+        return _result(ctx, run, rows, method_summary, reused=True, seconds=time.perf_counter() - t0)
+
+    def start(run: RunDir) -> None:
         run.start(cfg.to_dict(), cfg.hashed_dict(), {"iterations_per_epoch": ctx.ipe, "final_step": T})
+
+    def compute(run: RunDir, _: None) -> TrainResult:
         eval_every = to_iterations(cfg.training.eval_every, ctx.ipe)
         final = resumable_train(ctx, run, initial_members(ctx), T, eval_every=eval_every, keep=wanted,
                                 desc=f"train {run.hash}")
@@ -113,8 +111,11 @@ def train_trunk(cfg: Config, *, extra_checkpoints: Iterable[int] = (), ctx: Cont
         result = _result(ctx, run, read_metrics(run) or [], method_summary or {}, reused=False,
                          seconds=time.perf_counter() - t0)
         write_json(run / SUMMARY, result.summary)
-        run.update(status="complete")
-    return result
+        return result
+
+    return run_once(trunk_dir(cfg), load=load, start=start, compute=compute,
+                    accept_other_versions=cfg.runtime.accept_other_versions,
+                    again="training it again from its newest intact state")
 
 
 def _finished_records(ctx: Context, run: RunDir) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
@@ -214,3 +215,23 @@ def _result(ctx: Context, run: RunDir, rows: list[dict[str, Any]], method_summar
     T = ctx.total_steps
     return TrainResult(run.path, run.hash, T, saved_checkpoints(run), rows, reused, seconds,
                        chance_error(ctx.data.split("test")[1]), method_summary)
+
+
+class TrunkStage:
+    """Trunk runs as a stage: named by the Config itself (no settings of their own). args: ``extra_checkpoints``."""
+
+    name = TRAIN
+    settings = type(None)
+
+    def key(self, ctx: Context, settings: None = None, *, extra_checkpoints: Iterable[int] = ()) -> dict[str, Any]:
+        return ctx.cfg.hashed_dict()
+
+    def needs(self, ctx: Context, settings: None = None, *, extra_checkpoints: Iterable[int] = ()) -> list[Need]:
+        """Nothing: a trunk trains from its seeded initialization."""
+        return []
+
+    def run(self, ctx: Context, settings: None = None, *, extra_checkpoints: Iterable[int] = ()) -> TrainResult:
+        return train_trunk(ctx.cfg, extra_checkpoints=extra_checkpoints, ctx=ctx)
+
+
+TRUNK_STAGE = TrunkStage()

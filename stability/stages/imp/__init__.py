@@ -24,11 +24,11 @@ resuming finished ones), ``rows`` (the rows of ``levels.csv``) and ``summary`` (
 """
 from __future__ import annotations
 
-from .levels import resolve_rewind_step, run_imp
+from .levels import IMP_STAGE, resolve_rewind_step, run_imp
 from .masks import MaskSource, mask_source
 from .naming import imp_dir, imp_key
 from .settings import BASELINES, ImpSettings, check_method, imp_settings
 from .summary import ImpResult
 
-__all__ = ["BASELINES", "ImpResult", "ImpSettings", "MaskSource", "check_method", "imp_dir", "imp_key",
+__all__ = ["BASELINES", "IMP_STAGE", "ImpResult", "ImpSettings", "MaskSource", "check_method", "imp_dir", "imp_key",
            "imp_settings", "mask_source", "resolve_rewind_step", "run_imp"]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ...config import Config
+from ...config.nested import flat_settings
 from ...engine import Members
 from ...errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
 from ...maths.flops import backward_macs, layer_costs, weight_gradient_saved
@@ -40,14 +41,18 @@ from ...store.files import (
 )
 from ...store.schema import (
     FINAL_STATE,
+    IMP,
+    INSTABILITY,
     LATEST_STATE,
     LEVEL_COLUMNS,
     LEVEL_RECORD,
     LEVELS,
     METRICS,
+    TRAIN,
     level_dir,
     mask_name,
 )
+from ..base import Need, run_once
 from ..checkpoints import load_members
 from ..context import Context, prepare
 from ..instability import (
@@ -92,25 +97,22 @@ def run_imp(cfg: Config, settings: ImpSettings | None = None,
     source = (mask_source(settings, prunable(ctx, settings), dict(ctx.model.named_parameters()))
               if settings.mask_from else None)
     run = imp_dir(cfg, settings, sweep, source)
-    if run.is_complete():
-        with run.claim():
-            try:
-                result = load_result(run)
-                run.check_reuse(cfg.runtime.accept_other_versions)
-                return result
-            except (RecordError, FileNotFoundError, KeyError) as exc:
-                print(f"warning: finished IMP run {run.path.name} lacks a readable imp.json or levels.csv ({exc}); "
-                      "rebuilding them from the stored levels", file=sys.stderr)
     # a fixed rewind step and the layer names are checked before anything is written (``auto`` sweeps)
     fixed = None if settings.rewind == "auto" else resolve_rewind_step(ctx, settings)
     rate_overrides(ctx, settings, prunable(ctx, settings))
     t0 = time.perf_counter()
-    rewind_step, rewind_info = (first_stable_rewind(cfg, ctx, sweep) if fixed is None
-                                else (fixed, {"rewind": settings.rewind}))
-    train_trunk(cfg, extra_checkpoints=[rewind_step], ctx=ctx)  # a diverged dense trunk stops here, before any record
-    with run.claim():
-        run.start({"training": cfg.to_dict(), "imp": asdict(settings), "instability": asdict(sweep)},
+
+    def start(run: RunDir) -> tuple[int, dict[str, Any]]:
+        rewind_step, rewind_info = (first_stable_rewind(cfg, ctx, sweep) if fixed is None
+                                    else (fixed, {"rewind": settings.rewind}))
+        # a diverged dense trunk stops here, before any record of this run is written
+        train_trunk(cfg, extra_checkpoints=[rewind_step], ctx=ctx)
+        run.start({"training": cfg.to_dict(), "imp": asdict(settings), "instability": flat_settings(sweep)},
                   imp_key(cfg, settings, sweep, source), {"rewind_step": rewind_step})
+        return rewind_step, rewind_info
+
+    def compute(run: RunDir, started: tuple[int, dict[str, Any]]) -> ImpResult:
+        rewind_step, rewind_info = started
         rows: list[dict[str, Any]] = []
         chance = chance_error(ctx.data.split("test")[1])
         for r in range(settings.replicates):
@@ -123,6 +125,10 @@ def run_imp(cfg: Config, settings: ImpSettings | None = None,
                 rows.append(level_row(head, 0, "imp", 1.0, None))
             write_csv(run / LEVELS, rows, LEVEL_COLUMNS)
         return finish(run, cfg, settings, rows, rewind_step, rewind_info, source, t0)
+
+    return run_once(run, load=load_result, start=start, compute=compute,
+                    accept_other_versions=cfg.runtime.accept_other_versions,
+                    again="rebuilding its records from the stored levels")
 
 
 def resolve_rewind_step(ctx: Context, settings: ImpSettings) -> int:
@@ -149,6 +155,30 @@ def first_stable_rewind(cfg: Config, ctx: Context, sweep: InstabilitySettings) -
         return max(k for k in result.rewind_steps if k != INDEPENDENT_STEP), info
     return result.first_stable_step, info
 
+
+
+class ImpStage:
+    """IMP runs as a stage. args: ``sweep``, the instability settings of ``rewind = auto`` and of
+    ``instability = true`` (see ``run_imp``)."""
+
+    name = IMP
+    settings = ImpSettings
+
+    def key(self, ctx: Context, settings: ImpSettings, *, sweep: InstabilitySettings) -> dict[str, Any]:
+        return imp_key(ctx.cfg, settings, sweep)
+
+    def needs(self, ctx: Context, settings: ImpSettings, *, sweep: InstabilitySettings) -> list[Need]:
+        """The trunk with a checkpoint at a fixed rewind step; with ``rewind = auto`` the sweep that finds it
+        (the step is known only once the sweep is done)."""
+        if settings.rewind == "auto":
+            return [Need(TRAIN, ctx.cfg, None, {"extra_checkpoints": []}), Need(INSTABILITY, ctx.cfg, sweep)]
+        return [Need(TRAIN, ctx.cfg, None, {"extra_checkpoints": [resolve_rewind_step(ctx, settings)]})]
+
+    def run(self, ctx: Context, settings: ImpSettings, *, sweep: InstabilitySettings) -> ImpResult:
+        return run_imp(ctx.cfg, settings, sweep)
+
+
+IMP_STAGE = ImpStage()
 
 # ---------------------------------------------------------------- one replicate
 @dataclass(frozen=True)
@@ -328,4 +358,4 @@ def _single(members: Members, i: int) -> Members:
                    [members.aug_seeds[i]])
 
 
-__all__ = ["resolve_rewind_step", "run_imp"]
+__all__ = ["IMP_STAGE", "ImpStage", "resolve_rewind_step", "run_imp"]

@@ -2,20 +2,15 @@
 (tests/test_hashes.py pins them)."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from ...config import Config, settings_hash
 from ...store.files import RunDir
 from ...store.schema import IMP
+from ..base import settings_key
 from ..instability import InstabilitySettings, instability_settings_key
 from .masks import MaskSource, mask_source
 from .settings import ImpSettings
-
-# Settings added after the first IMP runs, left out of the name at their defaults so those runs keep theirs:
-# magnitude pruning and rewinding, as before these settings existed.
-_LATER_DEFAULTS = (("criterion", "large_final"), ("mask1", "rewind"), ("supermask", False), ("mask0", "zero"),
-                   ("mask_from", ""))
 
 
 def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings,
@@ -24,10 +19,7 @@ def imp_key(cfg: Config, settings: ImpSettings, sweep: InstabilitySettings,
 
     ``source``: the masks of ``imp.mask_from`` when already read (else they are read here for their digest)."""
     # chance margins only classify results: they do not name the run
-    imp = {k: v for k, v in asdict(settings).items() if k != "chance_margin"}
-    for field_name, default in _LATER_DEFAULTS:
-        if imp[field_name] == default:
-            del imp[field_name]
+    imp = settings_key(settings, drop=("chance_margin",), legacy="imp")
     if settings.mask_from:  # named by the masks' contents, not by where they are
         imp["mask_from"] = (source or mask_source(settings)).digest
     key = {"trunk": cfg.run_hash(), "imp": imp}

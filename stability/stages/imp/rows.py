@@ -3,7 +3,7 @@ beyond training's own metrics (trajectory length, a supermask's accuracy, a spar
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor
@@ -72,7 +72,7 @@ def untrained_accuracy(ctx: Context, start: Members, masks: Mapping[str, Tensor]
 def sparse_instability(cfg: Config, ctx: Context, sweep: InstabilitySettings, start: Members,
                        masks: Mapping[str, Tensor] | None, step: int, label: str, freeze: bool = False) -> float:
     """Mean test-error barrier of siblings of the (sparse) network rewound to ``step``."""
-    settings = InstabilitySettings(**{**asdict(sweep), "rewind_points": (format_step(step),), "splits": ("test",)})
+    settings = replace(sweep, rewind_points=(format_step(step),), splits=("test",))
     if masks is None:
         result = instability_sweep(cfg, settings, ctx=ctx)
     else:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ...config import Config
+from ...errors import RecordError
 from ...maths.metrics import lts_score, ticket_summary, trajectory_length_gain
 from ...store.files import RunDir, read_csv, read_json, write_csv, write_json
 from ...store.schema import IMP_SUMMARY, LEVEL_COLUMNS, LEVELS, MASKS
@@ -37,15 +38,19 @@ def _where(run: RunDir) -> dict[str, str]:
 
 
 def load_result(run: RunDir) -> ImpResult:
-    """A finished run read back from its ``imp.json`` and ``levels.csv``."""
-    summary = {**read_json(run / IMP_SUMMARY), **_where(run)}  # the run may have been moved since
-    return ImpResult(run.path, summary["rewind_step"], read_csv(run / LEVELS), summary)
+    """A finished run read back from its ``imp.json`` and ``levels.csv`` (RecordError: missing or damaged)."""
+    try:
+        summary = {**read_json(run / IMP_SUMMARY), **_where(run)}  # the run may have been moved since
+        return ImpResult(run.path, summary["rewind_step"], read_csv(run / LEVELS), summary)
+    except (FileNotFoundError, KeyError) as exc:
+        raise RecordError(f"finished IMP run {run.path.name} lacks a readable {IMP_SUMMARY} or {LEVELS} "
+                          f"({type(exc).__name__}: {exc})") from None
 
 
 def finish(run: RunDir, cfg: Config, settings: ImpSettings, rows: list[dict[str, Any]], rewind_step: int,
            rewind_info: dict[str, Any], source: MaskSource | None, t0: float) -> ImpResult:
-    """Write every row and the summary (``t0``: when the run started, ``time.perf_counter``), and mark the run
-    complete."""
+    """Write every row and the summary (``t0``: when the run started, ``time.perf_counter``); ``run_once`` then
+    marks the run complete."""
     # every row with every column, as levels.csv gives them back to a rerun ("" where a row has no value)
     rows = [{**dict.fromkeys(LEVEL_COLUMNS, ""), **row} for row in rows]
     summary = _summarize(rows, settings, rewind_step, rewind_info, cfg)
@@ -54,7 +59,6 @@ def finish(run: RunDir, cfg: Config, settings: ImpSettings, rows: list[dict[str,
     summary.update(_where(run))
     write_csv(run / LEVELS, rows, LEVEL_COLUMNS)
     write_json(run / IMP_SUMMARY, summary)
-    run.update(status="complete")
     return ImpResult(run.path, rewind_step, rows, summary)
 
 
