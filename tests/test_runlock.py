@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Waits until an agreed time, claims the run, holds it, and logs "start end" while still holding.
 RACER = """
 import sys, time
-from stability.runlock import claim
+from stability.store.lock import claim
 run, log, start_at, hold = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 time.sleep(max(0.0, start_at - time.time()))
 with claim(run, poll=0.01):
@@ -33,7 +33,7 @@ with claim(run, poll=0.01):
 # Claims the run, says "ready", and holds it until stdin is closed (or for argv[2] seconds).
 HOLDER = """
 import sys, time
-from stability.runlock import claim
+from stability.store.lock import claim
 with claim(sys.argv[1], stale_after=float(sys.argv[3])):
     print("ready", flush=True)
     if sys.argv[2] == "stdin":
@@ -257,7 +257,7 @@ def test_a_waiter_survives_the_holder_removing_the_directory_it_created(tmp_path
 
     from stability.store.files import RunDir
 
-    code = ("import time\nfrom stability.store import RunDir\n"
+    code = ("import time\nfrom stability.store.files import RunDir\n"
             f"with RunDir({str(tmp_path)!r}, 'siblings', 'abc').claim():\n"
             "    print('held', flush=True)\n    time.sleep(1.0)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

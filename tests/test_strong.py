@@ -1,4 +1,4 @@
-"""Strong lottery tickets (``training.method = edgepopup | supermask``, ``stability.strong``): scores over frozen weights."""
+"""Strong lottery tickets (``training.method = edgepopup | supermask``, ``stability.methods.strong``): scores over frozen weights."""
 from __future__ import annotations
 
 import math
