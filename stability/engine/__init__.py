@@ -19,7 +19,7 @@ Where things live:
 - ``loop``: ``TrainSpec``, batches and epochs, and the training loop ``train_members``.
 
 The plain one-model-at-a-time loop the batched one is checked against is
-``stability.reference.train_reference``.
+``stability.testing.reference.train_reference``.
 """
 from __future__ import annotations
 

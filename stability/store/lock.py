@@ -5,8 +5,9 @@ NFS v3+), written once with ``{"pid", "host", "started", "token"}``. While held,
 touches the file's mtime every ``stale_after / 4`` seconds. Anyone who finds the file may break it
 only if it is stale: same host and the pid is gone, or mtime older than ``stale_after`` (holder
 died elsewhere), or unreadable and older than a short grace period (crash between create and
-write). Breaking renames the file to a unique ``.lock.stale.<uuid>`` name (only one breaker wins
-the rename), checks it moved the lock it judged stale, deletes it, and retries the create.
+write). Breakers take turns through ``.lock.breaking`` (O_EXCL); the one holding it checks the lock is
+still the one it judged stale, renames it to a unique ``.lock.stale.<uuid>`` name, deletes it, and
+retries the create.
 Release deletes the file only if its token is still ours. No fcntl/flock, sockets or servers.
 Within a process claims are re-entrant (keyed by resolved path, shared across threads).
 Mtime staleness compares the file server's clock with ours, so keep ``stale_after`` well above
@@ -151,19 +152,34 @@ def _is_stale(seen: _Seen, stale_after: float) -> bool:
 
 
 def _break(lock: Path, seen: _Seen) -> None:
-    aside = lock.with_name(f"{LOCK_NAME}.stale.{uuid.uuid4().hex}")
+    """Move aside the stale lock ``seen``; one breaker at a time, or nothing when another is at work.
+
+    Breakers take turns through ``.lock.breaking`` (created with O_EXCL). Under it the stale lock cannot
+    change: its holder is gone and no other breaker acts, so the one checked is the one moved. Without it,
+    a breaker that moved a live claimer's fresh lock by mistake could not always put it back (a third
+    process may create the lock in between), and two processes would then both hold the run.
+    """
+    guard = lock.with_name(f"{LOCK_NAME}.breaking")
     try:
-        os.rename(lock, aside)
-    except FileNotFoundError:
-        return  # another breaker won; just retry the create
-    moved = _inspect(aside)
-    if moved is not None and moved.ident != seen.ident:
-        # We lost a race and moved a lock a live claimer just created: put it back (no overwrite).
+        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
         try:
-            os.link(aside, lock)
-        except OSError:
+            if time.time() - guard.stat().st_mtime > _GRACE:  # a breaker died between create and unlink
+                guard.unlink(missing_ok=True)
+        except FileNotFoundError:
             pass
-    aside.unlink(missing_ok=True)
+        time.sleep(0.005)  # let the other breaker finish before the caller looks again
+        return  # the caller loops: it finds the lock gone, broken by the other, or still there
+    os.close(fd)
+    try:
+        now = _inspect(lock)
+        if now is None or now.ident != seen.ident:
+            return  # released, or already broken and claimed anew: not the lock judged stale
+        aside = lock.with_name(f"{LOCK_NAME}.stale.{uuid.uuid4().hex}")
+        os.rename(lock, aside)
+        aside.unlink(missing_ok=True)
+    finally:
+        guard.unlink(missing_ok=True)
 
 
 def _try_create(lock: Path) -> dict[str, Any] | None:
