@@ -3,10 +3,18 @@ from __future__ import annotations
 
 from ._version import __version__ as __version__
 
-__all__ = ["register_dataset", "register_model"]
+__all__ = ["barrier", "interpolate", "lmc", "register_dataset", "register_model"]
+
+# (``stability.align`` and ``stability.hessian`` are the packages: their lmc functions are ``stability.lmc.align``, ...)
+_LMC = ("lmc", "interpolate", "barrier", "Curve")
 
 
-def __getattr__(name: str):  # the registration API without importing torch at `import stability`
+def __getattr__(name: str):  # the registration API and stability.lmc without importing torch at `import stability`
+    if name in _LMC:
+        import importlib
+
+        lmc = importlib.import_module(".lmc", __name__)
+        return lmc if name == "lmc" else getattr(lmc, name)
     if name == "register_model":
         from .models import register_model
 

@@ -15,9 +15,9 @@ LAYERS = [
     ("stability.config", "stability.registry", "stability.plugins", "stability.store"),
     ("stability.presets", "stability.data", "stability.models"),
     ("stability.engine", "stability.maths", "stability.align", "stability.hessian"),
-    ("stability.methods",),
+    ("stability.methods", "stability.lmc"),
     ("stability.stages",),
-    ("stability.grid", "stability.testing", "analysis"),
+    ("stability.grid", "stability.testing", "stability.integrations", "analysis"),
     ("stability.apps", "stability.__main__", "stability"),
 ]
 # What `analysis` may take from `stability`: file names and columns, steps, errors, and the pure metrics.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,35 @@ def _fc_plan(model: nn.Module) -> list[tuple[str, str]] | None:
     if not all(isinstance(layer, nn.Linear) and layer.bias is not None for layer in model.fc):
         return None
     return [(f"fc.{i}.weight", f"fc.{i}.bias") for i in range(len(model.fc))]
+
+
+class GivenOutput(Protocol):
+    """The output of module ``name`` for every member, known without running it (``StackedModel.logits(first=)``)."""
+
+    name: str
+    count: int  # members
+
+    @property
+    def prefix(self) -> str:
+        """``name + "."``: the module's parameters' names start with it."""
+
+    def member(self, i: int) -> Tensor:
+        """Member i's output ``[B, ...]``."""
+
+    def stacked(self) -> Tensor:
+        """Every member's output ``[N, B, ...]``."""
+
+
+class _Given(nn.Module):
+    """Stands in for a module whose output is given: returns ``value`` whatever its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: Tensor | None = None
+
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        assert self.value is not None
+        return self.value
 
 
 class StackedModel:
@@ -105,20 +135,35 @@ class StackedModel:
         return slots
 
     def logits(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *, train: bool,
-               shared_input: bool, dropout_gens: Sequence[torch.Generator] | None = None) -> Tensor:
+               shared_input: bool, dropout_gens: Sequence[torch.Generator] | None = None,
+               first: GivenOutput | None = None) -> Tensor:
         """Logits ``[N, B, classes]``; x is ``[B, ...]`` when shared_input else ``[N, B, ...]``.
 
         ``dropout_gens``: one generator per member for the model's dropout masks (training only).
+        ``first``: the output of one module (the layer that reads the input) already known for every member;
+        that module is not run and its parameters need not be in ``params`` (see ``maths.paths``).
         """
         self.model.train(train)
+        if first is not None:
+            params = {k: v for k, v in params.items() if not k.startswith(first.prefix)}
         if self._fc is not None:
             self.last_strategy = "mlp"
-            return self._fc_logits(params, x, shared_input)
+            return self._fc_logits(params, x, shared_input, first)
         noisy = train and self.dropout and dropout_gens is not None
         if noisy or self.strategy == "loop" or (self.strategy == "auto" and self._conv and x.device.type == "cpu"):
             self.last_strategy = "loop"
-            return self._member_loop_logits(params, buffers, x, shared_input, dropout_gens if noisy else None)
+            with self._given(first) as given:
+                return self._member_loop_logits(params, buffers, x, shared_input, dropout_gens if noisy else None,
+                                                given, first)
         self.last_strategy = "vmap"
+        if first is not None:
+            with self._given(first) as given:
+                def g(p: dict, b: dict, xx: Tensor, out: Tensor) -> Tensor:
+                    given.value = out
+                    return functional_call(self.model, (p, b), (xx,))
+
+                return vmap(g, in_dims=(0, 0, None if shared_input else 0, 0))(dict(params), dict(buffers), x,
+                                                                             first.stacked())
 
         def f(p: dict, b: dict, xx: Tensor) -> Tensor:
             return functional_call(self.model, (p, b), (xx,))
@@ -137,11 +182,35 @@ class StackedModel:
             self.last_strategy = "loop"
             return self._member_loop_logits(params, buffers, x, shared_input)
 
-    def _fc_logits(self, params: Mapping[str, Tensor], x: Tensor, shared_input: bool) -> Tensor:
+    @contextlib.contextmanager
+    def _given(self, first: GivenOutput | None):
+        """The module ``first.name`` replaced by a ``_Given`` (its output set per member) while the block runs."""
+        if first is None:
+            yield None
+            return
+        parent_name, _, leaf = first.name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        original = parent._modules[leaf]
+        given = _Given()
+        parent._modules[leaf] = given
+        try:
+            yield given
+        finally:
+            parent._modules[leaf] = original
+
+    def _fc_logits(self, params: Mapping[str, Tensor], x: Tensor, shared_input: bool,
+                   first: GivenOutput | None = None) -> Tensor:
         assert self._fc is not None
         h = x.flatten(1) if shared_input else x.flatten(2)
         last = len(self._fc) - 1
+        if first is not None:
+            assert first.name == "fc.0", first.name
+            h = first.stacked()
+            if last:
+                h = F.relu(h)
         for i, (wn, bn) in enumerate(self._fc):
+            if first is not None and i == 0:
+                continue
             w, b = params[wn], params[bn]
             if h.dim() == 2:
                 # Shared input: one [B, in] x [in, N*out] matmul serves every member.
@@ -189,13 +258,14 @@ class StackedModel:
         return loss
 
     def _member_loop_logits(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,
-                            shared_input: bool, dropout_gens: Sequence[torch.Generator] | None = None) -> Tensor:
+                            shared_input: bool, dropout_gens: Sequence[torch.Generator] | None = None,
+                            given: _Given | None = None, first: GivenOutput | None = None) -> Tensor:
         # unbind: one view per member; gradients flow back through a single stack, and
         # in-place buffer updates (BatchNorm running statistics) land in the stacked tensors.
         p_names, b_names = list(params), list(buffers)
         p_views = [params[k].unbind(0) for k in p_names]
         b_views = [buffers[k].unbind(0) for k in b_names]
-        n = len(p_views[0]) if p_views else len(b_views[0])
+        n = len(p_views[0]) if p_views else len(b_views[0]) if b_views else first.count  # type: ignore[union-attr]
         xs = [x] * n if shared_input else x.unbind(0)
         channels_last = self.channels_last_train if torch.is_grad_enabled() else self.channels_last_eval
         if channels_last and x.dim() == (4 if shared_input else 5):
@@ -212,6 +282,8 @@ class StackedModel:
             for i in range(n):
                 p = {k: v[i] for k, v in zip(p_names, p_views)}
                 b = {k: v[i] for k, v in zip(b_names, b_views)}
+                if given is not None:
+                    given.value = first.member(i)
                 with noise(i):
                     outs.append(functional_call(self.model, (p, b), (xs[i],)))
             return torch.stack(outs)
@@ -225,6 +297,8 @@ class StackedModel:
             for i in range(n):
                 for (d, leaf), v in zip(places, views):
                     d[leaf] = v[i]
+                if given is not None:
+                    given.value = first.member(i)
                 with noise(i):
                     outs.append(self.model(xs[i]))
         finally:

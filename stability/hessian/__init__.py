@@ -19,7 +19,7 @@ from __future__ import annotations
 from .density import SpectralDensity, spectral_density
 from .lanczos import LanczosResult, lanczos_eigenpairs, smallest_eigenvalue, top_eigenvalues
 from .operator import HessianOperator, select_subset
-from .probe import ProbeResult, probe
+from .probe import ProbeResult, measure, probe
 from .pyhessian_adapter import pyhessian_top_eigenvalues, pyhessian_trace
 from .settings import HessianSettings, hessian_settings, resolve_dtype
 from .trace import hutchinson_trace
@@ -33,6 +33,7 @@ __all__ = [
     "hessian_settings",
     "hutchinson_trace",
     "lanczos_eigenpairs",
+    "measure",
     "probe",
     "pyhessian_top_eigenvalues",
     "pyhessian_trace",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -81,11 +82,21 @@ class HessianOperator:
         batch_size: int = 0,
         hvp: str = "auto",
         fuse_bn: bool = True,
+        *,
+        batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         self.dtype = resolve_dtype(dtype)
         _check_int("hessian.batch_size", batch_size, low=0)
         if hvp not in HVP_METHODS:
             raise ConfigError(f"hvp must be one of {' | '.join(HVP_METHODS)}, got {hvp!r}")
+        self.loss_fn = loss_fn
+        if batches is not None:
+            # streamed: the loss is the mean over every example of one pass over ``batches`` (re-read per HVP)
+            counts = [int(yb.shape[0]) for _, yb in batches]
+            if sum(counts) == 0:
+                raise ConfigError("data: the Hessian needs at least one example, got none")
+            x, y = next(iter(batches))
         if int(x.shape[0]) != int(y.shape[0]):
             raise ValueError(f"x has {int(x.shape[0])} examples but y has {int(y.shape[0])}")
         if int(x.shape[0]) == 0:
@@ -115,18 +126,22 @@ class HessianOperator:
         self.theta = theta
         self.dim = int(self.survivors.numel()) if self.survivors is not None else self.full_dim
 
-        x = x.to(device)
-        if x.is_floating_point():
-            x = x.to(self.dtype)
-        y = y.to(device)
-        n = int(x.shape[0])
-        step = n if batch_size <= 0 else min(batch_size, n)
-        self.chunks = [(x[i : i + step], y[i : i + step]) for i in range(0, n, step)]
-        self.n_examples = n
+        if batches is not None and len(counts) > 1:
+            self.chunks: Iterable[tuple[Tensor, Tensor]] = _Cast(batches, device, self.dtype)
+            self.n_examples = sum(counts)
+            n_chunks = len(counts)
+        else:
+            x = _cast(x, device, self.dtype)
+            y = _cast(y, device, self.dtype)
+            n = int(x.shape[0])
+            step = n if batch_size <= 0 else min(batch_size, n)
+            self.chunks = [(x[i : i + step], y[i : i + step]) for i in range(0, n, step)]
+            self.n_examples = n
+            n_chunks = len(self.chunks)
         # Graph reuse (double backward through one retained gradient graph) was the
         # fastest HVP measured on CPU for MLPs and BN-CNNs (benchmarks/bench_hessian.py);
         # it holds every chunk's graph, so chunked data use forward-over-reverse instead.
-        self.hvp = ("graph" if len(self.chunks) == 1 else "jvp") if hvp == "auto" else hvp
+        self.hvp = ("graph" if n_chunks == 1 else "jvp") if hvp == "auto" else hvp
         self._graph: list[tuple[Tensor, Tensor]] | None = None
         self.n_hvp = 0
 
@@ -137,6 +152,8 @@ class HessianOperator:
     def _chunk_loss(self, flat: Tensor, xc: Tensor, yc: Tensor) -> Tensor:
         out = functional_call(self.model, self._params(flat), (xc,))
         # Weighted so that the chunk losses sum to the mean over all examples.
+        if self.loss_fn is not None:
+            return self.loss_fn(out, yc) * (int(yc.shape[0]) / self.n_examples)
         return F.cross_entropy(out, yc, reduction="sum") / self.n_examples
 
     def loss(self) -> float:
@@ -210,6 +227,22 @@ class HessianOperator:
     def _rademacher(self, gen: torch.Generator) -> Tensor:
         r = torch.randint(0, 2, (self.dim,), generator=gen, dtype=torch.int8)
         return (2 * r - 1).to(self.device, self.dtype)
+
+
+def _cast(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    x = x.to(device)
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+class _Cast:
+    """Batches moved to the operator's device and (floating inputs) dtype as they are read, pass after pass."""
+
+    def __init__(self, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, dtype: torch.dtype) -> None:
+        self.batches, self.device, self.dtype = batches, device, dtype
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.batches:
+            yield _cast(x, self.device, self.dtype), _cast(y, self.device, self.dtype)
 
 
 def _private_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -71,6 +71,13 @@ def probe(
     if settings.engine == "pyhessian":
         return _probe_pyhessian(model, xs, ys, settings, masks, dtype, start)
     op = HessianOperator(model, xs, ys, masks=masks, dtype=dtype, batch_size=settings.batch_size)
+    return measure(op, settings, start)
+
+
+def measure(op: HessianOperator, settings: HessianSettings, start: float | None = None) -> ProbeResult:
+    """Every quantity ``settings`` requests, by the native engine, of the Hessian ``op`` stands for (the data are
+    the operator's: ``settings.samples`` and ``sample_seed`` are not read here)."""
+    start = time.perf_counter() if start is None else start
     eigenvalues: list[float] = []
     lambda_min = None
     converged = True

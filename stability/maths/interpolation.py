@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..engine import Members, StackedModel
 from ..errors import ConfigError
+from .paths import Batches, evaluate_pairs, evaluate_stream, reset_bn
 
 BN_MODES = ("interpolate", "reset")
 ALIGN_METHODS = ("none", "weights", "activations")
@@ -119,57 +120,47 @@ def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def seeded_bn_batches(x_train: Tensor, settings: CurveSettings) -> list[tuple[Tensor, Tensor]]:
+    """The ``bn_batches`` fixed, seeded training batches (of ``bn_batch_size``, drawn with replacement across
+    batches) that ``bn = reset`` recomputes BatchNorm statistics on; targets are not needed (empty)."""
+    g = torch.Generator().manual_seed(settings.bn_seed)
+    out = []
+    for _ in range(settings.bn_batches):
+        idx = torch.randint(len(x_train), (min(settings.bn_batch_size, len(x_train)),), generator=g)
+        out.append((x_train[idx.to(x_train.device)], x_train.new_zeros(0)))
+    return out
+
+
 @torch.no_grad()
 def reset_bn_stats(sm: StackedModel, params: Mapping[str, Tensor], buffers: dict[str, Tensor], x_train: Tensor,
                    settings: CurveSettings) -> None:
-    """Recompute BatchNorm running statistics in place for every stacked member.
-
-    Cumulative average over ``bn_batches`` fixed, seeded batches: at batch j the momentum is
-    1/(j+1), the same for all members, so no data-dependent Python runs under vmap.
-    """
-    bns = _bn_modules(sm.model)
-    if not bns:
-        return
-    for name, buf in buffers.items():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "running_mean" or leaf == "num_batches_tracked":
-            buf.zero_()
-        elif leaf == "running_var":
-            buf.fill_(1.0)
-    g = torch.Generator().manual_seed(settings.bn_seed)
-    old = [m.momentum for m in bns]
-    try:
-        for j in range(settings.bn_batches):
-            idx = torch.randint(len(x_train), (min(settings.bn_batch_size, len(x_train)),), generator=g)
-            for m in bns:
-                m.momentum = 1.0 / (j + 1)
-            sm.logits(params, buffers, x_train[idx.to(x_train.device)], train=True, shared_input=True)
-    finally:
-        for m, mom in zip(bns, old):
-            m.momentum = mom
+    """Recompute BatchNorm running statistics in place for every stacked member on the seeded training batches
+    (``paths.reset_bn``: cumulative average, momentum 1/(j+1) at batch j for every member)."""
+    if _bn_modules(sm.model):
+        reset_bn(sm, params, buffers, seeded_bn_batches(x_train, settings), max_members=settings.max_members)
 
 
 def evaluate_path(sm: StackedModel, a: Mapping[str, Tensor], b: Mapping[str, Tensor], alphas: Sequence[float],
                   x: Tensor, y: Tensor, settings: CurveSettings, x_train: Tensor | None = None) -> tuple[list[float], list[float]]:
-    """Error and loss of θ(α) at each α (batched over α in chunks of ``max_members``)."""
-    errors: list[float] = []
-    losses: list[float] = []
-    params_a = {k: a[k] for k in sm.param_names}
-    params_b = {k: b[k] for k in sm.param_names}
-    bufs_a = {k: a[k] for k in sm.buffer_names}
-    bufs_b = {k: b[k] for k in sm.buffer_names}
-    for start in range(0, len(alphas), settings.max_members):
-        chunk = torch.tensor(alphas[start : start + settings.max_members], dtype=torch.float64, device=x.device)
-        params = interpolate_stacks(params_a, params_b, chunk)
-        buffers = interpolate_stacks(bufs_a, bufs_b, chunk)
-        if settings.bn == "reset" and sm.buffer_names:
-            if x_train is None:
-                raise ConfigError("instability.bn: 'reset' needs training data to recompute BatchNorm statistics")
-            reset_bn_stats(sm, params, buffers, x_train, settings)
-        loss, err = sm.evaluate(params, buffers, x, y, settings.eval_batch_size)
-        errors.extend(err.tolist())
-        losses.extend(loss.tolist())
-    return errors, losses
+    """Error and loss of θ(α) at each α (``paths.evaluate_pairs``: every α stacked, one pass over the data)."""
+    errs, losses = evaluate_curves(sm, [a, b], [(0, 1)], alphas, x, y, settings, x_train)
+    return errs[0], losses[0]
+
+
+def evaluate_curves(sm: StackedModel, ends: Sequence[Mapping[str, Tensor]], pairs: Sequence[tuple[int, int]],
+                    alphas: Sequence[float], x: Tensor, y: Tensor, settings: CurveSettings,
+                    x_train: Tensor | None = None) -> tuple[list[list[float]], list[list[float]]]:
+    """Errors and losses along the path of every pair (i, j) of ``ends``: all pairs' α stacked in one evaluation."""
+    if settings.bn == "reset" and sm.buffer_names and x_train is None:
+        raise ConfigError("instability.bn: 'reset' needs training data to recompute BatchNorm statistics")
+    members = [(i, j, float(alpha)) for i, j in pairs for alpha in alphas]
+    names = sm.param_names + sm.buffer_names
+    ends = [{k: e[k] for k in names} for e in ends]
+    bn_batches = seeded_bn_batches(x_train, settings) if settings.bn == "reset" and x_train is not None else None
+    losses, errs = evaluate_pairs(sm, ends, members, Batches((x, y), settings.eval_batch_size), bn=settings.bn,
+                                  bn_batches=bn_batches, max_members=settings.max_members)
+    n = len(alphas)
+    return ([errs[p * n:(p + 1) * n] for p in range(len(pairs))], [losses[p * n:(p + 1) * n] for p in range(len(pairs))])
 
 
 def alignment_subset(x_train: Tensor, settings: CurveSettings) -> Tensor:
@@ -217,17 +208,10 @@ def repaired_path(sm: StackedModel, a: Mapping[str, Tensor], b: Mapping[str, Ten
 
 def evaluate_stacked(sm: StackedModel, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,
                      y: Tensor, settings: CurveSettings) -> tuple[list[float], list[float]]:
-    """Error and loss of stacked networks ``{name: [A, ...]}``, in chunks of ``max_members``."""
-    errors: list[float] = []
-    losses: list[float] = []
-    n = next(iter(params.values())).shape[0]
-    for start in range(0, n, settings.max_members):
-        part = slice(start, start + settings.max_members)
-        loss, err = sm.evaluate({k: v[part] for k, v in params.items()}, {k: v[part] for k, v in buffers.items()},
-                                x, y, settings.eval_batch_size)
-        errors.extend(err.tolist())
-        losses.extend(loss.tolist())
-    return errors, losses
+    """Error and loss of stacked networks ``{name: [A, ...]}`` (``paths.evaluate_stream``)."""
+    losses, errs = evaluate_stream(sm, params, buffers, Batches((x, y), settings.eval_batch_size),
+                                   max_members=settings.max_members)
+    return errs, losses
 
 
 def evaluate_aligned_path(sm: StackedModel, a: Mapping[str, Tensor], b: Mapping[str, Tensor], alphas: Sequence[float],
@@ -251,21 +235,40 @@ def pairs(n: int) -> list[tuple[int, int]]:
 
 def curve_rows(sm: StackedModel, members: Members, splits: Iterable[str], data, settings: CurveSettings,
                rewind_step: int) -> list[dict]:
-    """Rows (rewind_step, pair, split, alpha, error, loss) for every pair of members and split."""
+    """Rows (rewind_step, pair, split, alpha, error, loss) for every pair of members and split.
+
+    Every pair's α grid is evaluated in one stacked pass per split (``evaluate_curves``); with REPAIR, pair by pair.
+    """
     alphas = settings.grid()
     x_align = alignment_subset(data.x_train, settings) if settings.needs_align_subset else None
+    splits = list(splits)
+    ends = [members.member_state_dict(i) for i in range(members.n)]
+    ends_of = {}
+    repaired = {}
+    for i, j in pairs(members.n):
+        # aligned, and repaired, once per pair: the same networks are evaluated on every split
+        b = align_pair(sm.model, ends[i], ends[j], settings, x_align) if settings.align != "none" else ends[j]
+        if settings.repair:
+            repaired[i, j] = repaired_path(sm, ends[i], b, alphas, x_align)
+        elif b is not ends[j]:
+            ends.append(b)
+            ends_of[i, j] = (i, len(ends) - 1)
+        else:
+            ends_of[i, j] = (i, j)
+    measured: dict[tuple[int, int, str], tuple[list[float], list[float]]] = {}
+    for split in splits:
+        x, y = data.split(split)
+        if ends_of:
+            keys = list(ends_of)
+            errs, losses = evaluate_curves(sm, ends, [ends_of[k] for k in keys], alphas, x, y, settings, data.x_train)
+            for k, e, loss in zip(keys, errs, losses):
+                measured[(*k, split)] = (e, loss)
+        for k, stacks in repaired.items():
+            measured[(*k, split)] = evaluate_stacked(sm, *stacks, x, y, settings)
     rows = []
     for i, j in pairs(members.n):
-        a, b = members.member_state_dict(i), members.member_state_dict(j)
-        # aligned, and repaired, once per pair: the same networks are evaluated on every split
-        b = align_pair(sm.model, a, b, settings, x_align)
-        repaired = repaired_path(sm, a, b, alphas, x_align) if settings.repair else None
         for split in splits:
-            x, y = data.split(split)
-            if repaired is not None:
-                errs, losses = evaluate_stacked(sm, *repaired, x, y, settings)
-            else:
-                errs, losses = evaluate_path(sm, a, b, alphas, x, y, settings, data.x_train)
+            errs, losses = measured[i, j, split]
             for alpha, e, loss in zip(alphas, errs, losses):
                 rows.append({"rewind_step": rewind_step, "pair": f"{i}-{j}", "split": split, "alpha": alpha,
                              "error": e, "loss": loss})
