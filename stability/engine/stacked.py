@@ -205,9 +205,9 @@ class StackedModel:
         last = len(self._fc) - 1
         if first is not None:
             assert first.name == "fc.0", first.name
-            h = first.stacked()
+            h = first.stacked()  # a fresh tensor: the ReLU may write into it
             if last:
-                h = F.relu(h)
+                h = torch.relu_(h)
         for i, (wn, bn) in enumerate(self._fc):
             if first is not None and i == 0:
                 continue

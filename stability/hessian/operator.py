@@ -141,7 +141,10 @@ class HessianOperator:
         # Graph reuse (double backward through one retained gradient graph) was the
         # fastest HVP measured on CPU for MLPs and BN-CNNs (benchmarks/bench_hessian.py);
         # it holds every chunk's graph, so chunked data use forward-over-reverse instead.
-        self.hvp = ("graph" if n_chunks == 1 else "jvp") if hvp == "auto" else hvp
+        # Streamed batches (``batches``): double backward per batch, ~2x faster than forward-over-reverse there
+        # (benchmarks/bench_lmc.py) with only one batch's graph alive at a time.
+        chunked = "double_backward" if batches is not None else "jvp"
+        self.hvp = ("graph" if n_chunks == 1 else chunked) if hvp == "auto" else hvp
         self._graph: list[tuple[Tensor, Tensor]] | None = None
         self.n_hvp = 0
 

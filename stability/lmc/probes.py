@@ -24,14 +24,16 @@ from .networks import Network, device_of, module_with, private, resolve, same_ar
 def hessian(model: Network, data: Any, loss_fn: LossFn | None = None, top_k: int = 1, smallest: bool = False,
             trace: int = 0, density: bool = False, masks: Mapping[str, Tensor] | None = None, *,
             template: nn.Module | None = None, dtype: str = "float32", seed: int = 0, tol: float = 1e-6,
-            lanczos_steps: int = 0, batch_size: int = 1000, device: str | torch.device | None = None) -> ProbeResult:
+            lanczos_steps: int = 0, batch_size: int = 1000, device: str | torch.device | None = None,
+            hvp: str = "auto") -> ProbeResult:
     """Top eigenvalues (Lanczos), the smallest, the trace (``trace`` Hutchinson probes) and the spectral density of
     the Hessian of the mean loss over every example of ``data``, the model in eval mode: the engine of the run-based
     probe (``stability.hessian.probe``), reading the data batch by batch for every Hessian-vector product.
 
     ``data``: a ``DataLoader``, an iterable of ``(x, y)`` batches or a pair of tensors. ``masks``: {parameter name:
     0/1 tensor}: the Hessian restricted to the surviving weights. ``model``: a module, or a state dict / checkpoint
-    file with ``template=``.
+    file with ``template=``. ``hvp``: how Hessian-vector products are taken (``auto``: one retained graph for a single
+    batch, else double backward batch by batch; ``graph`` keeps every batch's graph: fastest, memory permitting).
 
     >>> stability.lmc.hessian(net, train_loader, top_k=3).eigenvalues
     """
@@ -41,7 +43,7 @@ def hessian(model: Network, data: Any, loss_fn: LossFn | None = None, top_k: int
     settings = HessianSettings(top_k=top_k, smallest=smallest, trace_probes=trace, density=density, dtype=dtype,
                                seed=seed, tol=tol, lanczos_steps=lanczos_steps)
     op = HessianOperator(net, None, None, masks=dict(masks) if masks else None, dtype=dtype,  # type: ignore[arg-type]
-                         batches=Batches(data, batch_size), loss_fn=loss_fn)
+                         batches=Batches(data, batch_size), loss_fn=loss_fn, hvp=hvp)
     if settings.top_k > op.dim:
         raise ConfigError(f"top_k: {settings.top_k} is more than the {op.dim} parameters the Hessian acts on")
     return measure(op, settings)

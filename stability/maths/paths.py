@@ -163,21 +163,44 @@ def input_layer(model: nn.Module, x: Tensor) -> InputLayer | None:
     return InputLayer(name, tuple(inp.shape[1:]))
 
 
+def _runs(left: Sequence[int], right: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """Contiguous runs ``(start, stop, i, j)`` of members on the same pair of ends."""
+    runs: list[tuple[int, int, int, int]] = []
+    for m, (i, j) in enumerate(zip(left, right)):
+        if runs and runs[-1][1] == m and runs[-1][2:] == (i, j):
+            runs[-1] = (runs[-1][0], m + 1, i, j)
+        else:
+            runs.append((m, m + 1, i, j))
+    return runs
+
+
+def _combine(ends: Sequence[Tensor], runs: Sequence[tuple[int, int, int, int]], w: Tensor) -> Tensor:
+    """``[N, ...]`` with member m = (1 − w_m)·ends[i] + w_m·ends[j] (exactly ends[i] at w = 0 and ends[j] at w = 1),
+    written run by run without gathering copies of the ends."""
+    shape = ends[0].shape
+    out = torch.empty(len(w), *shape, dtype=ends[0].dtype, device=ends[0].device)
+    w = w.to(ends[0].dtype).view(-1, *([1] * len(shape)))
+    for start, stop, i, j in runs:
+        part = out[start:stop]
+        torch.mul(ends[i], 1 - w[start:stop], out=part)
+        part.addcmul_(ends[j].expand_as(part), w[start:stop])
+    return out
+
+
 class _AffineOutputs:
     """The input layer's output at every member (i, j, α): (1 − α)·out_i + α·out_j from each network's output."""
 
-    def __init__(self, layer: InputLayer, outs: Sequence[Tensor], left: Tensor, right: Tensor, alpha: Tensor):
+    def __init__(self, layer: InputLayer, outs: Sequence[Tensor], left: Sequence[int], right: Sequence[int],
+                 alpha: Tensor):
         self.name, self.prefix, self.count = layer.name, layer.prefix, len(alpha)
-        self.outs, self.left, self.right, self.alpha = outs, left.tolist(), right.tolist(), alpha
+        self.outs, self.left, self.right, self.alpha = outs, list(left), list(right), alpha
 
     def member(self, i: int) -> Tensor:
         a = self.alpha[i].to(self.outs[0].dtype)
         return (1 - a) * self.outs[self.left[i]] + a * self.outs[self.right[i]]
 
     def stacked(self) -> Tensor:
-        ends = torch.stack(list(self.outs))
-        w = self.alpha.to(ends.dtype).view(-1, *([1] * (ends.dim() - 1)))
-        return (1 - w) * ends[self.left] + w * ends[self.right]
+        return _combine(self.outs, _runs(self.left, self.right), self.alpha)
 
 
 # ---------------------------------------------------------------- members and their evaluation
@@ -188,16 +211,14 @@ def stack_members(ends: Sequence[Mapping[str, Tensor]], members: Sequence[tuple[
     """``{name: [N, ...]}`` with member m = (1 − α)·ends[i] + α·ends[j] for m = (i, j, α) (float tensors; the
     others, e.g. BatchNorm's ``num_batches_tracked``, are network i's)."""
     left = [i for i, _, _ in members]
-    right = [j for _, j, _ in members]
+    runs = _runs(left, [j for _, j, _ in members])
     out = {}
     for k in names:
-        stack = torch.stack([e[k] for e in ends])
-        if not stack.is_floating_point():
-            out[k] = stack[left].clone()
+        if not ends[0][k].is_floating_point():
+            out[k] = torch.stack([ends[i][k] for i in left])
             continue
-        w = torch.tensor([a for _, _, a in members], dtype=torch.float64, device=stack.device)
-        w = w.to(stack.dtype).view(-1, *([1] * (stack.dim() - 1)))
-        out[k] = (1 - w) * stack[left] + w * stack[right]
+        w = torch.tensor([a for _, _, a in members], dtype=torch.float64, device=ends[0][k].device)
+        out[k] = _combine([e[k] for e in ends], runs, w)
     return out
 
 
@@ -267,8 +288,8 @@ def evaluate_stream(sm: StackedModel, params: Mapping[str, Tensor], buffers: Map
     seen = 0
     if layer is not None:
         assert ends is not None and members is not None
-        left = torch.tensor([i for i, _, _ in members])
-        right = torch.tensor([j for _, j, _ in members])
+        left = [i for i, _, _ in members]
+        right = [j for _, j, _ in members]
         alpha = torch.tensor([a for _, _, a in members], dtype=torch.float64, device=device)
     for x, y in batches:
         if tally is not None and not y.is_floating_point() and y.dim() == 1 and len(y):
@@ -309,19 +330,23 @@ def evaluate_pairs(sm: StackedModel, ends: Sequence[Mapping[str, Tensor]], membe
     output from the ends' (False: every member computes it, for checks).
     """
     batches = batches if isinstance(batches, (Batches, list)) else Batches(batches)
-    params = stack_members(ends, members, sm.param_names)
-    buffers = stack_members(ends, members, sm.buffer_names)
-    if bn == "reset" and sm.buffer_names:
-        if bn_batches is None:
-            raise ConfigError("bn: 'reset' needs data to recompute BatchNorm statistics on")
-        reset_bn(sm, params, buffers, bn_batches, max_members=max_members, limit=bn_limit)
+    device = next(iter(ends[0].values())).device
     layer = None
     if input_layer_outputs:
         for x, _ in batches:
-            layer = input_layer(sm.model, x.to(next(iter(params.values())).device))
+            layer = input_layer(sm.model, x.to(device))
             break
         if layer is not None and sm._fc is not None and layer.name != "fc.0":
             layer = None
+    reset = bn == "reset" and bool(sm.buffer_names)
+    # the input layer's own parameters are not needed at every member when its output is formed from the ends'
+    names = [k for k in sm.param_names if reset or layer is None or not k.startswith(layer.prefix)]
+    params = stack_members(ends, members, names)
+    buffers = stack_members(ends, members, sm.buffer_names)
+    if reset:
+        if bn_batches is None:
+            raise ConfigError("bn: 'reset' needs data to recompute BatchNorm statistics on")
+        reset_bn(sm, params, buffers, bn_batches, max_members=max_members, limit=bn_limit)
     return evaluate_stream(sm, params, buffers, batches, loss_fn=loss_fn, max_members=max_members, ends=ends,
                            members=members, layer=layer, tally=tally)
 

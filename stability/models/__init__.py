@@ -4,8 +4,9 @@
   their builders;
 - ``noise``: per-member training noise (``NoiseDropout`` and the generator the training loop puts in
   place, which strong tickets' sampled supermasks also draw from);
-- ``build``: ``MODELS`` (one ``ModelSpec`` per name), ``build_model``, ``register_model``, the
-  ``torchvision/*`` adapter and what the suite reads off a built model.
+- ``build``: ``MODELS`` (one ``ModelSpec`` per name), ``build_model``, ``register_model`` and
+  what the suite reads off a built model;
+- ``external``: the ``torchvision/*`` and ``timm/*`` adapters (the libraries are imported when named).
 
 Import from this package, not its modules; the modules import each other, never this face.
 """
@@ -17,6 +18,7 @@ from .build import (
     INIT_SCHEMES,
     MODELS,
     STEMS,
+    TIMM_PREFIX,
     TORCHVISION_PREFIX,
     ModelSpec,
     build_model,
@@ -40,7 +42,7 @@ from .zoo import (
 )
 
 __all__ = [
-    "BN_INITS", "INIT_SCHEMES", "MODELS", "RESNET_DEPTHS", "STEMS", "TORCHVISION_PREFIX",
+    "BN_INITS", "INIT_SCHEMES", "MODELS", "RESNET_DEPTHS", "STEMS", "TIMM_PREFIX", "TORCHVISION_PREFIX",
     "CifarResNet", "CifarVGG", "ConvThenFC", "DepthwiseSeparable", "FullyConnected", "MaxPool2d",
     "MobileNetV1", "ModelSpec", "NoiseDropout", "ResidualBlock",
     "build_model", "count_parameters", "dropout_noise", "has_batchnorm", "has_dropout", "model_spec",

@@ -1,10 +1,10 @@
 """Models by name: one table of what each model is and takes, seeded construction and initialization.
 
 ``MODELS`` maps ``model.name`` to a ``ModelSpec``: the builder, whether the model takes ``model.dropout``
-and where it comes from (the zoo, or ``register_model``); ``torchvision/<arch>`` names any torchvision
-classification model without an entry of its own. ``build_model`` checks the ``[model]`` settings against
-the spec, then builds and initializes on the CPU from one seed, so a seed means the same weights on
-every device. Adding an architecture to the zoo is a builder in ``zoo.py`` and one line in ``MODELS``.
+and where it comes from (the zoo, or ``register_model``); ``torchvision/<arch>`` and ``timm/<arch>``
+name any torchvision classification model or timm model without an entry of its own (their adapters are
+in ``external``). ``build_model`` checks the ``[model]`` settings against the spec, then builds and
+initializes on the CPU from one seed, so a seed means the same weights on every device. Adding an architecture to the zoo is a builder in ``zoo.py`` and one line in ``MODELS``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..registry import Registry
 from . import zoo
+from .external import TIMM_PREFIX, TORCHVISION_PREFIX, timm_factory, torchvision_factory
 
-__all__ = ["BN_INITS", "INIT_SCHEMES", "MODELS", "STEMS", "TORCHVISION_PREFIX", "ModelSpec", "build_model",
-           "count_parameters", "has_batchnorm", "model_spec", "output_layer_name", "register_model"]
+__all__ = ["BN_INITS", "INIT_SCHEMES", "MODELS", "STEMS", "TIMM_PREFIX", "TORCHVISION_PREFIX", "ModelSpec",
+           "build_model", "count_parameters", "has_batchnorm", "model_spec", "output_layer_name", "register_model"]
 
 # What a builder is called with: the whole ``[model]`` section, the input shape without batch, the classes.
 Factory = Callable[[ModelConfig, tuple[int, ...], int], nn.Module]
@@ -36,8 +37,9 @@ class ModelSpec:
     name: str
     factory: Factory
     dropout: bool = False  # takes ``model.dropout`` (NoiseDropout after its hidden fully connected layers)
-    # "zoo": the suite's own; "registered": a user's factory (register_model); "torchvision": torchvision/<arch>
-    source: Literal["zoo", "registered", "torchvision"] = "zoo"
+    # "zoo": the suite's own; "registered": a user's factory (register_model); "torchvision": torchvision/<arch>;
+    # "timm": timm/<arch>
+    source: Literal["zoo", "registered", "torchvision", "timm"] = "zoo"
 
     @property
     def checked(self) -> bool:
@@ -60,14 +62,17 @@ MODELS: Registry[ModelSpec] = Registry("model", "model.name", {spec.name: spec f
 # Initialization schemes for conv and linear weights (``model.init``) and BatchNorm weights (``model.bn_init``).
 INIT_SCHEMES = ("default", "kaiming_normal", "glorot_normal")
 BN_INITS = ("ones", "uniform")
-TORCHVISION_PREFIX = "torchvision/"
-STEMS = ("default", "cifar")  # ``model.stem`` of torchvision/* models
+STEMS = ("default", "cifar")  # ``model.stem`` of torchvision/* and timm/* models
+_EXTERNAL = ("torchvision", "timm")  # the sources that take ``model.stem``
 
 
 def model_spec(name: str) -> ModelSpec:
-    """The spec of ``model.name``: its entry in ``MODELS``, or a torchvision model by ``torchvision/<arch>``."""
+    """The spec of ``model.name``: its entry in ``MODELS``, or a torchvision or timm model by
+    ``torchvision/<arch>`` or ``timm/<arch>``."""
     if name.startswith(TORCHVISION_PREFIX):
-        return ModelSpec(name, _torchvision_factory(name), source="torchvision")
+        return ModelSpec(name, torchvision_factory(name), source="torchvision")
+    if name.startswith(TIMM_PREFIX):
+        return ModelSpec(name, timm_factory(name), source="timm")
     return MODELS[name]  # an unknown name is a ConfigError listing the known ones
 
 
@@ -97,8 +102,9 @@ def build_model(
     spec = model_spec(cfg.name)
     if cfg.stem not in STEMS:
         raise ConfigError(f"model.stem: unknown stem {cfg.stem!r}; choose one of {', '.join(STEMS)}")
-    if cfg.stem != "default" and spec.source != "torchvision":
-        raise ConfigError(f"model.stem: only torchvision/* models take a stem option, not {cfg.name!r}")
+    if cfg.stem != "default" and spec.source not in _EXTERNAL:
+        raise ConfigError(f"model.stem: only torchvision/* models and timm/* models take a stem option, "
+                          f"not {cfg.name!r}")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"model.dropout: must be a rate in [0, 1), got {cfg.dropout}")
     if cfg.dropout and not spec.dropout:
@@ -132,59 +138,6 @@ def build_model(
     return model
 
 
-# ---- torchvision classification models by name ----------------------------------------------
-
-
-def _torchvision_factory(name: str) -> Factory:
-    """``torchvision/<arch>``: any torchvision.models classification builder, untrained (weights=None)."""
-    from torchvision import models as tv
-
-    arch = name[len(TORCHVISION_PREFIX):]
-    known = tv.list_models(module=tv)
-    if arch not in known:
-        raise ConfigError(f"model.name: {name!r} is not a torchvision classification model; choose "
-                          f"torchvision/ followed by one of {', '.join(known)}")
-
-    def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-        if len(input_shape) != 3:
-            raise ConfigError(f"model.name: {name!r} takes images [C, H, W], the dataset gives {input_shape}")
-        model = tv.get_model(arch, weights=None, num_classes=num_classes)
-        _adapt_stem(model, input_shape[0], cifar=cfg.stem == "cifar")
-        _drop_dropout(model)
-        return model
-
-    return build
-
-
-def _drop_dropout(model: nn.Module) -> None:
-    """Dropout and stochastic-depth layers (EfficientNet, ConvNeXt, ...) become identities: their masks
-    would come from torch's global generator, which is not part of a run's noise seed (siblings, resume
-    and the batched path would not be reproducible)."""
-    from torchvision.ops import StochasticDepth
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.modules.dropout._DropoutNd, StochasticDepth)):
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, nn.Identity())
-
-
-def _adapt_stem(model: nn.Module, channels: int, cifar: bool) -> None:
-    """The first convolution takes ``channels`` inputs; ``cifar``: 3x3, stride 1, and no stem max-pool
-    (the CIFAR variants of ResNet and MobileNet that Sahu et al. use on 32x32 images)."""
-    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
-    if cifar:
-        new = nn.Conv2d(channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None)
-    elif channels != conv.in_channels:
-        new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                        bias=conv.bias is not None)
-    else:
-        return
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
-    if cifar and isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
-        model.maxpool = nn.Identity()
-
-
 # ---- models of the user's own ------------------------------------------------------------
 
 
@@ -205,7 +158,8 @@ def register_model(name: str, factory: Factory, *, replace: bool = False) -> Non
 
 
 def _checked_build(spec: ModelSpec, cfg: ModelConfig, shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A model built outside the zoo (a user's factory, torchvision), with clear errors for failures and bad logits."""
+    """A model built outside the zoo (a user's factory, torchvision, timm), with clear errors for failures
+    and bad logits."""
     try:
         model = spec.factory(cfg, shape, num_classes)
     except Exception as exc:  # the user's code: named, never a traceback from inside the suite
