@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_hessian.py
 	$(PY) benchmarks/bench_align.py
 	$(PY) benchmarks/bench_neq.py
+	$(PY) benchmarks/bench_lmc.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check stability analysis tests benchmarks
