@@ -10,9 +10,10 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_four_notebooks():
+def test_there_are_five_notebooks():
     assert [p.name for p in NOTEBOOKS] == ["01_instability.ipynb", "02_stabilized_lottery_tickets.ipynb",
-                                           "03_hessian.ipynb", "04_your_own_model.ipynb"]
+                                           "03_hessian.ipynb", "04_your_own_model.ipynb",
+                                           "05_your_own_training_loop.ipynb"]
 
 
 @pytest.mark.slow
