@@ -141,9 +141,10 @@ def main(argv: list[str] | None = None) -> None:
             xt, yt = ctx.data.split("test")
             a, b = train(fresh(ctx, 1), x, y, 1, steps), train(fresh(ctx, 2), x, y, 2, steps)
             alphas = lmc.alpha_grid(args.alphas)
-            ours = lambda: lmc.interpolate(a, b, (xt, yt), alphas=alphas, batch_size=len(xt))  # noqa: E731
-            theirs = lambda: landscapes(a, b, alphas, xt, yt)  # noqa: E731
-            hand = lambda: hand_loop(a, b, alphas, xt, yt)  # noqa: E731
+            case = (a, b, alphas, xt, yt)
+            ours = lambda c=case: lmc.interpolate(c[0], c[1], (c[3], c[4]), alphas=c[2], batch_size=len(c[3]))
+            theirs = lambda c=case: landscapes(*c)
+            hand = lambda c=case: hand_loop(*c)
             ours(), theirs(), hand()  # warm-up
             t_ours, t_theirs, t_hand = float("inf"), float("inf"), float("inf")
             for _ in range(repeats):
@@ -178,7 +179,7 @@ def hessian_case(root: str, repeats: int) -> None:
     t_ours, ours = timed(lambda: lmc.hessian(net, loader, top_k=1, tol=1e-4), repeats)
     t_py, (theirs, n_py) = timed(lambda: pyhessian_top_eigenvalues(net, x, y, 1, tol=1e-4, max_iter=1000,
                                                                    batch_size=250), repeats)
-    print(f"\nλmax of LeNet-300-100 over a DataLoader (1,000 examples, batch 250), tol 1e-4:")
+    print("\nλmax of LeNet-300-100 over a DataLoader (1,000 examples, batch 250), tol 1e-4:")
     print(f"  lmc.hessian (Lanczos): {ours.eigenvalues[0]:.5f} in {t_ours:.3f} s, {ours.n_hvp} HVPs")
     print(f"  pyhessian (power it.): {theirs[0]:.5f} in {t_py:.3f} s, {n_py} HVPs")
     print(f"  ratio pyhessian / lmc: {t_py / t_ours:.2f}x; relative difference "

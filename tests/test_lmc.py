@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_config
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,8 +20,6 @@ from stability.stages.instability import InstabilitySettings, instability_sweep
 from stability.stages.siblings import train_siblings
 from stability.stages.trunk import trunk_dir
 from stability.store.files import read_csv
-
-from helpers import tiny_config
 
 
 def _train(net: nn.Module, x, y, seed: int, steps: int = 150, lr: float = 0.05) -> nn.Module:
@@ -76,7 +75,7 @@ def test_interpolate_equals_a_hand_loop_and_loss_landscapes(pair, one_torch_thre
     import loss_landscapes
     import loss_landscapes.metrics
 
-    ctx, a, b, _, (xt, yt) = pair
+    _ctx, a, b, _, (xt, yt) = pair
     curve = lmc.interpolate(a, b, (xt, yt), alphas=11)
     errs, losses = _hand_curve(a, b, curve.alphas, xt, yt)
     assert curve.alphas == pytest.approx(np.linspace(0, 1, 11).tolist(), abs=1e-12)
@@ -105,7 +104,7 @@ def test_interpolate_equals_a_hand_loop_and_loss_landscapes(pair, one_torch_thre
 def test_tensors_loader_and_generator_give_one_curve_and_one_hessian(pair, one_torch_thread):
     from stability.hessian.pyhessian_adapter import pyhessian_top_eigenvalues
 
-    ctx, a, b, (x, y), (xt, yt) = pair
+    _ctx, a, b, (x, y), (xt, yt) = pair
     loader = DataLoader(TensorDataset(xt, yt), batch_size=37)
     ref = lmc.interpolate(a, b, (xt, yt), alphas=7)
     for data in (loader, ((xb, yb) for xb, yb in loader), list(loader), lambda: iter(loader)):
@@ -193,7 +192,7 @@ def test_lmc_reproduces_a_sweeps_curves_and_first_stable_step(tmp_path, one_torc
 
 
 def test_instability_with_your_own_loop_and_what_is_refused(pair, one_torch_thread):
-    ctx, a, _, (x, y), (xt, yt) = pair
+    ctx, _a, _, (x, y), (xt, yt) = pair
     start = _train(ctx.new_model(), x, y, 7, steps=30)
     calls = []
 
@@ -221,7 +220,7 @@ def test_instability_with_your_own_loop_and_what_is_refused(pair, one_torch_thre
 
 
 def test_bad_input_is_refused_with_the_setting_named(pair):
-    ctx, a, b, _, (xt, yt) = pair
+    _ctx, a, b, _, (xt, yt) = pair
     with pytest.raises(ConfigError, match="bn: unknown option 'bogus'; choose one of interpolate, reset, repair"):
         lmc.interpolate(a, b, (xt, yt), bn="bogus")
     with pytest.raises(ConfigError, match="alphas: need at least 2"):
@@ -246,7 +245,7 @@ def test_weight_matching_through_lmc_undoes_a_permutation(pair):
     perms = random_permutation(spec, torch.Generator().manual_seed(3))
     shuffled = copy.deepcopy(a)
     shuffled.load_state_dict(apply_permutation(spec, perms, a.state_dict()))
-    aligned, found = lmc.align(a, shuffled)
+    aligned, _found = lmc.align(a, shuffled)
     assert all(torch.equal(aligned.state_dict()[k], v) for k, v in a.state_dict().items())
     assert lmc.barrier(a, aligned, (xt, yt), alphas=5) == pytest.approx(0.0, abs=1e-9)
     # the same function: both ends of the naive curve have the same error

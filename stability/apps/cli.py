@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from ..errors import ConfigError, StabilityError, TrainingDiverged
 from . import report
+from .files import connect_of_files, file_arguments, hessian_of_file, is_file, no_file_flags
 from .overrides import (
     RUNTIME_FLAGS,
     Flag,
@@ -200,7 +201,8 @@ def hessian_arguments(p: argparse.ArgumentParser) -> None:
         Flag("hessian.samples", "training examples in the fixed subset"),
         Flag("hessian.engine", " | ".join(ENGINES)),
         Flag("hessian.dtype", " | ".join(DTYPES)),
-    ], {"hessian": HessianSettings}, config_help="a TOML config file, or a train run directory")
+    ], {"hessian": HessianSettings}, config_help="a TOML config file, a train run directory, or a state-dict file "
+                                                 "(.pt, .pth, .bin, .safetensors, .ckpt) with --model and --dataset")
     p.set_defaults(run_dir_config=True)
     p.add_argument("--at", help="all (every saved checkpoint) or steps like 0it,500it (default all)")
     p.add_argument("--every", help="also probe every k steps, e.g. 100it (missing checkpoints are replayed)")
@@ -212,20 +214,35 @@ def hessian_arguments(p: argparse.ArgumentParser) -> None:
                                                         "[hessian.trace_probes = --trace-probes]")
     p.add_argument("--trace-probes", dest="trace_probes", type=int, default=TRACE_PROBES,
                    help=f"Rademacher probes for --trace (default {TRACE_PROBES})")
+    file_arguments(p)
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
     """Hessian eigenvalues, trace and density over the trunk's checkpoints or along a path."""
     from ..hessian.settings import hessian_settings
-    from ..stages.landscape import hessian_path, hessian_track
 
-    inputs = load_config(args)
     if args.trace_probes < 1:  # a rule of the flags: the setting itself reads 0 as "no trace"
         raise ConfigError(f"hessian --trace-probes: must be at least 1 (Rademacher probes for --trace), "
                           f"got {args.trace_probes}")
+    trace = {"trace_probes": args.trace_probes} if args.trace else {}
+    if is_file(args.config):
+        track, where = hessian_of_file(args, trace)
+    else:
+        no_file_flags(args, "hessian")
+        inputs = load_config(args)
+        track, where = _hessian_run(args, inputs, hessian_settings({**inputs.tables.get("hessian", {}), **trace}))
+    if args.json:
+        report.print_json({"run_dir": str(track.run_dir), "rows": track.rows})
+    else:
+        report.hessian(track, where)
+    return 0
+
+
+def _hessian_run(args: argparse.Namespace, inputs: Any, settings: Any) -> tuple[Any, str]:
+    """``hessian`` of a run: over its checkpoints, or along a path (``--path``)."""
+    from ..stages.landscape import hessian_path, hessian_track
+
     alphas = _alpha_grid(args.alpha_grid, args.path)
-    table = {**inputs.tables.get("hessian", {}), **({"trace_probes": args.trace_probes} if args.trace else {})}
-    settings = hessian_settings(table)
     if args.path is not None:
         track = hessian_path(inputs.cfg, settings, args.path, **({} if alphas is None else {"alphas": alphas}))
         where = "alpha"
@@ -233,11 +250,7 @@ def cmd_hessian(args: argparse.Namespace) -> int:
         at = "all" if args.at in (None, "all") else _csv_list(args.at)
         track = hessian_track(inputs.cfg, settings, at=at, every=args.every)
         where = "step"
-    if args.json:
-        report.print_json({"run_dir": str(track.run_dir), "rows": track.rows})
-    else:
-        report.hessian(track, where)
-    return 0
+    return track, where
 
 
 def _alpha_grid(text: str | None, path: str | None) -> list[float] | None:
@@ -254,27 +267,39 @@ def _alpha_grid(text: str | None, path: str | None) -> list[float] | None:
 
 
 def connect_arguments(p: argparse.ArgumentParser) -> None:
-    """``connect``: two runs and how the path between them is measured (aliases of ``connect.*``)."""
+    """``connect``: two runs or two state-dict files, and how the path between them is measured (``connect.*``)."""
     from ..stages.connect import ConnectSettings
 
-    p.add_argument("run_a", metavar="RUN_A")
-    p.add_argument("run_b", metavar="RUN_B")
+    what = ("a train_<hash> run, an imp_<hash>/replicate_<r>/level_<l> directory, or a state-dict file (.pt, .pth, "
+            ".bin, .safetensors, .ckpt: then give --model and --dataset)")
+    p.add_argument("run_a", metavar="A", help=what)
+    p.add_argument("run_b", metavar="B", help="the other network, of the same kind as A")
     add_overrides(p, [
         *_path_flags("connect"),
         Flag("connect.allow_different_masks", "align sparse networks whose masks differ", switch=True),
-    ], {"connect": ConnectSettings}, run=False)
-    p.add_argument("--out", metavar="DIR", help="results root for the record (default: RUN_A's results root)")
+        *(f for f in RUNTIME_FLAGS if f.key != "runtime.results_root"),
+    ], {"connect": ConnectSettings})
+    p.add_argument("--out", metavar="DIR", help="results root for the record (default: A's results root; for files "
+                                                "runtime.results_root)")
+    file_arguments(p)
     p.add_argument("--json", action="store_true")
-    p.epilog = settings_epilog({"connect": ConnectSettings}, run=False)
+    p.epilog = settings_epilog({"connect": ConnectSettings}, run=False) + (
+        "\n\ncheckpoint files: --set model.KEY=VALUE, dataset.KEY=VALUE and runtime.KEY=VALUE set the rest of the "
+        "architecture, the data and the runtime (see `stability train --help` for their defaults)")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    """The interpolation barrier between two trained networks."""
+    """The interpolation barrier between two trained networks (runs, or state-dict files)."""
     from ..stages.connect import connect, connect_settings
 
-    settings = connect_settings(command_line(args).tables.get("connect"))
-    result = connect(args.run_a, args.run_b, settings, results_root=args.out)
+    given = command_line(args)
+    settings = connect_settings(given.tables.get("connect"))
+    if is_file(args.run_a) or is_file(args.run_b):
+        result = connect_of_files(args, settings)
+    else:
+        no_file_flags(args, "connect", given.run)
+        result = connect(args.run_a, args.run_b, settings, results_root=args.out)
     if args.json:
         report.print_json(result.summary)
     else:
@@ -414,7 +439,8 @@ COMMANDS: dict[str, Command] = {
                        cmd_connect,
                        "The error and loss barrier along the straight line from network A to network B: finished "
                        "train runs (train_<hash>) or IMP levels (imp_<hash>/replicate_<r>/level_<l>) of the same "
-                       "architecture and data."),
+                       "architecture and data, or two state-dict files with --model and --dataset (recorded under "
+                       "their tensors' digests)."),
     "grid": Command("a grid of experiments (axes x stages) on this machine, Ray or Slurm", grid_arguments, cmd_grid),
     "status": Command("progress of the grids planned under a results root, from what is on disk", status_arguments,
                       cmd_status),

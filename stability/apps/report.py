@@ -109,17 +109,20 @@ def imp(result: Any, settings: Any) -> None:
 
 
 def hessian(track: Any, where: str) -> None:
-    """``stability hessian``: one row per probed point (``where``: ``step`` or ``alpha``)."""
+    """``stability hessian``: one row per probed point (``where``: ``step``, ``alpha``, or ``network``: a file's
+    digest)."""
     keys = [k for k in track.rows[0] if k.startswith("lambda_") and k != "lambda_min"] if track.rows else []
     cols = keys + ["lambda_min", "trace", "trace_stderr", "n_hvp", "seconds"]
-    print(f"{where:>8} " + " ".join(f"{c:>12}" for c in cols))
-    for row in track.rows:
+    labels = [f"{row[where]}it" if where == "step" else f"{row[where]:.3f}" if where == "alpha" else str(row[where])
+              for row in track.rows]
+    width = max([8, *map(len, labels)])
+    print(f"{where:>{width}} " + " ".join(f"{c:>12}" for c in cols))
+    for row, label in zip(track.rows, labels):
         cells = []
         for c in cols:
             v = row.get(c)
             cells.append(f"{v:>12.5g}" if isinstance(v, (int, float)) and not math.isnan(v) else f"{'-':>12}")
-        label = f"{row[where]}it" if where == "step" else f"{row[where]:.3f}"
-        print(f"{label:>8} " + " ".join(cells))
+        print(f"{label:>{width}} " + " ".join(cells))
     print(f"results: {track.run_dir}")
 
 

@@ -360,5 +360,15 @@ def chance_of(tally: list[Tensor]) -> float | None:
     return 1.0 - float(counts.max()) / float(counts.sum())
 
 
-__all__ = ["Batch", "Batches", "chance_of", "InputLayer", "LossFn", "evaluate_pairs", "evaluate_stream", "input_layer",
-           "reset_bn", "stack_members"]
+__all__ = [
+    "Batch",
+    "Batches",
+    "InputLayer",
+    "LossFn",
+    "chance_of",
+    "evaluate_pairs",
+    "evaluate_stream",
+    "input_layer",
+    "reset_bn",
+    "stack_members",
+]

@@ -4,7 +4,8 @@ A network is a finished trunk run (``train_<hash>``: its final weights) or a lev
 (``imp_<hash>/replicate_<r>/level_<l>``: the IMP ticket trained at that level, with its mask). The two
 must share the architecture and the dataset. Sparse networks are compared with their masks: aligning
 two networks whose masks differ is refused unless asked for (``allow_different_masks``), since the
-interpolated network then has neither network's sparsity pattern.
+interpolated network then has neither network's sparsity pattern. State-dict files trained elsewhere are
+connected by ``stages.external.connect_files`` through the same core (``connect_networks``).
 
 Results (in ``results_root/connect_<hash>/``): ``curves.csv`` (pair ``a-b``) and ``connect.json``.
 """
@@ -183,11 +184,15 @@ def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = 
     if settings.curve.align != "none" and not settings.allow_different_masks and not _same_masks(a.masks, b.masks):
         raise ConfigError("connect.align: the two networks have different masks, so the aligned interpolation "
                               "has neither's sparsity pattern; pass --allow-different-masks to align them anyway")
-    return _connect(prepare(a.cfg), settings, a, b, t0)  # a.cfg: rooted at results_root (when given)
+    return connect_networks(prepare(a.cfg), settings, a, b, t0)  # a.cfg: rooted at results_root (when given)
 
 
-def _connect(ctx: Context, settings: ConnectSettings, a: Network, b: Network, t0: float) -> ConnectResult:
-    key = connect_key(a, b, settings)
+def connect_networks(ctx: Context, settings: ConnectSettings, a: Network, b: Network, t0: float | None = None, *,
+                     key: Mapping[str, Any] | None = None, record: Mapping[str, Any] | None = None) -> ConnectResult:
+    """The curve between two checked networks of ``ctx``'s architecture and data, recorded (or reused) under the
+    name ``key`` hashes to (default ``connect_key``); ``record``: more settings for the manifest's config."""
+    t0 = time.perf_counter() if t0 is None else t0
+    key = dict(key) if key is not None else connect_key(a, b, settings)
     splits = settings.splits
 
     def load(run: RunDir) -> ConnectResult | None:
@@ -219,7 +224,8 @@ def _connect(ctx: Context, settings: ConnectSettings, a: Network, b: Network, t0
 
     run = RunDir(ctx.cfg.runtime.results_root, CONNECT, settings_hash(key))
     return run_once(run, load=load, compute=compute, accept_other_versions=ctx.cfg.runtime.accept_other_versions,
-                    start=lambda r: r.start({"connect": flat_settings(settings), "a": a.source, "b": b.source}, key, {}))
+                    start=lambda r: r.start({"connect": flat_settings(settings), "a": a.source, "b": b.source,
+                                            **(record or {})}, key, {}))
 
 
 class ConnectStage:
@@ -236,11 +242,11 @@ class ConnectStage:
         return []
 
     def run(self, ctx: Context, settings: ConnectSettings, *, a: Network, b: Network) -> ConnectResult:
-        return _connect(ctx, settings, a, b, time.perf_counter())
+        return connect_networks(ctx, settings, a, b)
 
 
 CONNECT_STAGE = ConnectStage()
 
 
-__all__ = ["CONNECT_STAGE", "ConnectResult", "ConnectSettings", "Network", "connect", "connect_key", "connect_settings",
-           "load_network"]
+__all__ = ["CONNECT_STAGE", "ConnectResult", "ConnectSettings", "Network", "connect", "connect_key", "connect_networks",
+           "connect_settings", "load_network"]
