@@ -162,7 +162,7 @@ def _help(command):
 
 @pytest.mark.parametrize("command", ["instability", "imp", "hessian", "connect", "earlybird", "grid"])
 def test_flag_help_reads_the_settings_defaults(command, capsys):
-    from stability.apps.cli import TRACE_PROBES
+    from stability.apps.measure import TRACE_PROBES
     from stability.config import RuntimeConfig
     from stability.hessian.settings import HessianSettings
     from stability.maths.pruning import CRITERIA

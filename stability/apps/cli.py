@@ -16,60 +16,24 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse
 import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, NamedTuple
 
 from ..errors import ConfigError, StabilityError, TrainingDiverged
 from . import report
-from .files import connect_of_files, file_arguments, hessian_of_file, is_file, no_file_flags
+from .common import path_flags, run_arguments
+from .measure import cmd_connect, cmd_hessian, connect_arguments, hessian_arguments
 from .overrides import (
-    RUNTIME_FLAGS,
     Flag,
     add_overrides,
     command_line,
     load_config,
-    settings_epilog,
 )
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1  # grid: some units failed (recorded for `stability status`; a rerun finishes them)
 EXIT_DIVERGED = 3  # training went non-finite: recorded as diverged, never reported as a result
-# Hutchinson probes of `hessian --trace`. Not HessianSettings.trace_probes' default: there 0 means "no
-# trace", and a run is named by its settings, so that default cannot change.
-TRACE_PROBES = 50
-
-
-def _csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _run_arguments(p: argparse.ArgumentParser, flags: Sequence[Flag] = (), stages: Mapping[str, type] | None = None,
-                   config_help: str = "a TOML config file") -> None:
-    """CONFIG / --preset / --json, then --set with the runtime flags and the command's own aliases."""
-    p.add_argument("config", nargs="?", help=f"{config_help} (sections [dataset] [model] [optimizer] [schedule] "
-                                             "[training] [runtime], and the stage tables)")
-    p.add_argument("--preset", help="start from a named preset (see `stability presets`)")
-    add_overrides(p, [*RUNTIME_FLAGS, *flags], stages)
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.epilog = settings_epilog(stages)
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-
-
-def _path_flags(section: str) -> list[Flag]:
-    """How the interpolation path is measured: the same settings for sweeps and for ``connect``."""
-    from ..maths.interpolation import ALIGN_METHODS, BN_MODES
-    from ..stages.instability import SPLITS
-
-    return [
-        Flag(f"{section}.alphas", "number of evenly spaced alphas in [0, 1]"),
-        Flag(f"{section}.splits", f"splits to measure, comma-separated: {', '.join(SPLITS)}"),
-        Flag(f"{section}.bn", f"BatchNorm statistics along the path: {' | '.join(BN_MODES)}"),
-        Flag(f"{section}.align", f"permutation alignment of each pair before interpolating: {' | '.join(ALIGN_METHODS)} "
-                                 "(none: as Frankle et al. 2020)"),
-        Flag(f"{section}.repair", "REPAIR each interpolated network (Jordan et al. 2023)", switch=True),
-        Flag(f"{section}.align_examples", "training examples for activation matching and REPAIR"),
-    ]
 
 
 # ---------------------------------------------------------------- presets, train
@@ -91,7 +55,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
     """``train``: a config and overrides."""
-    _run_arguments(p)
+    run_arguments(p)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -112,14 +76,14 @@ def instability_arguments(p: argparse.ArgumentParser) -> None:
     from ..stages.instability import InstabilitySettings
     from ..stages.siblings import NOISE_KINDS, OPTIMIZER_STATES
 
-    _run_arguments(p, [
+    run_arguments(p, [
         Flag("instability.rewind_points", "rewind points, e.g. 0it,50it,100it (independent: networks from "
              "different initializations)", option="--rewind", empty="training.rewind_points"),
         Flag("instability.siblings", "siblings per rewind point"),
         Flag("instability.noise", " | ".join(NOISE_KINDS)),
         Flag("instability.optimizer_state", " | ".join(OPTIMIZER_STATES)),
         Flag("instability.sibling_seed", "seed of the sibling set"),
-        *_path_flags("instability"),
+        *path_flags("instability"),
         Flag("instability.alpha_grid", "explicit alphas instead of --alphas: increasing, from 0 to 1, e.g. 0,0.5,1",
              empty="none", metavar="ALPHAS"),
         Flag("instability.threshold", "stable when mean instability is below this fraction"),
@@ -150,7 +114,7 @@ def imp_arguments(p: argparse.ArgumentParser) -> None:
     from ..stages.imp import BASELINES, ImpSettings
     from ..stages.instability import InstabilitySettings
 
-    _run_arguments(p, [
+    run_arguments(p, [
         Flag("imp.levels", "pruning levels after the dense level 0"),
         Flag("imp.prune_fraction", "fraction of surviving weights removed per level, in (0, 1)"),
         Flag("imp.strategy", " | ".join(STRATEGIES)),
@@ -186,125 +150,6 @@ def cmd_imp(args: argparse.Namespace) -> int:
         return 0
     report.imp(result, settings)
     return EXIT_DIVERGED if any(item["status"] == "diverged" for item in result.summary.get("flagged", [])) else 0
-
-
-# ---------------------------------------------------------------- hessian, connect
-def hessian_arguments(p: argparse.ArgumentParser) -> None:
-    """``hessian``: what is probed (aliases of ``hessian.*``) and where (checkpoints, or a path)."""
-    from ..hessian.settings import DTYPES, ENGINES, HessianSettings
-    from ..stages.landscape import PATH_ALPHAS
-
-    _run_arguments(p, [
-        Flag("hessian.top_k", "number of largest eigenvalues", option="--top"),
-        Flag("hessian.smallest", "also the smallest eigenvalue", option="--min", switch=True),
-        Flag("hessian.density", "spectral density by stochastic Lanczos quadrature", switch=True),
-        Flag("hessian.samples", "training examples in the fixed subset"),
-        Flag("hessian.engine", " | ".join(ENGINES)),
-        Flag("hessian.dtype", " | ".join(DTYPES)),
-    ], {"hessian": HessianSettings}, config_help="a TOML config file, a train run directory, or a state-dict file "
-                                                 "(.pt, .pth, .bin, .safetensors, .ckpt) with --model and --dataset")
-    p.set_defaults(run_dir_config=True)
-    p.add_argument("--at", help="all (every saved checkpoint) or steps like 0it,500it (default all)")
-    p.add_argument("--every", help="also probe every k steps, e.g. 100it (missing checkpoints are replayed)")
-    p.add_argument("--path", metavar="STEP", help="probe along the interpolation path of the siblings of this rewind step")
-    p.add_argument("--alpha-grid", dest="alpha_grid", metavar="ALPHAS",
-                   help=f"the alphas along --path, comma-separated in [0, 1] (default "
-                        f"{','.join(f'{a:g}' for a in PATH_ALPHAS)})")
-    p.add_argument("--trace", action="store_true", help="Hutchinson trace with its standard error "
-                                                        "[hessian.trace_probes = --trace-probes]")
-    p.add_argument("--trace-probes", dest="trace_probes", type=int, default=TRACE_PROBES,
-                   help=f"Rademacher probes for --trace (default {TRACE_PROBES})")
-    file_arguments(p)
-
-
-def cmd_hessian(args: argparse.Namespace) -> int:
-    """Hessian eigenvalues, trace and density over the trunk's checkpoints or along a path."""
-    from ..hessian.settings import hessian_settings
-
-    if args.trace_probes < 1:  # a rule of the flags: the setting itself reads 0 as "no trace"
-        raise ConfigError(f"hessian --trace-probes: must be at least 1 (Rademacher probes for --trace), "
-                          f"got {args.trace_probes}")
-    trace = {"trace_probes": args.trace_probes} if args.trace else {}
-    if is_file(args.config):
-        track, where = hessian_of_file(args, trace)
-    else:
-        no_file_flags(args, "hessian")
-        inputs = load_config(args)
-        track, where = _hessian_run(args, inputs, hessian_settings({**inputs.tables.get("hessian", {}), **trace}))
-    if args.json:
-        report.print_json({"run_dir": str(track.run_dir), "rows": track.rows})
-    else:
-        report.hessian(track, where)
-    return 0
-
-
-def _hessian_run(args: argparse.Namespace, inputs: Any, settings: Any) -> tuple[Any, str]:
-    """``hessian`` of a run: over its checkpoints, or along a path (``--path``)."""
-    from ..stages.landscape import hessian_path, hessian_track
-
-    alphas = _alpha_grid(args.alpha_grid, args.path)
-    if args.path is not None:
-        track = hessian_path(inputs.cfg, settings, args.path, **({} if alphas is None else {"alphas": alphas}))
-        where = "alpha"
-    else:
-        at = "all" if args.at in (None, "all") else _csv_list(args.at)
-        track = hessian_track(inputs.cfg, settings, at=at, every=args.every)
-        where = "step"
-    return track, where
-
-
-def _alpha_grid(text: str | None, path: str | None) -> list[float] | None:
-    """``hessian --alpha-grid`` as numbers (None: not given); ``hessian_path`` checks that they lie in [0, 1]."""
-    if text is None:
-        return None
-    if path is None:
-        raise ConfigError("hessian --alpha-grid: only applies along a path; give --path STEP too")
-    try:
-        return [float(a) for a in _csv_list(text)]
-    except ValueError:
-        raise ConfigError(f"hessian --alpha-grid: expected comma-separated numbers in [0, 1] like 0,0.5,1, "
-                          f"got {text!r}") from None
-
-
-def connect_arguments(p: argparse.ArgumentParser) -> None:
-    """``connect``: two runs or two state-dict files, and how the path between them is measured (``connect.*``)."""
-    from ..stages.connect import ConnectSettings
-
-    what = ("a train_<hash> run, an imp_<hash>/replicate_<r>/level_<l> directory, or a state-dict file (.pt, .pth, "
-            ".bin, .safetensors, .ckpt: then give --model and --dataset)")
-    p.add_argument("run_a", metavar="A", help=what)
-    p.add_argument("run_b", metavar="B", help="the other network, of the same kind as A")
-    add_overrides(p, [
-        *_path_flags("connect"),
-        Flag("connect.allow_different_masks", "align sparse networks whose masks differ", switch=True),
-        *(f for f in RUNTIME_FLAGS if f.key != "runtime.results_root"),
-    ], {"connect": ConnectSettings})
-    p.add_argument("--out", metavar="DIR", help="results root for the record (default: A's results root; for files "
-                                                "runtime.results_root)")
-    file_arguments(p)
-    p.add_argument("--json", action="store_true")
-    p.epilog = settings_epilog({"connect": ConnectSettings}, run=False) + (
-        "\n\ncheckpoint files: --set model.KEY=VALUE, dataset.KEY=VALUE and runtime.KEY=VALUE set the rest of the "
-        "architecture, the data and the runtime (see `stability train --help` for their defaults)")
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-
-
-def cmd_connect(args: argparse.Namespace) -> int:
-    """The interpolation barrier between two trained networks (runs, or state-dict files)."""
-    from ..stages.connect import connect, connect_settings
-
-    given = command_line(args)
-    settings = connect_settings(given.tables.get("connect"))
-    if is_file(args.run_a) or is_file(args.run_b):
-        result = connect_of_files(args, settings)
-    else:
-        no_file_flags(args, "connect", given.run)
-        result = connect(args.run_a, args.run_b, settings, results_root=args.out)
-    if args.json:
-        report.print_json(result.summary)
-    else:
-        report.connect(result, settings)
-    return 0
 
 
 # ---------------------------------------------------------------- grid, status
@@ -390,7 +235,7 @@ def earlybird_arguments(p: argparse.ArgumentParser) -> None:
     """``earlybird``: how the early-bird mask is searched for (aliases of ``earlybird.*``)."""
     from ..stages.earlybird import MASK_KINDS, RULES, EarlybirdSettings
 
-    _run_arguments(p, [
+    run_arguments(p, [
         Flag("earlybird.mask", f"{' | '.join(MASK_KINDS)} (magnitude: global |w| over prunable weights; channel: "
                                "BatchNorm |gamma|)"),
         Flag("earlybird.density", "kept fraction in (0, 1): of prunable weights, or of BatchNorm channels"),
