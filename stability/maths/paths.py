@@ -11,6 +11,10 @@ convolution applied to the input or a reshaped view of it) computes W(α)·x + b
 α·(W_j·x + b_j), so two products per batch (one per network) give that layer at every α. For LeNet-300-100 the
 first layer is 88% of the multiply-adds. The results are those of evaluating each θ(α) to float rounding.
 
+``evaluate_combinations`` is the general form: member m is Σ_k c_mk·θ_k over any K base tensors dicts (networks,
+or directions), for planes (θ_0 + u·d_1 + v·d_2), Bezier curves ((1 − t)²·θ_a + 2t(1 − t)·θ_m + t²·θ_b) and
+layer-wise paths; the input layer's output is Σ_k c_mk·(W_k·x + b_k), K products per batch for every member.
+
 ``reset_bn`` recomputes BatchNorm running statistics of stacked members over batches (cumulative average:
 momentum 1/(j+1) at batch j, the same for every member).
 """
@@ -203,7 +207,39 @@ class _AffineOutputs:
         return _combine(self.outs, _runs(self.left, self.right), self.alpha)
 
 
+class _CombinedOutputs:
+    """The input layer's output at every member m: Σ_k c_mk·out_k from each base's output (exact: the layer's output
+    is linear in its weight and bias jointly)."""
+
+    def __init__(self, layer: InputLayer, outs: Sequence[Tensor], coeffs: Tensor):
+        self.name, self.prefix, self.count = layer.name, layer.prefix, coeffs.shape[0]
+        self.outs, self.coeffs = torch.stack(list(outs)), coeffs.to(outs[0].dtype)
+
+    def member(self, i: int) -> Tensor:
+        return torch.tensordot(self.coeffs[i], self.outs, dims=1)
+
+    def stacked(self) -> Tensor:
+        return torch.tensordot(self.coeffs, self.outs, dims=1)
+
+
 # ---------------------------------------------------------------- members and their evaluation
+
+
+def combine_members(bases: Sequence[Mapping[str, Tensor]], coeffs: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """``{name: [M, ...]}`` with member m = Σ_k coeffs[m, k]·bases[k][name] for float tensors (``coeffs``: [M, K]);
+    the others (BatchNorm's ``num_batches_tracked``) are ``bases[0]``'s."""
+    m = coeffs.shape[0]
+    out = {}
+    for k in names:
+        first = bases[0][k]
+        if not first.is_floating_point():
+            out[k] = first.unsqueeze(0).expand(m, *first.shape).clone()
+            continue
+        c = coeffs.to(first.dtype).to(first.device)
+        out[k] = torch.tensordot(c, torch.stack([b[k] for b in bases]), dims=1)
+    return out
+
+
 
 
 def stack_members(ends: Sequence[Mapping[str, Tensor]], members: Sequence[tuple[int, int, float]],
@@ -284,21 +320,35 @@ def evaluate_stream(sm: StackedModel, params: Mapping[str, Tensor], buffers: Map
     device = next(iter(params.values())).device
     loss = torch.zeros(n, dtype=torch.float64, device=device)
     wrong = torch.zeros(n, dtype=torch.float64, device=device)
+    if layer is None:
+        return _stream(sm, params, buffers, batches, loss_fn, max_members, tally, loss, wrong, None, None)
+    assert ends is not None and members is not None
+    left = [i for i, _, _ in members]
+    right = [j for _, j, _ in members]
+    alpha = torch.tensor([a for _, _, a in members], dtype=torch.float64, device=device)
+    return _stream(sm, params, buffers, batches, loss_fn, max_members, tally, loss, wrong,
+                   lambda x: _input_outputs(sm, layer, ends, x),
+                   lambda outs, part: _AffineOutputs(layer, outs, left[part], right[part], alpha[part]))
+
+
+def _stream(sm: StackedModel, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batches: Iterable[Batch],
+            loss_fn: LossFn | None, max_members: int, tally: list[Tensor] | None, loss: Tensor, wrong: Tensor,
+            outputs: Callable[[Tensor], list[Tensor]] | None,
+            given: Callable[[list[Tensor], slice], object] | None) -> tuple[list[float], list[float]]:
+    """The batch loop of ``evaluate_stream`` and ``evaluate_combinations``: ``outputs(x)`` the bases' input-layer
+    outputs of a batch, ``given(outs, part)`` the members' (None: every member computes its own)."""
+    n = loss.shape[0]
+    device = loss.device
     classify = True
     seen = 0
-    if layer is not None:
-        assert ends is not None and members is not None
-        left = [i for i, _, _ in members]
-        right = [j for _, j, _ in members]
-        alpha = torch.tensor([a for _, _, a in members], dtype=torch.float64, device=device)
     for x, y in batches:
         if tally is not None and not y.is_floating_point() and y.dim() == 1 and len(y):
             tally.append(torch.bincount(y.detach().to("cpu", torch.long)))
         x, y = x.to(device), y.to(device)
-        outs = _input_outputs(sm, layer, ends, x) if layer is not None else None  # type: ignore[arg-type]
+        outs = outputs(x) if outputs is not None else None
         for start in range(0, n, max_members):
             part = slice(start, start + max_members)
-            first = _AffineOutputs(layer, outs, left[part], right[part], alpha[part]) if outs is not None else None
+            first = given(outs, part) if given is not None and outs is not None else None
             out = sm.logits({k: v[part] for k, v in params.items()}, {k: v[part] for k, v in buffers.items()}, x,
                             train=False, shared_input=True, first=first)
             m = out.shape[0]
@@ -351,6 +401,47 @@ def evaluate_pairs(sm: StackedModel, ends: Sequence[Mapping[str, Tensor]], membe
                            members=members, layer=layer, tally=tally)
 
 
+def evaluate_combinations(sm: StackedModel, bases: Sequence[Mapping[str, Tensor]], coeffs: Tensor | Sequence,
+                          batches: Iterable[Batch], *, bn: str = "interpolate",
+                          bn_batches: Iterable[Batch] | None = None, bn_limit: int | None = None,
+                          loss_fn: LossFn | None = None, max_members: int = 64, input_layer_outputs: bool = True,
+                          tally: list[Tensor] | None = None) -> tuple[list[float], list[float]]:
+    """Loss and error of θ_m = Σ_k coeffs[m, k]·bases[k] for every row m of ``coeffs`` ([M, K]), in one pass.
+
+    ``bases``: K dicts holding every parameter and buffer of ``sm``'s model (networks, or directions whose
+    BatchNorm buffers are zero). ``bn``: ``interpolate`` (the buffers combined as the parameters) or ``reset``
+    (recomputed for each member over ``bn_batches``, the first ``bn_limit``). ``input_layer_outputs``: form the
+    input layer's output from the bases' (K products per batch; False: every member computes it, for checks).
+    """
+    batches = batches if isinstance(batches, (Batches, list)) else Batches(batches)
+    device = next(iter(bases[0].values())).device
+    coeffs = torch.as_tensor(coeffs, dtype=torch.float64, device=device)
+    if coeffs.dim() != 2 or coeffs.shape[1] != len(bases):
+        raise ConfigError(f"coeffs: expected [members, {len(bases)}] (one coefficient per base), got "
+                          f"{list(coeffs.shape)}")
+    layer = None
+    if input_layer_outputs:
+        for x, _ in batches:
+            layer = input_layer(sm.model, x.to(device))
+            break
+        if layer is not None and sm._fc is not None and layer.name != "fc.0":
+            layer = None
+    reset = bn == "reset" and bool(sm.buffer_names)
+    names = [k for k in sm.param_names if reset or layer is None or not k.startswith(layer.prefix)]
+    params = combine_members(bases, coeffs, names)
+    buffers = combine_members(bases, coeffs, sm.buffer_names)
+    if reset:
+        if bn_batches is None:
+            raise ConfigError("bn: 'reset' needs data to recompute BatchNorm statistics on")
+        reset_bn(sm, params, buffers, bn_batches, max_members=max_members, limit=bn_limit)
+    n = coeffs.shape[0]
+    loss = torch.zeros(n, dtype=torch.float64, device=device)
+    wrong = torch.zeros(n, dtype=torch.float64, device=device)
+    return _stream(sm, params, buffers, batches, loss_fn, max_members, tally, loss, wrong,
+                   (lambda x: _input_outputs(sm, layer, bases, x)) if layer is not None else None,
+                   (lambda outs, part: _CombinedOutputs(layer, outs, coeffs[part])) if layer is not None else None)
+
+
 def chance_of(tally: list[Tensor]) -> float | None:
     """The error of always predicting the most frequent class, from ``evaluate_stream``'s tally (None: no labels)."""
     if not tally:
@@ -366,6 +457,8 @@ __all__ = [
     "InputLayer",
     "LossFn",
     "chance_of",
+    "combine_members",
+    "evaluate_combinations",
     "evaluate_pairs",
     "evaluate_stream",
     "input_layer",
