@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_align.py
 	$(PY) benchmarks/bench_neq.py
 	$(PY) benchmarks/bench_lmc.py
+	$(PY) benchmarks/bench_landscape.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check stability analysis tests benchmarks

@@ -153,7 +153,7 @@ def test_connect_refuses_networks_of_different_architectures_and_aligning_differ
 def test_alignment_settings_are_checked_before_any_work(results_root, capsys):
     for extra, message in ((["--align", "sorted"], "instability.align: unknown method 'sorted'"),
                            (["--align-examples", "0"], "instability.align_examples"),
-                           (["--rewind", "independent,5it", "--align", "weights", "--set", "model.name=torchvision/resnet18"],
+                           (["--rewind", "independent,5it", "--align", "weights", "--set", "model.name=torchvision/squeezenet1_1"],
                             "permutation alignment does not support")):
         args = ["instability", "--preset", "lenet300_mnist5k", *TINY_ARGS, "--out", str(results_root), *extra]
         if "--rewind" not in extra:

@@ -430,3 +430,120 @@ def test_connect_names_never_change(tmp_path):
     }
     assert got == GOLDEN_CONNECT
 
+
+
+# ----------------------------------------------------------------------------- curve
+GOLDEN_CURVE = {
+    "default": "curve_b943ec90042f",
+    "reversed": "curve_8401fb392d8c",
+    "polychain_steps200_seed1": "curve_954cf6a478a5",
+    "align_weights": "curve_11330fea227d",
+    "checkpoint_every_names_nothing": "curve_b943ec90042f",
+    "steps_as_integer": "curve_b943ec90042f",
+}
+
+
+def test_curve_names_never_change():
+    """``curve`` run names (``curve_key``: digests of both networks, model, dataset, the settings that change the
+    fit, seed included), on patterned networks: these names must never change."""
+    from stability.stages.connect import Network
+    from stability.stages.curve import curve_key, curve_settings
+
+    cfg = _tiny()
+    a = Network(cfg, _members(1, 30).member_state_dict(0), None, "a")
+    b = Network(cfg, _members(2, 30).member_state_dict(0), None, "b")
+
+    def name(settings, first=a, second=b):
+        return "curve_" + settings_hash(curve_key(cfg, settings, first, second))
+
+    got = {
+        "default": name(curve_settings()),
+        "reversed": name(curve_settings(), b, a),
+        "polychain_steps200_seed1": name(curve_settings(kind="polychain", steps=200, seed=1)),
+        "align_weights": name(curve_settings(align="weights")),
+        # the checkpoint cadence names nothing; 1000 and "1000it" are one setting
+        "checkpoint_every_names_nothing": name(curve_settings(checkpoint_every=7)),
+        "steps_as_integer": name(curve_settings(steps=1000)),
+    }
+    assert got == GOLDEN_CURVE
+
+
+# ----------------------------------------------------------------------------- layer-wise barriers and sharpness
+GOLDEN_LAYERS = {
+    "connect_alphas3": "connect_7c7eb4979933",  # = GOLDEN_CONNECT["dense_alphas3"]: connect.layers off names nothing
+    "connect_groups_without_layers": "connect_7c7eb4979933",
+    "connect_layers": "connect_ee5a64a8559e",
+    "connect_layers_blocks": "connect_d0e52315a95e",
+    "sweep_layers": "layers_7e203b96ec6e",
+    "sweep_blocks": "layers_a047130ee93b",
+    "track_sharpness": "c1b37a6a0089",
+    "track_sharpness_plain_steps20": "c50097645e8c",
+}
+
+
+def test_layer_and_sharpness_names_never_change(contexts):
+    """Connect runs with ``connect.layers``, ``layers_<hash>`` runs of a sweep, and Hessian tracks with
+    ``hessian.sharpness_rho``: these names must never change (and the new fields at their defaults name nothing)."""
+    from pathlib import Path
+
+    from stability.stages.connect import Network, connect_key, connect_settings
+    from stability.stages.landscape import hessian_settings, track_key, track_steps
+    from stability.stages.layerwise import layer_sweep_key
+
+    cfg = _tiny()
+    a = Network(cfg, _members(1, 30).member_state_dict(0), None, "a")
+    b = Network(cfg, _members(2, 30).member_state_dict(0), None, "b")
+    ctx = contexts["lenet"]
+
+    def connect_name(**settings):
+        return "connect_" + settings_hash(connect_key(a, b, connect_settings(alphas=3, **settings)))
+
+    def track_name(**settings):
+        return settings_hash(track_key(ctx.cfg, hessian_settings(**settings), track_steps(ctx)))
+
+    sweep = Path("instability_0123456789ab")
+    got = {
+        "connect_alphas3": connect_name(),
+        "connect_groups_without_layers": connect_name(layer_groups="blocks"),
+        "connect_layers": connect_name(layers=True),
+        "connect_layers_blocks": connect_name(layers=True, layer_groups="blocks"),
+        "sweep_layers": "layers_" + settings_hash(layer_sweep_key(sweep, "layers")),
+        "sweep_blocks": "layers_" + settings_hash(layer_sweep_key(sweep, "blocks")),
+        "track_sharpness": track_name(sharpness_rho=0.05),
+        "track_sharpness_plain_steps20": track_name(sharpness_rho=0.05, sharpness_adaptive=False, sharpness_steps=20),
+    }
+    assert got == GOLDEN_LAYERS
+    assert track_name() == GOLDEN_TRACK["default_all"]
+
+
+# ----------------------------------------------------------------------------- loss-landscape planes
+GOLDEN_PLANE = {
+    "siblings_default": "plane_8c99cff2e9f6",
+    "networks_grid9": "plane_9d2dbe77b938",
+    "reordered": "plane_97a91a6b290b",
+    "random_seed1_keep": "plane_be8a794c43b6",
+    "pca_reset_splits": "plane_a00324aee1ee",
+    "ranges": "plane_a0707cef7adb",
+}
+
+
+def test_plane_names_never_change():
+    """``plane`` run names (``plane_key``: the networks' digests in order, model, dataset, the plane settings not at
+    their defaults), on patterned networks: these names must never change."""
+    from stability.stages.plane import plane_key, plane_settings
+
+    cfg = _tiny()
+    a, b, c = (_members(k, 30).member_state_dict(0) for k in (1, 2, 3))
+
+    def name(states, **settings):
+        return "plane_" + settings_hash(plane_key(cfg, plane_settings(**settings), states))
+
+    got = {
+        "siblings_default": name([a, b, c]),
+        "networks_grid9": name([a, b, c], kind="networks", grid=9),
+        "reordered": name([b, a, c]),
+        "random_seed1_keep": name([a], kind="random", seed=1, biasbn="keep"),
+        "pca_reset_splits": name([a, b, c], kind="pca", bn="reset", splits=("test", "train")),
+        "ranges": name([a, b, c], range_u=(-1.0, 1.0), range_v=(-1, 1), grid_v=11),
+    }
+    assert got == GOLDEN_PLANE

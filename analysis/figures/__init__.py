@@ -56,6 +56,11 @@ RECORDS: dict[str, tuple[str, dict[str, Any]]] = {
     "training_curves": ("training_curves", {}),
     "earlybird_distances": ("earlybird_distances", {}),
     "neq_records": ("neq_records", {}),
+    "layer_runs": ("find_runs", {"kind": "layers"}),
+    "connect_runs": ("find_runs", {"kind": "connect"}),
+    "fitted_curves": ("fitted_curves", {}),
+    "plane_grids": ("plane_grids", {}),
+    "plane_points": ("plane_points", {}),
 }
 
 FIGURES: dict[str, FigureKind] = {
@@ -68,6 +73,12 @@ FIGURES: dict[str, FigureKind] = {
     "training": FigureKind("loss and error curves", ("training_curves",), "training", "draw_training"),
     "earlybird": FigureKind("early-bird mask distances", ("earlybird_distances",), "training", "draw_earlybird"),
     "neq": FigureKind("frozen neurons and FLOPs saved over training", ("neq_records",), "training", "draw_neq"),
+    "layers": FigureKind("layer-wise barriers per layer (and rewind point)", ("layer_runs", "connect_runs"), "layers",
+                         "draw_layers"),
+    "curve": FigureKind("fitted curve vs straight line (error and loss along t)", ("fitted_curves",), "curve",
+                        "draw_curve"),
+    "plane": FigureKind("loss-landscape planes (filled contours, networks marked)", ("plane_grids", "plane_points"),
+                        "plane", "draw_plane"),
 }
 KINDS = (*FIGURES, "all")
 
@@ -94,9 +105,10 @@ def plot_all(results_root: Source, out_dir: str | os.PathLike[str], formats: str
     import matplotlib
 
     from .. import load
-    from . import curves, landscape, tickets, training
+    from . import curve, curves, landscape, layers, plane, tickets, training
 
-    families = {module.__name__.rpartition(".")[2]: module for module in (curves, landscape, tickets, training)}
+    families = {module.__name__.rpartition(".")[2]: module
+                for module in (curve, curves, landscape, layers, plane, tickets, training)}
     frames: dict[str, Any] = {}
 
     def frame(name: str) -> Any:

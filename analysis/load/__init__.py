@@ -26,6 +26,7 @@ Only the run store's schema is needed from ``stability``: reading records import
 from __future__ import annotations
 
 from .curves import CURVE_COLUMNS, SWEEP_COLUMNS, interpolation_curves, sweeps
+from .fitted import CURVE_BARRIER_COLUMNS, FITTED_CURVE_COLUMNS, curve_barriers, fitted_curves
 from .frames import (
     META_COLUMNS,
     RUN_COLUMNS,
@@ -40,6 +41,7 @@ from .frames import (
     settings_of,
 )
 from .landscape import DENSITY_COLUMNS, HESSIAN_COLUMNS, hessian_densities, hessian_tracks
+from .plane import PLANE_COLUMNS, PLANE_POINT_COLUMNS, plane_grids, plane_points
 from .tickets import (
     EARLYBIRD_DISTANCE_COLUMNS,
     EARLYBIRD_INFO,
@@ -60,15 +62,19 @@ from .training import (
 )
 
 __all__ = [
+    "CURVE_BARRIER_COLUMNS",
     "CURVE_COLUMNS",
     "DENSITY_COLUMNS",
     "EARLYBIRD_DISTANCE_COLUMNS",
     "EARLYBIRD_INFO",
     "EARLYBIRD_POINT_COLUMNS",
+    "FITTED_CURVE_COLUMNS",
     "HESSIAN_COLUMNS",
     "LEVEL_COLUMNS",
     "META_COLUMNS",
     "NEQ_RECORD_COLUMNS",
+    "PLANE_COLUMNS",
+    "PLANE_POINT_COLUMNS",
     "RUN_COLUMNS",
     "STRONG_COLUMNS",
     "SWEEP_COLUMNS",
@@ -76,10 +82,12 @@ __all__ = [
     "Run",
     "Source",
     "aggregate",
+    "curve_barriers",
     "earlybird_distances",
     "earlybird_points",
     "filter",
     "find_runs",
+    "fitted_curves",
     "flatten_settings",
     "hashed_keys",
     "hessian_densities",
@@ -88,6 +96,8 @@ __all__ = [
     "interpolation_curves",
     "neq_records",
     "neq_variant",
+    "plane_grids",
+    "plane_points",
     "runs",
     "settings_of",
     "strong_tickets",

@@ -9,7 +9,8 @@ confirmed it. This package aligns network B to network A before interpolating, s
 measure barriers both ways.
 
 - ``permutation_spec(model)``: which axis of which tensor (parameters and BatchNorm buffers) each
-  hidden-unit permutation acts on, derived from the model's structure for every model of the zoo.
+  hidden-unit permutation acts on, derived from the model's structure for every model of the zoo, and
+  traced with torch.fx (``traced_spec``) and checked for any other model.
 - ``apply_permutation(spec, perms, state)``: renumber a state dict, or a dict of masks, without
   changing the function it computes.
 - ``weight_matching``: the permutation that maximizes the inner product of the two networks'
@@ -36,6 +37,7 @@ from .spec import (
     permute_tensor,
     random_permutation,
 )
+from .trace import traced_spec
 
 __all__ = [
     "PermutationSpec",
@@ -49,6 +51,7 @@ __all__ = [
     "random_permutation",
     "repair",
     "repair_endpoints",
+    "traced_spec",
     "unit_statistics",
     "weight_matching",
 ]

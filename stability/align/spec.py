@@ -22,12 +22,12 @@ or width; the zoo's four layouts are understood:
   maps its input stream to the next one. One inner permutation per block (``blocks.<i>.conv1``)
   for ``conv1``/``bn1`` and the input axis of ``conv2``.
 
-Modules without tensors (ReLU, max-pool, Identity, Dropout, Flatten) are transparent. Anything else
-(a registered model of the user's, a torchvision model) is refused with a ``ConfigError``.
+Modules without tensors (ReLU, max-pool, Identity, Dropout, Flatten) are transparent. Any other model
+(a registered model of the user's, a torchvision or timm model) is traced with ``torch.fx`` (``trace``).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -156,7 +156,10 @@ def _unsupported(model: nn.Module, why: str) -> ConfigError:
     label = f"{name!r} ({type(model).__name__})" if isinstance(name, str) else f"{type(model).__name__} modules"
     return ConfigError(
         f"model.name: permutation alignment does not support {label}: {why}; it supports the zoo's "
-        "layouts: lenet_300_100, mlp, lenet5, conv2, conv4, conv6, vgg11, vgg16, resnet, mobilenet_v1")
+        "layouts (lenet_300_100, mlp, lenet5, conv2, conv4, conv6, vgg11, vgg16, resnet, mobilenet_v1) and "
+        "models torch.fx can trace that are built of Conv/Linear layers (depthwise convolutions too), "
+        "BatchNorm, InstanceNorm, LayerNorm, GroupNorm with 1 group or one per channel, element-wise "
+        "activations and dropout, pooling, flattening and residual additions")
 
 
 def _own_tensors(m: nn.Module) -> bool:
@@ -251,20 +254,33 @@ def _resnet_layout(model: nn.Module) -> _Layout:
     return b.build(model)
 
 
-def _layout(model: nn.Module) -> _Layout:
-    """The spec of a zoo model plus its observation and correction points; ConfigError otherwise."""
+# The layout of a model outside the zoo: ``trace.traced_layout``, which registers itself here when imported
+# (the package imports it), so that this module, which ``trace`` builds on, never imports ``trace``.
+_traced_layout: Callable[[nn.Module, Tensor | None], _Layout] | None = None
+
+
+def _layout(model: nn.Module, example_input: Tensor | None = None) -> _Layout:
+    """The spec of a model plus its observation and correction points: hand-derived for the zoo's
+    layouts, traced with torch.fx (and checked on ``example_input``) for any other model."""
     from ..models import CifarResNet, CifarVGG, ConvThenFC, FullyConnected, MobileNetV1
 
     if type(model) in (FullyConnected, ConvThenFC, CifarVGG, MobileNetV1):
         return _chain_layout(model)
     if type(model) is CifarResNet:
         return _resnet_layout(model)
-    raise _unsupported(model, "not one of the zoo's layouts")
+    if _traced_layout is None:
+        raise _unsupported(model, "not one of the zoo's layouts, and stability.align.trace is not loaded")
+    return _traced_layout(model, example_input)
 
 
-def permutation_spec(model: nn.Module) -> PermutationSpec:
-    """The hidden-unit permutations of a zoo model and the axes of its state dict they act on."""
-    return _layout(model).spec
+def permutation_spec(model: nn.Module, example_input: Tensor | None = None) -> PermutationSpec:
+    """The hidden-unit permutations of ``model`` and the axes of its state dict they act on.
+
+    The zoo's layouts are derived from their structure; any other model is traced with torch.fx on
+    ``example_input`` (default: a random batch of the shape its first layer takes) and checked: a random
+    permutation must leave its outputs unchanged, or it is refused with a ConfigError.
+    """
+    return _layout(model, example_input).spec
 
 
 def _permute_axis(t: Tensor, axis: int, perm: Tensor, block: int) -> Tensor:

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from typing import Any, NamedTuple
 
 from ..errors import ConfigError, StabilityError, TrainingDiverged
-from . import report
+from . import curve_cli, landscape_cli, report
 from .common import path_flags, run_arguments
 from .measure import cmd_connect, cmd_hessian, connect_arguments, hessian_arguments
 from .overrides import (
@@ -295,6 +295,9 @@ COMMANDS: dict[str, Command] = {
                          "pairwise Hamming distances, the early-bird step (the first point where the largest "
                          "distance in the window is below the threshold), and the ticket pruned there, rewound and "
                          "trained. No detection: no ticket, said so, exit 0."),
+    "landscape": Command("loss-landscape planes: through the trunk and two siblings, three networks, random or PCA "
+                         "directions", landscape_cli.arguments, landscape_cli.run, landscape_cli.__doc__),
+    "curve": Command(curve_cli.CURVE_HELP, curve_cli.curve_arguments, curve_cli.cmd_curve, curve_cli.CURVE_DESCRIPTION),
 }
 
 

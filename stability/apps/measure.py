@@ -37,6 +37,9 @@ def hessian_arguments(p: argparse.ArgumentParser) -> None:
         Flag("hessian.samples", "training examples in the fixed subset"),
         Flag("hessian.engine", " | ".join(ENGINES)),
         Flag("hessian.dtype", " | ".join(DTYPES)),
+        Flag("hessian.sharpness_rho", "also the worst-case sharpness within this radius (adaptive unless "
+             "--sharpness-plain)", option="--sharpness", metavar="RHO", empty="not measured"),
+        Flag("hessian.sharpness_steps", "projected gradient ascent steps of --sharpness"),
     ], {"hessian": HessianSettings}, config_help="a TOML config file, a train run directory, or a state-dict file "
                                                  "(.pt, .pth, .bin, .safetensors, .ckpt) with --model and --dataset")
     p.set_defaults(run_dir_config=True)
@@ -50,6 +53,9 @@ def hessian_arguments(p: argparse.ArgumentParser) -> None:
                                                         "[hessian.trace_probes = --trace-probes]")
     p.add_argument("--trace-probes", dest="trace_probes", type=int, default=TRACE_PROBES,
                    help=f"Rademacher probes for --trace (default {TRACE_PROBES})")
+    p.add_argument("--sharpness-plain", dest="sharpness_plain", action="store_true",
+                   help="--sharpness in the plain l2 ball ||delta|| <= RHO instead of the adaptive ||delta/|theta||| "
+                        "<= RHO [hessian.sharpness_adaptive = false]")
     file_arguments(p)
 
 
@@ -61,6 +67,8 @@ def cmd_hessian(args: argparse.Namespace) -> int:
         raise ConfigError(f"hessian --trace-probes: must be at least 1 (Rademacher probes for --trace), "
                           f"got {args.trace_probes}")
     trace = {"trace_probes": args.trace_probes} if args.trace else {}
+    if args.sharpness_plain:
+        trace["sharpness_adaptive"] = False
     if is_file(args.config):
         track, where = hessian_of_file(args, trace)
     else:
@@ -71,7 +79,15 @@ def cmd_hessian(args: argparse.Namespace) -> int:
         report.print_json({"run_dir": str(track.run_dir), "rows": track.rows})
     else:
         report.hessian(track, where)
+        _sharpness(track, where)
     return 0
+
+
+def _sharpness(track: Any, where: str) -> None:
+    """The sharpness column of a track, when measured (``report.hessian`` prints the eigenvalues)."""
+    rows = [r for r in track.rows if isinstance(r.get("sharpness"), (int, float))]
+    if rows:
+        print("worst-case sharpness: " + ", ".join(f"{r[where]}: {r['sharpness']:.5g}" for r in rows))
 
 
 def _hessian_run(args: argparse.Namespace, inputs: Any, settings: Any) -> tuple[Any, str]:
@@ -113,6 +129,9 @@ def connect_arguments(p: argparse.ArgumentParser) -> None:
     add_overrides(p, [
         *path_flags("connect"),
         Flag("connect.allow_different_masks", "align sparse networks whose masks differ", switch=True),
+        Flag("connect.layers", "also the layer-wise barriers (each layer alone, and cumulatively from the input; "
+             "layers.csv)", switch=True),
+        Flag("connect.layer_groups", "what --layers interpolates at a time: layers | blocks"),
         *(f for f in RUNTIME_FLAGS if f.key != "runtime.results_root"),
     ], {"connect": ConnectSettings})
     p.add_argument("--out", metavar="DIR", help="results root for the record (default: A's results root; for files "
@@ -137,7 +156,11 @@ def cmd_connect(args: argparse.Namespace) -> int:
         no_file_flags(args, "connect", given.run)
         result = connect(args.run_a, args.run_b, settings, results_root=args.out)
     if args.json:
-        report.print_json(result.summary)
+        report.print_json({**result.summary, "layers": result.layers} if result.layers else result.summary)
     else:
         report.connect(result, settings)
+        for row in result.layers:
+            print(f"{row['split']:>6} {row['group']:>16}: error barrier {float(row['barrier']):.4f} alone (above the "
+                  f"chord {float(row['chord_barrier']):.4f}), {float(row['cumulative_barrier']):.4f} cumulative "
+                  "from the input")
     return 0

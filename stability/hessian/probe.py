@@ -26,6 +26,7 @@ from .lanczos import lanczos_eigenpairs
 from .operator import HessianOperator, select_subset
 from .pyhessian_adapter import _pyhessian_trace_samples, pyhessian_top_eigenvalues
 from .settings import HessianSettings, resolve_dtype
+from .sharpness import Sharpness, worst_case_sharpness
 from .trace import hutchinson_trace
 
 
@@ -45,15 +46,19 @@ class ProbeResult:
     dim: int = 0  # surviving parameters the Hessian acts on
     samples: int = 0  # examples the loss was averaged over
     settings: HessianSettings = field(default_factory=HessianSettings)
+    sharpness: Sharpness | None = None  # worst-case sharpness, when hessian.sharpness_rho > 0
 
     def row(self) -> dict[str, float | int | None]:
-        """A flat record for a table: lambda_1..lambda_k, lambda_min, trace, trace_stderr, n_hvp, seconds."""
+        """A flat record for a table: lambda_1..lambda_k, lambda_min, trace, trace_stderr, n_hvp, seconds (and
+        sharpness, sharpness_delta, sharpness_loss when measured)."""
         out: dict[str, float | int | None] = {f"lambda_{i + 1}": v for i, v in enumerate(self.eigenvalues)}
         out["lambda_min"] = self.lambda_min
         out["trace"] = self.trace
         out["trace_stderr"] = self.trace_stderr
         out["n_hvp"] = self.n_hvp
         out["seconds"] = self.seconds
+        if self.sharpness is not None:
+            out.update(self.sharpness.row())
         return out
 
 
@@ -64,14 +69,24 @@ def probe(
     settings: HessianSettings,
     masks: dict[str, Tensor] | None = None,
 ) -> ProbeResult:
-    """Run every quantity ``settings`` requests on the seeded training subset drawn from (x, y)."""
+    """Run every quantity ``settings`` requests on the seeded training subset drawn from (x, y) (the worst-case
+    sharpness too, on the same subset, when ``settings.sharpness_rho`` > 0)."""
     start = time.perf_counter()
     xs, ys = select_subset(x, y, settings.samples, settings.sample_seed)
     dtype = resolve_dtype(settings.dtype)
     if settings.engine == "pyhessian":
-        return _probe_pyhessian(model, xs, ys, settings, masks, dtype, start)
-    op = HessianOperator(model, xs, ys, masks=masks, dtype=dtype, batch_size=settings.batch_size)
-    return measure(op, settings, start)
+        result = _probe_pyhessian(model, xs, ys, settings, masks, dtype, start)
+    else:
+        op = HessianOperator(model, xs, ys, masks=masks, dtype=dtype, batch_size=settings.batch_size)
+        result = measure(op, settings, start)
+    if settings.sharpness_rho > 0:
+        size = settings.batch_size or len(xs)
+        chunks = [(xs[i:i + size], ys[i:i + size]) for i in range(0, len(xs), size)]
+        result.sharpness = worst_case_sharpness(model, chunks, settings.sharpness_rho,
+                                                adaptive=settings.sharpness_adaptive, steps=settings.sharpness_steps,
+                                                seed=settings.seed, dtype=dtype)
+        result.seconds = time.perf_counter() - start
+    return result
 
 
 def measure(op: HessianOperator, settings: HessianSettings, start: float | None = None) -> ProbeResult:

@@ -10,6 +10,7 @@ import torch
 
 from ..config import settings_from_table
 from ..errors import ConfigError
+from .sharpness import check_sharpness
 
 ENGINES = ("native", "pyhessian")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -41,6 +42,10 @@ class HessianSettings:
     seed: int = 0  # seeds Lanczos start vectors and Hutchinson / SLQ probes
     batch_size: int = 0  # chunk the subset into batches of this size to bound memory; 0 = all at once
     engine: str = "native"  # native | pyhessian
+    # worst-case sharpness on the same subset (hessian.sharpness): the radius rho; 0 = not measured
+    sharpness_rho: float = 0.0
+    sharpness_adaptive: bool = True  # adaptive (delta = |theta| * eps, ||eps|| <= rho) or plain (||delta|| <= rho)
+    sharpness_steps: int = 10  # projected gradient ascent steps (each one pass over the subset)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,10 +66,19 @@ class HessianSettings:
             raise ConfigError(f"hessian.tol must be >= 0 (0 = run all steps), got {self.tol!r}")
         resolve_dtype(self.dtype)
         _check_engine(self.engine)
-        if not (self.top_k or self.smallest or self.trace_probes or self.density):
+        check_sharpness(self.sharpness_rho, self.sharpness_steps, "hessian.sharpness_rho", "hessian.sharpness_steps")
+        if not isinstance(self.sharpness_adaptive, bool):
+            raise ConfigError(f"hessian.sharpness_adaptive must be true or false, got {self.sharpness_adaptive!r}")
+        if not self.sharpness_rho:
+            # refused rather than ignored: a setting that changes nothing would still rename the run
+            for name in ("sharpness_adaptive", "sharpness_steps"):
+                if getattr(self, name) != HessianSettings.__dataclass_fields__[name].default:
+                    raise ConfigError(f"hessian.{name} applies only with hessian.sharpness_rho > 0 (the radius of "
+                                      "the sharpness; 0 = not measured)")
+        if not (self.top_k or self.smallest or self.trace_probes or self.density or self.sharpness_rho):
             raise ConfigError(
                 "hessian: nothing to compute; set hessian.top_k >= 1, hessian.smallest, "
-                "hessian.trace_probes >= 1 or hessian.density"
+                "hessian.trace_probes >= 1, hessian.density or hessian.sharpness_rho > 0"
             )
         if self.engine == "pyhessian" and (self.smallest or self.density):
             name = "hessian.smallest" if self.smallest else "hessian.density"

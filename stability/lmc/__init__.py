@@ -21,7 +21,12 @@ from __future__ import annotations
 
 from ..maths.paths import Batches
 from .curves import Curve, align, alpha_grid, barrier, interpolate, repair
+from .fit import FittedCurve, fit_curve
+from .layers import LayerBarriers, layer_barriers, layer_groups
+from .plane import Plane, plane
 from .probes import Instability, Sweep, hessian, instability, sweep
+from .sharp import Sharpness, sharpness
 
-__all__ = ["Batches", "Curve", "Instability", "Sweep", "align", "alpha_grid", "barrier", "hessian", "instability",
-           "interpolate", "repair", "sweep"]
+__all__ = ["Batches", "Curve", "FittedCurve", "Instability", "LayerBarriers", "Plane", "Sharpness", "Sweep", "align",
+           "alpha_grid", "barrier", "fit_curve", "hessian", "instability", "interpolate", "layer_barriers",
+           "layer_groups", "plane", "repair", "sharpness", "sweep"]

@@ -7,7 +7,8 @@ two networks whose masks differ is refused unless asked for (``allow_different_m
 interpolated network then has neither network's sparsity pattern. State-dict files trained elsewhere are
 connected by ``stages.external.connect_files`` through the same core (``connect_networks``).
 
-Results (in ``results_root/connect_<hash>/``): ``curves.csv`` (pair ``a-b``) and ``connect.json``.
+Results (in ``results_root/connect_<hash>/``): ``curves.csv`` (pair ``a-b``) and ``connect.json``; with
+``connect.layers``, ``layers.csv`` (the layer-wise barriers, ``stages.layerwise``).
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ from ..store.schema import (
     CURVES,
     FINAL_STATE,
     IMP,
+    LAYER_COLUMNS,
+    LAYERS_TABLE,
     MANIFEST,
     TRAIN,
     mask_name,
@@ -52,6 +55,7 @@ from .base import Need, run_once, settings_key
 from .checkpoints import load_members, load_weights
 from .context import Context, prepare
 from .instability import SPLITS
+from .layerwise import check_layers, layer_rows
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class ConnectSettings:
     curve: CurveSettings = field(default_factory=CurveSettings)
     splits: tuple[str, ...] = ("test",)
     allow_different_masks: bool = False
+    layers: bool = False  # also the layer-wise barriers (layers.csv; Adilova et al. 2024)
+    layer_groups: str = "layers"  # layers | blocks: what is interpolated at a time (stability.lmc.layers)
 
     # the flat names in the order records and run keys were written in before the settings were composed
     FLAT_ORDER = ("align", "repair", "alphas", "splits", "bn", "align_examples", "align_seed", "allow_different_masks")
@@ -69,6 +75,8 @@ class ConnectSettings:
     def validate(self) -> ConnectSettings:
         """Check the settings (the curve's by its own ``validate``)."""
         self.curve.validate(CONNECT)
+        if self.layers:
+            check_layers(self.layer_groups, self.curve, CONNECT)
         if not self.splits or any(s not in SPLITS for s in self.splits):
             raise ConfigError(f"connect.splits: unknown split in {list(self.splits)}; choose from {', '.join(SPLITS)}")
         return self
@@ -98,6 +106,7 @@ class ConnectResult:
     loss_barriers: dict[str, float]
     curves: list[dict[str, Any]] = field(repr=False)
     summary: dict[str, Any] = field(repr=False)
+    layers: list[dict[str, Any]] = field(default_factory=list, repr=False)  # layers.csv rows (connect.layers)
 
 
 def _manifest(path: Path, kind: str) -> dict[str, Any]:
@@ -155,7 +164,8 @@ def connect_key(a: Network, b: Network, settings: ConnectSettings) -> dict[str, 
     return {"a": short_digest(a.state), "b": short_digest(b.state),
             "masks": [short_digest(a.masks), short_digest(b.masks)],
             "model": settings_key(a.cfg.model, legacy="connect.model"), "dataset": a.cfg.dataset.name,
-            **settings_key(settings, drop=("allow_different_masks",), legacy=CONNECT)}
+            **settings_key(settings, drop=("allow_different_masks", *(() if settings.layers else ("layer_groups",))),
+                           legacy=CONNECT)}
 
 
 def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = ConnectSettings(), *,
@@ -199,7 +209,10 @@ def connect_networks(ctx: Context, settings: ConnectSettings, a: Network, b: Net
         summary, rows = read_record(run / CONNECT_SUMMARY), read_table(run, CURVES, CURVE_COLUMNS)
         if summary is None or rows is None or any(s not in summary.get("barrier", {}) for s in splits):
             return None
-        return ConnectResult(run.path, summary["barrier"], summary["loss_barrier"], rows, summary)
+        layers = read_table(run, LAYERS_TABLE, LAYER_COLUMNS) if settings.layers else []
+        if layers is None:
+            return None
+        return ConnectResult(run.path, summary["barrier"], summary["loss_barrier"], rows, summary, layers)
 
     def compute(run: RunDir, _: None) -> ConnectResult:
         sm = StackedModel(ctx.model)
@@ -218,9 +231,13 @@ def connect_networks(ctx: Context, settings: ConnectSettings, a: Network, b: Net
                    curve_settings.alignment(), "barrier": barriers,
                    "loss_barrier": loss_barriers, "untrained": untrained, "sparse": a.masks is not None,
                    "seconds": round(time.perf_counter() - t0, 3)}
+        layers = []
+        if settings.layers:
+            layers = layer_rows(ctx, a.state, b.state, curve_settings, splits, settings.layer_groups, sm=sm)
+            write_csv(run / LAYERS_TABLE, layers, LAYER_COLUMNS)
         write_csv(run / CURVES, rows, CURVE_COLUMNS)
         write_json(run / CONNECT_SUMMARY, summary)
-        return ConnectResult(run.path, barriers, loss_barriers, rows, summary)
+        return ConnectResult(run.path, barriers, loss_barriers, rows, summary, layers)
 
     run = RunDir(ctx.cfg.runtime.results_root, CONNECT, settings_hash(key))
     return run_once(run, load=load, compute=compute, accept_other_versions=ctx.cfg.runtime.accept_other_versions,

@@ -70,6 +70,37 @@ INSTABILITY_SUMMARY = "instability.json"
 CONNECT = "connect"  # the run kind of a barrier between two given networks: CURVES and CONNECT_SUMMARY
 CONNECT_SUMMARY = "connect.json"
 
+# ---------------------------------------------------------------- loss-landscape planes (plane_<hash>/)
+# Not in RUN_KINDS (like CONNECT): made only by ``stability landscape`` (stages.plane). plane.csv: one row per grid
+# point and split; plane.json: the networks' coordinates (and their own error and loss there), the grid's axes, the
+# projected trajectory of a PCA plane, the chance error per split.
+PLANE = "plane"
+PLANE_TABLE = "plane.csv"
+PLANE_SUMMARY = "plane.json"
+PLANE_COLUMNS = ["split", "u", "v", "error", "loss"]
+
+# ---------------------------------------------------------------- layer-wise barriers (Adilova et al. 2024)
+# LAYERS_TABLE in a connect run measured with connect.layers, and in a layers_<hash>/ run (the layer-wise barriers of
+# a finished sweep's siblings, made by ``stages.layerwise``; not in RUN_KINDS, like CONNECT) beside LAYERS_SUMMARY.
+LAYERS = "layers"
+LAYERS_TABLE = "layers.csv"
+LAYERS_SUMMARY = "layers.json"
+LAYER_COLUMNS = ["rewind_step", "pair", "split", "group", "position", "parameters", "barrier", "loss_barrier",
+                 "cumulative_barrier", "cumulative_loss_barrier", "chord_barrier", "end_error"]
+
+# ---------------------------------------------------------------- stability curve (curve_<hash>/)
+# Not in RUN_KINDS (like CONNECT): a curve of low loss fitted between two given networks (Garipov et al. 2018;
+# ``stages.curve``), measured beside the straight line.
+CURVE = "curve"
+CURVE_TABLE = "curve.csv"  # path (curve | line), split, t, error, loss
+CURVE_SUMMARY = "summary.json"  # barriers of the curve and the line per split, how the curve was fitted (seed)
+CURVE_MIDDLE = "middle.safetensors"  # the fitted middle point (Bezier) or bend (polygonal chain): a state dict
+CURVE_ALIGNED = "aligned_b.safetensors"  # B aligned to A (curve.align != none): the curve's other end
+CURVE_FIT = "fit.csv"  # step, t, training loss of every fitting step
+CURVE_STATE = "state/fit.safetensors"  # the fit's checkpoint: middle point, optimizer state, step
+CURVE_TABLE_COLUMNS = ["path", "split", "t", "error", "loss"]
+CURVE_FIT_COLUMNS = ["step", "t", "loss"]
+
 # ---------------------------------------------------------------- IMP
 LEVELS = "levels.csv"
 IMP_SUMMARY = "imp.json"

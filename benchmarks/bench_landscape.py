@@ -1,0 +1,171 @@
+"""stability.lmc.plane against the PyPI package loss-landscapes and a per-point loop: a 21x21 loss-landscape plane.
+
+    python benchmarks/bench_landscape.py [--quick] [--grid 21] [--repeats 3] [--threads 2] [--examples 1000]
+
+Three networks are trained from different initializations by a plain PyTorch loop (SGD, momentum 0.9) on mnist5k;
+then the loss on a grid x grid plane is measured on the first ``--examples`` test examples (one batch), three ways,
+timed in this process, interleaved, best of ``--repeats``:
+
+- lmc:     ``stability.lmc.plane(a, b, c, data, grid=21)``: the plane through the three networks (Gram-Schmidt
+  coordinates), every grid point stacked, ``max_members`` 64 at a time; the input layer's output at every point
+  formed from the three networks' outputs (three products per batch: θ(u, v) is affine in (u, v)); error and loss,
+  plus the three networks at their exact coordinates;
+- loss-landscapes: ``planar_interpolation(a, b, c, Loss(cross_entropy), steps=grid)``: grid x grid points,
+  moving a copy of A in place along (b − a)/steps and (c − a)/steps; loss only;
+- loop:    ``load_state_dict`` of θ(u, v) at every grid point of lmc's plane, evaluate (loss and error).
+
+Rates: ``nominal`` counts every grid point's full forward (2·MACs per example per point, the per-point way's work);
+``required`` counts the work lmc does (the input layer three times per batch, the rest once per point). Both as
+FLOP/s and as a fraction of the 2048x2048 float32 ``torch.mm`` rate measured in the same process. Agreement: lmc
+against the loop on the same points, and lmc on loss-landscapes' own points (``directions=(b − a, c − a)``, its
+snake-ordered grid mapped back) against loss-landscapes. Nothing here asserts anything about time.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+
+import _setup
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stability import lmc
+from stability.engine import StackedModel
+from stability.maths.directions import plane_basis
+from stability.maths.flops import layer_costs
+from stability.presets import get_preset
+from stability.stages.context import Context, prepare
+
+CASES = [("LeNet-300-100", "lenet300_mnist5k", {}), ("Conv-4 w1/4", "conv4_mnist5k", {})]
+
+
+def context(preset: str, overrides: dict[str, str], root: str, threads: int) -> Context:
+    return prepare(get_preset(preset).with_overrides({
+        **overrides, "runtime.threads": str(threads), "runtime.quiet": "true", "runtime.device": "cpu",
+        "runtime.results_root": root}))
+
+
+def train(net: nn.Module, x, y, seed: int, steps: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    net.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (64,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    return net.eval()
+
+
+def per_point_loop(nets: list[nn.Module], u: list[float], v: list[float], x, y) -> list[float]:
+    """The reference way: one network per grid point, its state loaded, evaluated."""
+    states = [n.state_dict() for n in nets]
+    basis = plane_basis(*states, StackedModel(nets[0]).param_names)
+    m = copy.deepcopy(nets[0]).eval()
+    losses = []
+    for vj in v:
+        for ui in u:
+            c = basis.coefficients([ui], [vj])[0].tolist()
+            m.load_state_dict({k: sum(ck * s[k] for ck, s in zip(c, states)) if t.is_floating_point() else t
+                               for k, t in states[0].items()})
+            with torch.no_grad():
+                out = m(x)
+            losses.append(float(F.cross_entropy(out, y)))
+            float((out.argmax(1) != y).float().mean())
+    return losses
+
+
+def landscapes(nets: list[nn.Module], steps: int, x, y):
+    import loss_landscapes
+    import loss_landscapes.metrics
+
+    metric = loss_landscapes.metrics.Loss(F.cross_entropy, x, y)
+    return loss_landscapes.planar_interpolation(copy.deepcopy(nets[0]).eval(), nets[1], nets[2], metric, steps=steps)
+
+
+def landscapes_agreement(nets: list[nn.Module], theirs, steps: int, x, y) -> float:
+    """Largest relative difference between loss-landscapes and lmc on loss-landscapes' own points."""
+    start, one, two = (n.state_dict() for n in nets)
+    d1 = {k: one[k] - start[k] for k in start}
+    d2 = {k: two[k] - start[k] for k in start}
+    ours = lmc.plane(nets[0], data=(x, y), directions=(d1, d2), grid=(steps, steps + 1),
+                     ranges=((0.0, (steps - 1) / steps), (0.0, 1.0)), batch_size=len(x))
+    return max(abs(ours.loss[j + 1 if i % 2 == 0 else j][i] - float(theirs[i][j])) / abs(float(theirs[i][j]))
+               for i in range(steps) for j in range(steps))
+
+
+def matmul_rate(size: int = 2048, repeats: int = 7) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="shorter training and one repeat (a smoke run)")
+    ap.add_argument("--grid", type=int, default=21, help="grid points per axis (default 21)")
+    ap.add_argument("--examples", type=int, default=1000, help="test examples, one batch (default 1000)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--train-steps", type=int, default=None, help="training iterations (default 300; 30 quick)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats, best taken (default 3; 1 quick)")
+    args = ap.parse_args(argv)
+    steps = args.train_steps or (30 if args.quick else 300)
+    repeats = args.repeats or (1 if args.quick else 3)
+    torch.set_num_threads(args.threads)
+    print("\n".join(_setup.machine_lines()))
+    mm = matmul_rate()
+    print(f"matmul 2048x2048 float32: {mm / 1e9:.1f} GFLOP/s. {args.grid}x{args.grid} plane ({args.grid ** 2} points) on "
+          f"{args.examples} test examples; networks trained {steps} iterations; best of {repeats}, interleaved.\n")
+    header = (f"{'model':<14} {'lmc s':>7} {'l-l s':>7} {'loop s':>7} {'l-l/lmc':>8} {'loop/lmc':>9}  "
+              f"{'nominal GF/s (mm)':>17} {'required GF/s (mm)':>18} {'|Δloss| loop':>12} {'rel Δ l-l':>10}")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as root:
+        for label, preset, overrides in CASES:
+            case(label, context(preset, overrides, root, args.threads), args, steps, repeats, mm)
+
+
+def case(label: str, ctx: Context, args: argparse.Namespace, steps: int, repeats: int, mm: float) -> None:
+    """Train three networks, time the three ways on one plane, print the row."""
+    x, y = ctx.data.x_train, ctx.data.y_train
+    xt, yt = (t[:args.examples] for t in ctx.data.split("test"))
+    nets = [train(ctx.new_model(seed), x, y, seed, steps) for seed in (1, 2, 3)]
+    points = args.grid * args.grid
+    lmc.plane(*nets, (xt, yt), grid=2, batch_size=len(xt))  # warm-up
+    landscapes(nets, 2, xt, yt)
+    t_ours = t_theirs = t_loop = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plane = lmc.plane(*nets, (xt, yt), grid=args.grid, batch_size=len(xt))
+        t_ours = min(t_ours, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        l_theirs = landscapes(nets, args.grid, xt, yt)
+        t_theirs = min(t_theirs, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        l_loop = per_point_loop(nets, plane.u, plane.v, xt, yt)
+        t_loop = min(t_loop, time.perf_counter() - t0)
+    costs = layer_costs(ctx.model, ctx.data.input_shape)
+    macs = sum(c.forward for c in costs)
+    first = costs[0].forward
+    nominal = 2.0 * len(xt) * macs * points
+    required = 2.0 * len(xt) * (3 * first + (macs - first) * points)
+    flat = [v for row in plane.loss for v in row]
+    d_loop = max(abs(a - b) for a, b in zip(flat, l_loop))
+    d_ll = landscapes_agreement(nets, l_theirs, args.grid, xt, yt)
+    print(f"{label:<14} {t_ours:>7.3f} {t_theirs:>7.3f} {t_loop:>7.3f} {t_theirs / t_ours:>7.2f}x "
+          f"{t_loop / t_ours:>8.2f}x  {nominal / t_ours / 1e9:>8.1f} ({nominal / t_ours / mm:>5.0%})  "
+          f"{required / t_ours / 1e9:>9.1f} ({required / t_ours / mm:>5.0%})  {d_loop:>12.1e} {d_ll:>10.1e}")
+    errors = ", ".join(f"{e:.3f}" for e, _ in plane.at_networks.values())
+    print(f"{'':<14} input layer {costs[0].weight}: {first / macs:.0%} of the multiply-adds; networks' test "
+          f"errors {errors}; grid loss {min(flat):.3f} .. {max(flat):.3f}")
+
+if __name__ == "__main__":
+    main()
