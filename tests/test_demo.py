@@ -8,7 +8,7 @@ import pytest
 from stability.apps.demo import DemoSettings, main, run_demo
 
 SMALL = DemoSettings(siblings=2, lenet_rewind=("independent", "0it", "5it"), conv_rewind=("0it", "5it"), imp_levels=2,
-                     hessian_samples=200, trace_probes=3)
+                     hessian_samples=200, trace_probes=3, plane_grid=5, curve_steps="20it", curve_points=5)
 SHRINK = {"model.width": "0.25", "training.steps": "20it", "training.batch_size": "32",
           "training.eval_every": "10it", "runtime.threads": "2"}
 
@@ -34,6 +34,16 @@ def test_demo_leaves_summary_figures_and_records(tmp_path):
         assert by_align["weights"].table[0]["rewind_step"] == -1  # the independently trained networks first
         row = re.search(r"\| independent \| [^|]+ \| ([0-9.]+) \|", summary.split(f"### {name}")[-1])
         assert row and float(row.group(1)) == pytest.approx(by_align["weights"].table[0]["instability_mean"], abs=1e-4)
+    # planes of the conv net at step 0 and at its stable point; curves at independent and 0 (LeNet-300-100) and 0
+    assert "## Planes and curves" in summary
+    landscape = info["landscape"]
+    assert 0 in landscape["planes"] and len(landscape["planes"]) == 2
+    assert all(len([r for r in p.rows if r["split"] == "test"]) == 25 for p in landscape["planes"].values())
+    assert [r["rewind_step"] for r in landscape["curves"]["lenet300_mnist5k"].table] == [-1, 0]
+    assert [r["rewind_step"] for r in landscape["curves"]["lenet5_mnist5k"].table] == [0]
+    for result in landscape["curves"].values():
+        for r in result.table:
+            assert f"{r['curve_barrier']:.4f} | {r['line_loss_barrier']:.4f}" in summary
     # IMP on the conv net: rewind 0 and rewind auto, whose step is the sweep's first stable step (or its last point)
     assert "## IMP on lenet5_mnist5k" in summary
     auto = info["imps"]["auto"]
@@ -50,7 +60,7 @@ def test_demo_leaves_summary_figures_and_records(tmp_path):
     listed = re.findall(r"- `(figures/[^`]+)`", summary)
     assert listed and all((out / f).is_file() for f in listed)
     stems = {f.split("/")[-1].split("_")[0] for f in listed}
-    assert {"instability", "interpolation", "imp", "hessian", "training", "rewind", "matching"} <= stems
+    assert {"instability", "interpolation", "imp", "hessian", "training", "rewind", "matching", "plane", "curve"} <= stems
     # every IMP level's sparse network measured for stability, and the verdict on the stabilized LTH
     assert all(row["instability"] != "" for result in info["imps"].values() for row in result.levels
                if row["kind"] == "imp")

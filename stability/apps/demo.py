@@ -1,7 +1,8 @@
 """``make demo``: the suite's main job on the embedded data, end to end.
 
 Instability sweeps of ``lenet300_mnist5k`` and ``lenet5_mnist5k`` (a small conv net; 5,000 packaged
-MNIST digits), a Hessian track over the LeNet trunk and along one interpolation
+MNIST digits), loss planes through the LeNet-5 trunk and two siblings (unstable at step 0, stable at the first
+stable step) and Bezier curves between siblings and between independent networks, a Hessian track over the LeNet trunk and along one interpolation
 path, IMP of LeNet-5 rewinding to step 0 and to its first stable step with both baselines,
 every figure, and ``summary.md``. About 6 minutes on 2 quiet CPU cores; ``--full``
 runs the larger settings kept in ``results/reference/``.
@@ -32,6 +33,7 @@ from ..stages.instability import (
 from ..stages.landscape import hessian_path, hessian_settings, hessian_track
 from ..stages.trunk import train_trunk
 from ..steps import INDEPENDENT, INDEPENDENT_STEP, point_name
+from .demo_landscape import landscape_jobs, landscape_lines
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class DemoSettings:
     imp_replicates: int = 1
     hessian_samples: int = 1000
     trace_probes: int = 20
+    plane_grid: int = 21  # points per axis of the LeNet-5 loss planes
+    curve_steps: str = "1000it"  # fitting iterations of each Bezier curve
+    curve_points: int = 21  # t points where each curve and its line are measured
 
 
 FULL = DemoSettings(siblings=4, lenet_rewind=("independent", "0it", "5it", "10it", "25it", "50it", "100it", "200it",
@@ -97,7 +102,7 @@ def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False,
         {**common, "training.rewind_points": checkpoint_points(settings.lenet_rewind)})
     conv = get_preset("lenet5_mnist5k").with_overrides(
         {**common, "training.rewind_points": checkpoint_points(settings.conv_rewind)})
-    stage = Stage(10)
+    stage = Stage(14 if settings.plane_grid else 10)
     t0 = time.perf_counter()
     with stage("lenet300_mnist5k: trunk with rewind checkpoints"):
         trunk = train_trunk(lenet)
@@ -111,6 +116,9 @@ def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False,
             sweeps[name] = instability_sweep(cfg, sweep_settings[name])
     alignments = _alignment_sweeps(sweeps, sweep_settings, {"lenet300_mnist5k": lenet, "lenet5_mnist5k": conv},
                                    settings.alignments, stage)
+    configs = {"lenet300_mnist5k": lenet, "lenet5_mnist5k": conv}
+    landscape = (landscape_jobs(configs, sweeps, sweep_settings, settings.plane_grid, settings.curve_steps,
+                                settings.curve_points, stage) if settings.plane_grid else {})
     hs = hessian_settings(top_k=3, smallest=True, trace_probes=settings.trace_probes, density=True,
                           samples=settings.hessian_samples)
     with stage("lenet300_mnist5k: Hessian over training (λ1..3, λmin, trace, density)"):
@@ -135,7 +143,7 @@ def run_demo(out: Path, settings: DemoSettings, *, quiet: bool = False,
         figures = _figures(root, out / "figures")
     seconds = time.perf_counter() - t0
     info = {"trunk": trunk, "sweeps": sweeps, "track": track, "path": path, "imps": imps, "figures": figures,
-            "seconds": seconds, "settings": settings, "alignments": alignments}
+            "seconds": seconds, "settings": settings, "alignments": alignments, "landscape": landscape}
     (out / "summary.md").write_text(summary_markdown(out, info))
     return info
 
@@ -219,6 +227,8 @@ def summary_markdown(out: Path, info: dict[str, Any]) -> str:
                   _table(rows, [("point", "point", ""), ("none", "naive", ".4f"), ("weights", "weights", ".4f"),
                                 ("activations", "activations", ".4f"), ("weights+repair", "weights + REPAIR", ".4f")]),
                   ""]
+    if info.get("landscape"):
+        lines += landscape_lines(info["landscape"], lambda p: _rel(p, out))
     track = info["track"]
     lines += ["## Hessian of the training loss (lenet300_mnist5k trunk, 1,000 training examples)", "",
               _table(track.rows, [("step", "step (it)", "d"), ("lambda_1", "λ1", ".3f"), ("lambda_2", "λ2", ".3f"),
