@@ -250,3 +250,40 @@ def test_the_package_does_not_import_lightning_and_says_what_to_install_without_
                          check=False)
     assert out.returncode == 0, out.stderr
     assert "pip install stability[lightning]" in out.stdout
+
+
+LIT_PLUGIN = '''
+from torch import nn
+from stability.models import register_model
+
+
+def lit_mlp(cfg, input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+
+register_model("lit_mlp", lit_mlp, replace=True)
+'''
+
+
+def test_stability_connect_reads_the_rewind_files_and_a_lightning_ckpt(trained, data, tmp_path, monkeypatch, capsys):
+    """The CLI connects a RewindCheckpoints file (the LightningModule's state: ``model.`` keys) and a Lightning
+    ``.ckpt``, and its barrier is lmc's on the same networks and the same test split."""
+    import json
+
+    from stability.apps.cli import main
+
+    (tmp_path / "lit_plugin.py").write_text(LIT_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lit_plugin", raising=False)
+    files = rewind_checkpoints(trained["root"] / "rewind")
+    out = tmp_path / "runs"
+    argv = ["connect", str(files[20]), str(trained["root"] / "seed2.ckpt"), "--model", "lit_mlp", "--plugin",
+            "lit_plugin", "--dataset", "mnist5k", "--set", "dataset.val_size=0", "--alphas", "5", "--out", str(out),
+            "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    net = _net(0)
+    expected = lmc.barrier(files[20], trained["root"] / "seed2.ckpt", data[1], alphas=5, model=net)
+    assert summary["barrier"]["test"] == pytest.approx(expected, abs=1e-6)
+    assert [p.name.split("_")[0] for p in out.iterdir()] == ["connect"]
+    sys.modules.pop("lit_plugin", None)
