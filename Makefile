@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test install bench lint clean
+.PHONY: demo test install bench lint clean notebooks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_neq.py
 	$(PY) benchmarks/bench_lmc.py
 	$(PY) benchmarks/bench_landscape.py
+
+# Execute notebooks/*.ipynb in place (small settings, embedded data, ~2 minutes) so they are committed with their
+# figures; STABILITY_SMALL=0 runs the real settings (hours on a CPU).
+notebooks: $(STAMP)
+	$(PY) notebooks/refresh.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check stability analysis tests benchmarks

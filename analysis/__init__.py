@@ -12,6 +12,7 @@ from typing import Any
 __all__ = [
     "Run",
     "aggregate",
+    "compare_published",
     "earlybird_distances",
     "earlybird_points",
     "eos_threshold",

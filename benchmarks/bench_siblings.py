@@ -78,16 +78,23 @@ def step_flops(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> tu
 
 
 # ---------------------------------------------------------------- the two paths
-def suite_run(ctx: Context, n: int, steps: int) -> float:
-    """Seconds to train n siblings for ``steps`` iterations with the suite's batched engine."""
+def suite_run(ctx: Context, n: int, steps: int, variant: str = "fp32", models: dict | None = None) -> float:
+    """Seconds to train n siblings for ``steps`` iterations with the suite's batched engine.
+
+    ``variant``: ``fp32`` or ``bf16`` (runtime.precision), ``+compile`` for runtime.compile; a compiled
+    variant keeps its StackedModel in ``models`` so that it is compiled once (in the warm-up)."""
     order, aug = sibling_seeds(ctx.cfg.training.noise_seed, SiblingSettings(siblings=max(n, 2)))
     source = initial_members(ctx)
     losses: list[float] = []
-    spec = TrainSpec(ctx.data, ctx.cfg, ctx.ipe, augmentation=ctx.augmentation,
+    precision, _, compiled = variant.partition("+")
+    cfg = ctx.cfg.with_overrides({"runtime.precision": precision, "runtime.compile": str(bool(compiled)).lower()})
+    models = {} if models is None else models
+    sm = models.setdefault(variant, StackedModel(ctx.model))
+    spec = TrainSpec(ctx.data, cfg, ctx.ipe, augmentation=ctx.augmentation,
                      after_step=lambda m, loss: losses.append(loss))  # what a progress bar reads
     t0 = time.perf_counter()
     members = start_members(ctx, source, n, order[:n], aug[:n], "fresh")
-    train_members(StackedModel(ctx.model), members, spec, steps)
+    train_members(sm, members, spec, steps)
     return time.perf_counter() - t0
 
 
@@ -126,9 +133,9 @@ def reference_run(ctx: Context, n: int, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def matmul_rate(size: int = 2048, repeats: int = 7) -> float:
-    """Best float32 ``torch.mm`` rate (FLOP/s) for size x size matrices."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_rate(size: int = 2048, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
+    """Best ``torch.mm`` rate (FLOP/s) for size x size matrices of ``dtype``."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -159,7 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="iterations per model (default 200; 40 quick)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats, best taken (default 3; 1 quick)")
     ap.add_argument("--presets", default="lenet300_mnist5k,conv4_mnist5k")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: the bf16 suite path side by side with fp32 (runtime.precision)")
+    ap.add_argument("--compile", action="store_true", help="also the compiled suite paths (runtime.compile)")
     args = ap.parse_args(argv)
+    variants = ["fp32"] + (["bf16"] if args.precision == "bf16" else [])
+    variants += [f"{v}+compile" for v in variants] if args.compile else []
     steps = args.steps or (40 if args.quick else 200)
     repeats = args.repeats or (1 if args.quick else 3)
     n = args.members
@@ -176,36 +188,57 @@ def main(argv: list[str] | None = None) -> None:
           f"interleaved.\n")
 
     mm_rates = [matmul_rate()]
+    bf16_rates = [matmul_rate(dtype=torch.bfloat16)] if "bf16" in variants else []
     results = []
     with tempfile.TemporaryDirectory() as root:
         for preset in args.presets.split(","):
             ctx = context(preset, steps, root)
             conv, req = step_flops(ctx.model, ctx.data.input_shape, ctx.cfg.training.batch_size)
-            # warm up both paths (allocator, kernels)
-            suite_run(ctx, n, min(steps, 5))
+            models: dict[int, dict] = {n: {}, 1: {}}
+            # warm up every path (allocator, kernels; the compiled ones compile here, timed apart)
+            compile_s = {}
+            for v in variants:
+                for members in (n, 1):
+                    t0 = time.perf_counter()
+                    suite_run(ctx, members, min(steps, 5), v, models[members])
+                    compile_s[(v, members)] = time.perf_counter() - t0
             reference_run(ctx, 1, min(steps, 5))
             for members in (n, 1):
-                s_times, r_times = [], []
+                times: dict[str, list[float]] = {v: [] for v in variants}
+                r_times = []
                 for _ in range(repeats):
-                    s_times.append(suite_run(ctx, members, steps))
+                    for v in variants:
+                        times[v].append(suite_run(ctx, members, steps, v, models[members]))
                     r_times.append(reference_run(ctx, members, steps))
-                results.append((preset, members, min(s_times), min(r_times), conv, req))
+                for v in variants:
+                    results.append((preset, members, v, min(times[v]), min(r_times), conv, req,
+                                    min(times["fp32"]), compile_s[(v, members)] if "compile" in v else 0.0))
             mm_rates.append(matmul_rate())
+            if bf16_rates:
+                bf16_rates.append(matmul_rate(dtype=torch.bfloat16))
             print(f"{preset}: per-model step {conv / 1e6:.1f} MFLOP (req {req / 1e6:.1f}), "
                   f"batch {ctx.cfg.training.batch_size}, optimizer {ctx.cfg.optimizer.name}")
     mm = max(mm_rates)
     print("matmul 2048x2048 float32: " + ", ".join(f"{r / 1e9:.1f}" for r in mm_rates)
-          + f" GFLOP/s -> using {mm / 1e9:.1f} (spread = other load on the machine)\n")
+          + f" GFLOP/s -> using {mm / 1e9:.1f} (spread = other load on the machine)")
+    mm16 = max(bf16_rates) if bf16_rates else float("nan")
+    if bf16_rates:
+        print("matmul 2048x2048 bfloat16: " + ", ".join(f"{r / 1e9:.1f}" for r in bf16_rates)
+              + f" GFLOP/s -> using {mm16 / 1e9:.1f} ({mm16 / mm:.1f}x float32)")
+    print()
 
-    header = (f"{'preset':<18} {'N':>2} {'suite s':>8} {'ref s':>8} {'ref/suite':>9} "
-              f"{'suite GFLOP/s':>13} {'of mm':>6} {'req GFLOP/s':>11} {'of mm':>6} {'ref GFLOP/s':>11}")
+    header = (f"{'preset':<18} {'N':>2} {'path':<13} {'suite s':>8} {'ref s':>8} {'ref/suite':>9} {'vs fp32':>7} "
+              f"{'suite GFLOP/s':>13} {'of mm':>6} {'of bf16mm':>9} {'req GFLOP/s':>11} {'of mm':>6} "
+              f"{'ref GFLOP/s':>11} {'compile s':>9}")
     print(header)
     print("-" * len(header))
-    for preset, members, s, r, conv, req in results:
+    for preset, members, v, s, r, conv, req, s32, comp in results:
         total_conv, total_req = conv * members * steps, req * members * steps
-        print(f"{preset:<18} {members:>2} {s:>8.2f} {r:>8.2f} {r / s:>8.2f}x "
-              f"{total_conv / s / 1e9:>13.1f} {total_conv / s / mm:>6.0%} "
-              f"{total_req / s / 1e9:>11.1f} {total_req / s / mm:>6.0%} {total_conv / r / 1e9:>11.1f}")
+        of16 = f"{total_conv / s / mm16:>9.0%}" if bf16_rates else f"{'-':>9}"
+        print(f"{preset:<18} {members:>2} {v:<13} {s:>8.2f} {r:>8.2f} {r / s:>8.2f}x {s32 / s:>6.2f}x "
+              f"{total_conv / s / 1e9:>13.1f} {total_conv / s / mm:>6.0%} {of16} "
+              f"{total_req / s / 1e9:>11.1f} {total_req / s / mm:>6.0%} {total_conv / r / 1e9:>11.1f} "
+              f"{comp:>9.1f}")
     print("\nsuite = start_members + train_members (batched); ref = DataLoader loop, one model after another."
           "\nref GFLOP/s uses the 3·forward convention.")
 

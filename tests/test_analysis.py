@@ -587,7 +587,7 @@ def test_plot_command_writes_the_files_and_prints_their_paths(records, tmp_path,
 
 
 @pytest.mark.parametrize("argv, option, allowed", [
-    (["--kind", "curvez"], "--kind", "curves, sweep, imp, hessian, training, earlybird, neq, layers, curve, plane, all"),
+    (["--kind", "curvez"], "--kind", "curves, sweep, imp, hessian, training, earlybird, neq, layers, curve, plane, baselines, all"),
     (["--format", "png,jpg"], "--format", "png, pdf"),
 ])
 def test_plot_command_bad_kind_or_format_names_the_option_and_writes_nothing(records, tmp_path, argv, option,

@@ -53,7 +53,7 @@ def test_presets_lists_paper_and_small_presets(capsys):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--set", "dataset.name=imagenet"], "dataset.name: unknown dataset 'imagenet'; choose one of"),
+    (["--set", "dataset.name=imagenet21k"], "dataset.name: unknown dataset 'imagenet21k'; choose one of"),
     (["--set", "model.name=transformer"], "model.name: unknown model"),
     (["--set", "optimizer.name=rmsprop"], "optimizer.name: unknown optimizer 'rmsprop'; choose one of sgd, adam"),
     (["--set", "optimizer.lr=fast"], "optimizer.lr: expected a number"),

@@ -68,6 +68,7 @@ def test_registry_keys():
         "fashion_mnist",
         "cifar10",
         "cifar100",
+        "imagenet",  # named by the Frankle et al. 2020 presets; refused when loaded (no streaming yet)
     }
     assert DATASETS["cifar100"].num_classes == 100
     assert DATASETS["cifar10"].augmentation == "cifar"
@@ -75,7 +76,7 @@ def test_registry_keys():
 
 def test_unknown_dataset_names_setting_and_choices():
     with pytest.raises(ConfigError, match=r"dataset\.name.*mnist5k.*cifar100"):
-        load_dataset(DatasetConfig(name="imagenet"))
+        load_dataset(DatasetConfig(name="tinyimagenet"))
 
 
 def test_val_size_too_large():

@@ -547,3 +547,36 @@ def test_plane_names_never_change():
         "ranges": name([a, b, c], range_u=(-1.0, 1.0), range_v=(-1, 1), grid_v=11),
     }
     assert got == GOLDEN_PLANE
+
+
+GOLDEN_IMP_BASELINES = {
+    "default_with_new_fields_at_defaults": "imp_a99e82d6b05c",  # = GOLDEN_IMP["default"]
+    "retrain_lr_rewind": "imp_8a5c1ed6e1b3",
+    "retrain_finetune": "imp_9ed8d91dd8cd",
+    "snip_batch_100": "imp_e4624ab34c54",
+    "grasp": "imp_952a3d238c98",
+    "synflow_rounds_10": "imp_a9983b28f039",
+    "mask_shuffle_layer": "imp_6829e9838b8b",
+    "invert_scores": "imp_c4008419acaa",
+}
+
+
+def test_imp_baseline_option_names_never_change():
+    """IMP names with the retraining, pruning-at-initialization and sanity-check options (named only when not
+    at their defaults): these names must never change."""
+    from stability.stages.imp import imp_dir, imp_settings
+    from stability.stages.instability import instability_settings
+
+    cfg, sweep = _tiny(), instability_settings()
+    cases = {
+        "default_with_new_fields_at_defaults": imp_settings(retrain="rewind", score_batch=256, synflow_rounds=100,
+                                                            mask_shuffle="none", invert_scores=False),
+        "retrain_lr_rewind": imp_settings(levels=2, rewind="5it", retrain="lr_rewind"),
+        "retrain_finetune": imp_settings(levels=2, rewind="5it", retrain="finetune"),
+        "snip_batch_100": imp_settings(strategy="snip", score_batch=100),
+        "grasp": imp_settings(strategy="grasp"),
+        "synflow_rounds_10": imp_settings(strategy="synflow", synflow_rounds=10),
+        "mask_shuffle_layer": imp_settings(mask_shuffle="layer"),
+        "invert_scores": imp_settings(invert_scores=True),
+    }
+    assert {k: imp_dir(cfg, v, sweep).path.name for k, v in cases.items()} == GOLDEN_IMP_BASELINES

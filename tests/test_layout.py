@@ -14,7 +14,7 @@ LAYERS = [
     ("stability.errors", "stability.steps", "stability._version"),
     ("stability.config", "stability.registry", "stability.plugins", "stability.store"),
     ("stability.presets", "stability.data", "stability.models"),
-    ("stability.engine", "stability.maths", "stability.align", "stability.hessian"),
+    ("stability.engine", "stability.maths", "stability.align", "stability.hessian", "stability.trackers"),
     ("stability.methods", "stability.lmc"),
     ("stability.stages",),
     ("stability.grid", "stability.testing", "stability.integrations", "analysis"),

@@ -3,6 +3,7 @@
 - ``style``: the Figure class, the ``save=`` decorator, titles and shared axes (``saving``: formats and files);
 - ``curves``: linear mode connectivity (interpolation curves, instability vs rewind step, alignment);
 - ``tickets``: IMP, rewind points, ticket designs, supermasks, matching vs stable (``strong``: strong tickets);
+- ``baselines``: LR rewinding, fine-tuning, pruning at initialization and their sanity checks beside IMP;
 - ``landscape``: Hessian eigenvalues, trace and spectral density;
 - ``training``: training curves, early-bird mask distances, NEq.
 
@@ -79,6 +80,8 @@ FIGURES: dict[str, FigureKind] = {
                         "draw_curve"),
     "plane": FigureKind("loss-landscape planes (filled contours, networks marked)", ("plane_grids", "plane_points"),
                         "plane", "draw_plane"),
+    "baselines": FigureKind("accuracy vs weights remaining per strategy and retraining, with sanity checks; "
+                            "layer-wise densities", ("imp_levels", "imp_runs"), "baselines", "draw_baselines"),
 }
 KINDS = (*FIGURES, "all")
 
@@ -105,10 +108,10 @@ def plot_all(results_root: Source, out_dir: str | os.PathLike[str], formats: str
     import matplotlib
 
     from .. import load
-    from . import curve, curves, landscape, layers, plane, tickets, training
+    from . import baselines, curve, curves, landscape, layers, plane, tickets, training
 
     families = {module.__name__.rpartition(".")[2]: module
-                for module in (curve, curves, landscape, layers, plane, tickets, training)}
+                for module in (baselines, curve, curves, landscape, layers, plane, tickets, training)}
     frames: dict[str, Any] = {}
 
     def frame(name: str) -> Any:

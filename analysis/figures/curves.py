@@ -13,6 +13,7 @@ from stability.errors import ConfigError
 from stability.steps import INDEPENDENT_STEP, point_name
 
 from ..load import aggregate, settings_of
+from ..load.published import published_steps
 from .style import (
     SPLIT_COLORS,
     SPLIT_NAMES,
@@ -115,11 +116,13 @@ def _symlog_steps(ax: Any, steps: Sequence[float]) -> float:
 
 @styled
 def plot_instability(sweeps: pd.DataFrame, *, splits: Sequence[str] | None = None, threshold: float | None = None,
-                     title: str | None = None) -> Figure:
+                     title: str | None = None, published: float | None = None) -> Figure:
     """Instability (%) vs rewind iteration on a symlog x axis (linear near 0, so k = 0 shows).
 
     One line per split with error bars (std over pairs), the stability threshold as a horizontal
     line, and each split's first stable step as a dashed vertical line (Frankle et al. 2020, Figure 3).
+    ``published``: the paper's first stable step (iterations), drawn as a star on the threshold line beside
+    the measured one (``analysis.compare_published`` gives it for runs of a preset that carries it).
     """
     require(sweeps, ["rewind_step", "split", "instability_mean"], "plot_instability")
     split_list = splits_of(sweeps, splits)
@@ -154,7 +157,13 @@ def plot_instability(sweeps: pd.DataFrame, *, splits: Sequence[str] | None = Non
         threshold = float(values[0]) if len(values) else 0.02
     ax.axhline(threshold * 100, color="0.35", linestyle=":", linewidth=1.2,
                label=f"stability threshold ({threshold * 100:g}%)")
-    linthresh = _symlog_steps(ax, sorted(s for s in sweeps["rewind_step"].astype(float).unique() if s >= 0))
+    steps = sorted(s for s in sweeps["rewind_step"].astype(float).unique() if s >= 0)
+    linthresh = _symlog_steps(ax, steps)
+    if published is not None and not pd.isna(published):
+        ax.plot([published], [threshold * 100], marker="*", markersize=14, color="0.15", linestyle="none",
+                zorder=5, label=f"published first stable step: {point_name(published)}")
+        if steps and published > max(steps):
+            ax.set_xlim(right=published * 1.6)
     unstable = []
     for (run, first), split_names in markers.items():
         who = ", ".join(split_names) + (f"; {run}" if multi else "")
@@ -300,8 +309,11 @@ def draw_curves(records: Mapping[str, pd.DataFrame]) -> Iterator[tuple[str, Figu
 def draw_sweep(records: Mapping[str, pd.DataFrame]) -> Iterator[tuple[str, Figure]]:
     """Each dense sweep's instability, then each group of sweeps of the same networks, one line per alignment."""
     sweeps = records["dense_sweeps"]
+    # {run_hash: iterations} of the paper's first stable step, where the caller gave analysis.compare_published's
+    # frame as records["published"]
+    published = published_steps(records["published"]) if "published" in records else {}
     for run, df in sweeps.groupby("run_hash", sort=False):
-        yield f"instability_{run}", plot_instability(df)
+        yield f"instability_{run}", plot_instability(df, published=published.get(str(run)))
     for i, df in enumerate(_alignment_groups(sweeps)):
         yield f"instability_alignment_{i}", plot_instability_by_alignment(df)
 

@@ -19,7 +19,8 @@ error: a run that is still going has written only part of its records.
 - ``curves``: instability sweeps (``interpolation_curves``, ``sweeps``);
 - ``tickets``: IMP levels and early-bird tickets;
 - ``landscape``: Hessian tracks and spectral densities;
-- ``training``: metrics over training, NEq records, strong tickets.
+- ``training``: metrics over training, NEq records, strong tickets;
+- ``published``: the papers' published figures (a preset's ``published``) beside the measured ones.
 
 Only the run store's schema is needed from ``stability``: reading records imports no torch.
 """
@@ -42,6 +43,7 @@ from .frames import (
 )
 from .landscape import DENSITY_COLUMNS, HESSIAN_COLUMNS, hessian_densities, hessian_tracks
 from .plane import PLANE_COLUMNS, PLANE_POINT_COLUMNS, plane_grids, plane_points
+from .published import COMPARE_COLUMNS, compare_published, preset_of, published_steps
 from .tickets import (
     EARLYBIRD_DISTANCE_COLUMNS,
     EARLYBIRD_INFO,
@@ -62,6 +64,7 @@ from .training import (
 )
 
 __all__ = [
+    "COMPARE_COLUMNS",
     "CURVE_BARRIER_COLUMNS",
     "CURVE_COLUMNS",
     "DENSITY_COLUMNS",
@@ -82,6 +85,7 @@ __all__ = [
     "Run",
     "Source",
     "aggregate",
+    "compare_published",
     "curve_barriers",
     "earlybird_distances",
     "earlybird_points",
@@ -98,6 +102,8 @@ __all__ = [
     "neq_variant",
     "plane_grids",
     "plane_points",
+    "preset_of",
+    "published_steps",
     "runs",
     "settings_of",
     "strong_tickets",

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from typing import Any, NamedTuple
 
 from ..errors import ConfigError, StabilityError, TrainingDiverged
-from . import curve_cli, landscape_cli, report
+from . import curve_cli, export_cli, landscape_cli, report
 from .common import path_flags, run_arguments
 from .measure import cmd_connect, cmd_hessian, connect_arguments, hessian_arguments
 from .overrides import (
@@ -110,14 +110,25 @@ def cmd_instability(args: argparse.Namespace) -> int:
 
 def imp_arguments(p: argparse.ArgumentParser) -> None:
     """``imp``: how tickets are searched for (and ``--set instability.*`` for ``--instability``)."""
-    from ..maths.pruning import CRITERIA, MASK0_ACTIONS, MASK1_ACTIONS, STRATEGIES
-    from ..stages.imp import BASELINES, ImpSettings
+    from ..maths.pruning import CRITERIA, MASK0_ACTIONS, MASK1_ACTIONS
+    from ..maths.saliency import MASK_SHUFFLES
+    from ..stages.imp import BASELINES, IMP_STRATEGIES, RETRAINS, ImpSettings
     from ..stages.instability import InstabilitySettings
 
     run_arguments(p, [
         Flag("imp.levels", "pruning levels after the dense level 0"),
         Flag("imp.prune_fraction", "fraction of surviving weights removed per level, in (0, 1)"),
-        Flag("imp.strategy", " | ".join(STRATEGIES)),
+        Flag("imp.strategy", " | ".join(IMP_STRATEGIES) + " (snip, grasp, synflow: pruning at initialization, "
+                             "scored at the rewind point, one-shot to each level's density)"),
+        Flag("imp.retrain", f"{' | '.join(RETRAINS)} (Renda et al. 2020): weights and schedule back to the rewind "
+                            "step; the previous level's final weights with the schedule replayed from the rewind step; "
+                            "or those weights at the schedule's final learning rate"),
+        Flag("imp.score_batch", "snip, grasp: training examples the scores are computed on (seeded by pruning_seed)"),
+        Flag("imp.synflow_rounds", "synflow: pruning rounds (exponential schedule), at least 1"),
+        Flag("imp.mask_shuffle", f"{' | '.join(MASK_SHUFFLES)}: layer permutes each level's mask within each layer, "
+                                 "densities kept (sanity check, Frankle et al. 2021)"),
+        Flag("imp.invert_scores", "keep the lowest-scored weights instead (sanity check, Frankle et al. 2021)",
+             switch=True),
         Flag("imp.criterion", f"which weights a level keeps (Zhou et al. 2019; large_final is magnitude): "
                               f"{', '.join(CRITERIA)}"),
         Flag("imp.mask1", f"what the kept weights start from (Zhou et al. 2019): {', '.join(MASK1_ACTIONS)}"),
@@ -298,6 +309,7 @@ COMMANDS: dict[str, Command] = {
     "landscape": Command("loss-landscape planes: through the trunk and two siblings, three networks, random or PCA "
                          "directions", landscape_cli.arguments, landscape_cli.run, landscape_cli.__doc__),
     "curve": Command(curve_cli.CURVE_HELP, curve_cli.curve_arguments, curve_cli.cmd_curve, curve_cli.CURVE_DESCRIPTION),
+    "export": Command(export_cli.EXPORT_HELP, export_cli.export_arguments, export_cli.cmd_export, export_cli.__doc__),
 }
 
 

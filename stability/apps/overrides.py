@@ -46,6 +46,8 @@ RUNTIME_FLAGS = (
     Flag("runtime.quiet", "no progress bar", switch=True),
     Flag("runtime.plugins", "import MODULE first: it registers models/datasets (stability.register_model, ...)",
          option="--plugin", repeat=True, metavar="MODULE", empty="none"),
+    Flag("runtime.trackers", "also send finished runs to NAME: tensorboard, wandb or mlflow (NAME:TARGET names "
+         "a log root, W&B project or MLflow URI)", option="--tracker", repeat=True, metavar="NAME", empty="none"),
 )
 
 

@@ -27,8 +27,10 @@ from .convert import coerce_field
 from .nested import build, flat_paths, owner
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+CHANNELS_LAST = ("auto", "on", "off")
 # Tables of a TOML config besides the run's SECTIONS: the later stages' settings.
 STAGE_TABLES = ("instability", "imp", "hessian")
 # Plain keys allowed at the top of a TOML config.
@@ -83,12 +85,13 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Learning-rate schedule: constant, step decay at milestones, or cosine; optional linear warmup."""
+    """Learning-rate schedule: constant, step decay at milestones, cosine, or linear decay; optional linear warmup."""
 
     kind: str = "constant"
     milestones: tuple[str, ...] = ()  # steps at which lr is multiplied by gamma (kind = step)
     gamma: float = 0.1
     warmup: str = "0it"  # linear warmup from 0 to lr over this many steps
+    final_lr: float = 0.0  # kind = linear: the learning rate reached at the final step (lr decays linearly to it)
 
     UNHASHED = ()
 
@@ -151,7 +154,7 @@ class NeqConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where and how to run; nothing here changes results."""
+    """Where and how to run; nothing here changes results except ``precision`` and ``eval_precision``."""
 
     device: str = "auto"
     threads: int = 0  # 0 = as many as there are cores (at most 8)
@@ -160,8 +163,18 @@ class RuntimeConfig:
     eval_batch_size: int = 1000
     accept_other_versions: bool = True  # reuse finished results made by another version or commit (with a note)
     plugins: tuple[str, ...] = ()  # modules imported before a run: they register models and datasets
+    # Arithmetic of training's forward and backward passes (weights and optimizer state stay fp32); it changes
+    # results, so a run is named by it when it is not fp32. ``eval_precision``: the same for evaluation.
+    precision: str = "fp32"
+    eval_precision: str = "fp32"
+    compile: bool = False  # torch.compile the lockstep step and stacked evaluation (results equal to float tolerance)
+    channels_last: str = "auto"  # conv models' memory layout: auto (where it helps), on, off
+    # Where finished runs are also sent (stability.trackers): "tensorboard", "wandb", "mlflow", each optionally
+    # "NAME:TARGET" (a log root, a W&B project, an MLflow tracking URI). Never names a run.
+    trackers: tuple[str, ...] = ()
 
-    UNHASHED = ("device", "threads", "results_root", "quiet", "eval_batch_size", "accept_other_versions", "plugins")
+    UNHASHED = ("device", "threads", "results_root", "quiet", "eval_batch_size", "accept_other_versions", "plugins",
+                "compile", "channels_last", "trackers")
 
 
 SECTIONS: dict[str, type] = {
@@ -362,12 +375,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"schedule.kind: unknown schedule {cfg.schedule.kind!r}; choose one of {', '.join(SCHEDULES)}")
     if not (cfg.schedule.gamma >= 0 and math.isfinite(cfg.schedule.gamma)):
         raise ConfigError(f"schedule.gamma: must be a finite number >= 0, got {cfg.schedule.gamma}")
+    if not (cfg.schedule.final_lr >= 0 and math.isfinite(cfg.schedule.final_lr)):
+        raise ConfigError(f"schedule.final_lr: must be a finite number >= 0, got {cfg.schedule.final_lr}")
     if cfg.training.batch_size < 1:
         raise ConfigError(f"training.batch_size: must be >= 1, got {cfg.training.batch_size}")
     if cfg.dataset.val_size < 0:
         raise ConfigError(f"dataset.val_size: must be >= 0, got {cfg.dataset.val_size}")
     if cfg.runtime.device not in DEVICES:
         raise ConfigError(f"runtime.device: unknown device {cfg.runtime.device!r}; choose one of {', '.join(DEVICES)}")
+    for key in ("precision", "eval_precision"):
+        if getattr(cfg.runtime, key) not in PRECISIONS:
+            raise ConfigError(f"runtime.{key}: unknown precision {getattr(cfg.runtime, key)!r}; choose one of "
+                              f"{', '.join(PRECISIONS)} (fp16 is not supported: its range overflows without loss scaling)")
+    if cfg.runtime.channels_last not in CHANNELS_LAST:
+        raise ConfigError(f"runtime.channels_last: unknown layout {cfg.runtime.channels_last!r}; choose one of "
+                          f"{', '.join(CHANNELS_LAST)}")
     if cfg.runtime.threads < 0:
         raise ConfigError(f"runtime.threads: must be >= 0, got {cfg.runtime.threads}")
     if cfg.runtime.eval_batch_size < 1:

@@ -340,6 +340,19 @@ def _normalize_uint8(data: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
+def _refuse_imagenet(cfg: DatasetConfig) -> _Raw:
+    """ImageNet is named so that its presets plan and say what they need; it is refused before any work."""
+    if not cfg.data_root:
+        raise DatasetError(
+            "dataset.data_root is not set: imagenet (ILSVRC-2012, 1,281,167 train / 50,000 val images) is read "
+            "from a local ImageNet root, which cannot be downloaded; set dataset.data_root to the folder holding "
+            "its train/ and val/ class folders")
+    raise ConfigError(
+        f"dataset.name: imagenet (dataset.data_root={cfg.data_root!r}) does not fit in memory as tensors and the "
+        "suite cannot stream a dataset from disk yet, so ImageNet runs are refused when planned rather than "
+        "failing mid-run; the imagenet presets record the paper's settings until then")
+
+
 # ---- the table ------------------------------------------------------------------------
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset", "dataset.name", {spec.name: spec for spec in (
@@ -376,6 +389,11 @@ DATASETS: Registry[DatasetSpec] = Registry("dataset", "dataset.name", {spec.name
     DatasetSpec(
         name="cifar100", num_classes=100, input_shape=(3, 32, 32), packaged=False, augmentation="cifar",
         description="CIFAR-100 (50,000 / 10,000) through torchvision", loader=_load_torchvision,
+    ),
+    DatasetSpec(
+        name="imagenet", num_classes=1000, input_shape=(3, 224, 224), packaged=False, augmentation=None,
+        description="ImageNet (ILSVRC-2012) from a local root: named by the paper presets, refused until the "
+                    "suite can stream data", loader=_refuse_imagenet,
     ),
 )})
 

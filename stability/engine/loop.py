@@ -10,7 +10,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import Config
@@ -66,6 +65,8 @@ def draw_batch(members: Members, spec: TrainSpec) -> tuple[Tensor, Tensor]:
 def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_step: int) -> Members:
     """Train all members from ``members.step`` to ``end_step`` in lockstep; returns the same object."""
     schedule = Schedule(spec.cfg, spec.ipe)
+    model.configure(spec.cfg.runtime)
+    hand_written = model.hand_written_backward and not model.compile
     plist = [members.params[n] for n in model.param_names]
     for p in plist:
         p.requires_grad_(True)
@@ -75,7 +76,6 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
     masks = [spec.masks.get(n) if spec.masks else None for n in model.param_names]
     held = _held_values(plist, masks) if spec.freeze else None
     masked = any(m is not None for m in masks)
-    n = members.n
     members.optimizer = opt
     fast_update = opt.update if isinstance(opt, _MemberwiseFusedAdam) else None
     dropout_gens = members.dropout_generators(spec.data.x_train.device) if model.dropout else None
@@ -93,12 +93,12 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
         # The hand-written MLP backward overwrites the gradients in place. Otherwise set_to_none:
         # backward hands its fresh gradient to each parameter instead of zero-filling the old one
         # and adding into it (two extra passes over every weight).
-        loss = model.fc_loss_and_grads(members.params, x, y) if model.hand_written_backward else None
+        # Under runtime.precision = "bf16" both ways run their matmuls in bf16 and hand float32 gradients to
+        # the float32 weights; a compiled step always takes autograd (the compiler writes its own backward).
+        loss = model.fc_loss_and_grads(members.params, x, y) if hand_written else None
         if loss is None:
             opt.zero_grad(set_to_none=True)
-            out = model.logits(members.params, members.buffers, x, train=True, shared_input=False,
-                               dropout_gens=dropout_gens)
-            loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
+            loss = model.train_loss(members.params, members.buffers, x, y, dropout_gens)
             loss.sum().backward()
         # One host sync a step (the progress hook needs the value anyway): the mean is finite only when
         # every member's loss is. A non-finite loss stops training before it touches the weights.

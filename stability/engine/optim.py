@@ -19,7 +19,7 @@ from ..steps import to_iterations
 
 
 class Schedule:
-    """Learning rate at iteration t: warmup x (constant | step decay | cosine)."""
+    """Learning rate at iteration t: warmup x (constant | step decay | cosine | linear decay)."""
 
     def __init__(self, cfg: Config, ipe: int):
         self.base = cfg.optimizer.lr
@@ -28,6 +28,7 @@ class Schedule:
         self.total = to_iterations(cfg.training.steps, ipe, "training.steps")
         self.milestones = sorted(to_iterations(m, ipe, "schedule.milestones") for m in cfg.schedule.milestones)
         self.warmup = to_iterations(cfg.schedule.warmup, ipe, "schedule.warmup")
+        self.final = cfg.schedule.final_lr
 
     def lr(self, t: int) -> float:
         """Learning rate used for the update from iteration t to t+1."""
@@ -38,6 +39,8 @@ class Schedule:
             factor *= self.gamma ** sum(1 for m in self.milestones if t >= m)
         elif self.kind == "cosine":
             factor *= 0.5 * (1.0 + math.cos(math.pi * min(t, self.total) / max(self.total, 1)))
+        elif self.kind == "linear":  # from lr at step 0 to final_lr at the final step
+            factor *= 1.0 + (self.final / self.base - 1.0) * min(t, self.total) / max(self.total, 1)
         return self.base * factor
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..models import FullyConnected, dropout_noise, has_dropout
+from .precision import Compiled, autocast, compute_dtype
 
 
 class _StackedLinear(torch.autograd.Function):
@@ -24,6 +25,11 @@ class _StackedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        if torch.is_autocast_enabled(x.device.type):
+            # Under autocast the backward (run outside it) must see the same low-precision operands;
+            # autograd casts the gradients back to the float32 weights' dtype.
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w, b = x.to(dt), w.to(dt), b.to(dt)
         ctx.save_for_backward(x, w)
         return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
@@ -115,7 +121,57 @@ class StackedModel:
         no_bn = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self.channels_last_eval = bool(convs2d) and no_bn
         self.channels_last_train = self.channels_last_eval and min(m.out_channels for m in convs2d) >= 16
+        self._auto_layout = (self.channels_last_train, self.channels_last_eval, bool(convs2d))
         self._slots = self._tensor_slots(model)
+        # Set by ``configure`` from the run's [runtime] settings: autocast dtypes, compiled callables.
+        self.train_dtype: torch.dtype | None = None
+        self.eval_dtype: torch.dtype | None = None
+        self.compile = False
+        self.quiet = False
+        self._compiled: dict[str, Compiled] = {}
+
+    def configure(self, runtime: Any) -> StackedModel:
+        """Apply ``runtime.precision``, ``eval_precision``, ``compile`` and ``channels_last``; returns self."""
+        self.train_dtype = compute_dtype(runtime.precision)
+        self.eval_dtype = compute_dtype(runtime.eval_precision)
+        self.compile = bool(runtime.compile)
+        self.quiet = bool(runtime.quiet)
+        train_cl, eval_cl, has_conv2d = self._auto_layout
+        layout = runtime.channels_last
+        if layout == "on":
+            train_cl = eval_cl = has_conv2d
+        elif layout == "off":
+            train_cl = eval_cl = False
+        self.channels_last_train, self.channels_last_eval = train_cl, eval_cl
+        return self
+
+    @property
+    def compile_seconds(self) -> float:
+        """Wall time spent compiling (first calls of the compiled step and evaluation)."""
+        return sum(c.seconds for c in self._compiled.values())
+
+    def _maybe_compiled(self, what: str, fn: Any) -> Any:
+        if not self.compile:
+            return fn
+        if what not in self._compiled:
+            self._compiled[what] = Compiled(fn, f"{what} of {type(self.model).__name__}", self.quiet)
+        return self._compiled[what]
+
+    def train_loss(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                   dropout_gens: Sequence[torch.Generator] | None = None) -> Tensor:
+        """Mean training cross-entropy per member ``[N]`` (float32), in the configured precision, with a graph
+        for ``backward``; compiled when ``compile`` is set (members with dropout run uncompiled)."""
+        if self.compile and not dropout_gens:
+            step = self._maybe_compiled("the training step", self._train_loss)
+            return step(dict(params), dict(buffers), x, y, signature=(tuple(x.shape), x.dtype))
+        return self._train_loss(params, buffers, x, y, dropout_gens)
+
+    def _train_loss(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                    dropout_gens: Sequence[torch.Generator] | None = None) -> Tensor:
+        with autocast(x.device, self.train_dtype):
+            out = self.logits(params, buffers, x, train=True, shared_input=False, dropout_gens=dropout_gens)
+        n = out.shape[0]
+        return F.cross_entropy(out.float().flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
 
     def _tensor_slots(self, model: nn.Module) -> dict[str, tuple[dict, str]] | None:
         """Where each parameter and buffer lives (its module's dict and key), for swapping members in.
@@ -233,6 +289,9 @@ class StackedModel:
         """
         if self._fc is None:
             return None
+        dt = self.train_dtype
+        if dt is not None:
+            return self._fc_loss_and_grads_low(params, x, y, dt)
         acts = [x.flatten(2)]
         last = len(self._fc) - 1
         for i, (wn, bn) in enumerate(self._fc):
@@ -255,6 +314,39 @@ class StackedModel:
             b.grad = torch.sum(g, 1, out=b.grad)
             if i:
                 g = torch.ops.aten.threshold_backward(torch.bmm(g, w), acts[i], 0)
+        return loss
+
+    def _fc_loss_and_grads_low(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, dt: torch.dtype) -> Tensor:
+        """``fc_loss_and_grads`` with the matmuls in ``dt`` (bf16), as autocast would run them: the weights
+        are cast once per step, log-softmax, the loss and the bias gradients are float32, and every gradient
+        is handed to its float32 parameter in float32."""
+        assert self._fc is not None
+        last = len(self._fc) - 1
+        ws = [params[wn].to(dt) for wn, _ in self._fc]
+        acts = [x.flatten(2).to(dt)]
+        for i, (_, bn) in enumerate(self._fc):
+            h = torch.baddbmm(params[bn].to(dt).unsqueeze(1), acts[-1], ws[i].transpose(1, 2))
+            if i < last:
+                h.clamp_min_(0)
+            acts.append(h)
+        logp = torch.log_softmax(acts.pop().float(), -1)
+        target = y.unsqueeze(-1)
+        loss = logp.gather(-1, target).squeeze(-1).mean(1).neg_()
+        g = logp.exp_()
+        g.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=g.dtype, device=g.device))
+        g.mul_(1.0 / y.shape[1])
+        for i in range(last, -1, -1):
+            wn, bn = self._fc[i]
+            w, b = params[wn], params[bn]
+            b.grad = torch.sum(g, 1, dtype=b.dtype, out=b.grad)
+            g = g.to(dt)
+            gw = torch.bmm(g.transpose(1, 2), acts[i])
+            if w.grad is None:
+                w.grad = gw.to(w.dtype)
+            else:
+                w.grad.copy_(gw)
+            if i:
+                g = torch.ops.aten.threshold_backward(torch.bmm(g, ws[i]), acts[i], 0)
         return loss
 
     def _member_loop_logits(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,
@@ -308,7 +400,9 @@ class StackedModel:
 
     @torch.no_grad()
     def evaluate(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy loss and error (fraction) per member, eval mode, on (x, y)."""
+        """Mean cross-entropy loss and error (fraction) per member, eval mode, on (x, y).
+
+        In float32 unless ``configure`` asked for ``eval_precision = "bf16"``; compiled when ``compile`` is set."""
         n_members = next(iter(params.values())).shape[0]
         loss = torch.zeros(n_members, dtype=torch.float64, device=x.device)
         wrong = torch.zeros(n_members, dtype=torch.float64, device=x.device)
@@ -316,12 +410,24 @@ class StackedModel:
             return torch.full((n_members,), float("nan")), torch.full((n_members,), float("nan"))
         for start in range(0, len(x), batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            out = self.logits(params, buffers, xb, train=False, shared_input=True)
-            ce = F.cross_entropy(out.flatten(0, 1), yb.repeat(n_members), reduction="none").view(n_members, -1)
-            loss += ce.sum(1).double()
-            wrong += (out.argmax(-1) != yb).sum(1).double()
+            if self.compile:
+                ev = self._maybe_compiled("the stacked evaluation", self._eval_batch)
+                ce, wr = ev(dict(params), dict(buffers), xb, yb, signature=(tuple(xb.shape), xb.dtype))
+            else:
+                ce, wr = self._eval_batch(params, buffers, xb, yb)
+            loss += ce.double()
+            wrong += wr.double()
         return (loss / len(x)).cpu(), (wrong / len(x)).cpu()
 
+    def _eval_batch(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,
+                    y: Tensor) -> tuple[Tensor, Tensor]:
+        """Summed cross-entropy and wrong answers per member on one shared batch."""
+        with autocast(x.device, self.eval_dtype):
+            out = self.logits(params, buffers, x, train=False, shared_input=True)
+        n = out.shape[0]
+        out = out.float()
+        ce = F.cross_entropy(out.flatten(0, 1), y.repeat(n), reduction="none").view(n, -1)
+        return ce.sum(1), (out.argmax(-1) != y).sum(1)
 
 def stack_states(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     """Stack per-member state dicts into ``{name: [N, ...]}``."""

@@ -115,6 +115,11 @@ def grid_status(root: str | Path) -> list[dict[str, Any]]:
 
 
 
+# The rate print_plan turns FLOPs into GPU-hours at: an assumption (about a third of an A100's 312 TFLOP/s
+# dense bf16 peak), printed beside the figure it gives.
+GPU_RATE_FLOPS = 100e12
+
+
 def print_plan(plan: Plan, file: Any = None) -> None:
     """Units per stage, what is complete, and the work they need (iterations, FLOPs)."""
     file = file or sys.stdout
@@ -136,3 +141,6 @@ def print_plan(plan: Plan, file: Any = None) -> None:
         print(f"{wave:<12} {len(units):>6} {len(done):>9} {len(todo):>7} {iters:>12,} {flops / 1e12:>9.3f}", file=file)
     print(f"{'total':<12} {len(plan.units):>6} {'':>9} {'':>7} {total_iters:>12,} {total_flops / 1e12:>9.3f}",
           file=file)
+    print(f"about {total_flops / GPU_RATE_FLOPS / 3600:,.1f} GPU-hours of arithmetic at a sustained "
+          f"{GPU_RATE_FLOPS / 1e12:g} TFLOP/s (a stated rate, not a measurement: a lower bound, as small networks are "
+          "bound by per-step overhead and data loading, which are not counted)", file=file)

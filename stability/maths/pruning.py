@@ -242,6 +242,7 @@ def prune(
     generator: torch.Generator | None = None,
     criterion: str = "large_final",
     initial: Mapping[str, Tensor] | None = None,
+    invert: bool = False,
 ) -> Masks:
     """New masks with ``fraction`` of the surviving weights in ``masks`` removed by ``strategy``.
 
@@ -252,6 +253,7 @@ def prune(
     are not modified, and every pruned entry stays pruned. ``criterion`` (``CRITERIA``, Zhou
     et al. 2019) scores the survivors from ``weights`` (w_f) and ``initial`` (w_i, the weights at
     the rewind point) for the ``global`` and ``layerwise`` strategies; ``large_final`` is magnitude.
+    ``invert`` keeps the lowest-scored weights instead (Frankle et al. 2021's sanity check; not ``random``).
     """
     _check_fraction(fraction)
     if criterion != "large_final" and strategy not in ("global", "layerwise"):
@@ -266,6 +268,9 @@ def prune(
         raise ConfigError(
             f"pruning.rate_overrides: per-layer rates only apply to strategy 'layerwise', not {strategy!r}"
         )
+    if invert and strategy == "random":
+        raise ConfigError("imp.invert_scores: strategy 'random' has no scores to invert")
+    sign = -1.0 if invert else 1.0
     if not masks:
         return {}
     survive = _surviving(weights, masks)
@@ -281,7 +286,7 @@ def prune(
             init = [initial[name].detach().reshape(-1).to(alive.device)[idx]] if initial is not None else None
             (scores,) = criterion_scores(criterion, [weights[name].detach().reshape(-1).to(alive.device)[idx]], init,
                                          generator)
-            order = torch.sort(scores, stable=True).indices
+            order = torch.sort(sign * scores, stable=True).indices
             removed[name] = idx[order[:count]]
         return _drop(masks, survive, removed)
 
@@ -303,7 +308,7 @@ def prune(
         else:  # lamp
             scores = lamp_scores(weights, masks)
             parts = [scores[n].reshape(-1).to(device)[i] for n, i in zip(names, idxs)]
-        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+        flat = sign * torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
         picked = torch.sort(flat, stable=True).indices[:count]
     # Map each picked position in the concatenation back to (tensor, position among its survivors).
     ends = torch.cumsum(torch.tensor(sizes, device=device), 0)

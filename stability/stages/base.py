@@ -24,6 +24,7 @@ from ..config import Config, settings_hash
 from ..config.nested import flat_paths, flat_settings
 from ..errors import CheckpointError, RecordError, TrainingDiverged
 from ..store.files import RunDir
+from ..trackers import log_finished
 
 if TYPE_CHECKING:
     from ..engine import Members
@@ -79,6 +80,7 @@ def run_once(run: RunDir, *, load: Callable[[RunDir], R | None], start: Callable
             raise
         done: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 3)} if timed else {}
         run.update(status="complete", **done)
+        log_finished(run)  # runtime.trackers, once per computed run (a reused run logs nothing)
         return result
 
 

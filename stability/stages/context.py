@@ -19,6 +19,7 @@ from ..methods.base import Method
 from ..models import build_model
 from ..plugins import load_plugins
 from ..steps import to_iterations
+from ..trackers import require as require_trackers
 
 __all__ = ["Context", "prepare"]
 
@@ -77,6 +78,7 @@ def prepare(cfg: Config) -> Context:
     """Validate settings, pick device and threads, load data and build the model template."""
     load_plugins(cfg.runtime.plugins)  # before validating: plugins register models, datasets and methods
     validate_run(cfg)
+    require_trackers(cfg.runtime.trackers)  # an unknown or missing tracker stops here, before anything is written
     device = resolve_device(cfg.runtime.device)
     configure_threads(cfg.runtime.threads)
     data = _cached_dataset(cfg.dataset, str(device))

@@ -128,7 +128,7 @@ def resumable_train(ctx: Context, run: RunDir, start: Members, end_step: int, *,
     run ``diverged`` in its manifest and raises TrainingDiverged.
     """
     cfg = ctx.cfg
-    sm = StackedModel(ctx.model)
+    sm = StackedModel(ctx.model).configure(cfg.runtime)  # precision, compile and layout of training and metrics
     schedule = Schedule(cfg, ctx.ipe)
     keep = set(keep)
     state_every = to_iterations(cfg.training.checkpoint_every, ctx.ipe)

@@ -156,7 +156,8 @@ SWEEP_COLUMNS = ["rewind_step", "split", "instability_mean", "instability_std", 
 LEVEL_COLUMNS = ["replicate", "level", "kind", "density", "final_test_accuracy", "final_test_loss",
                  "early_stop_step", "early_stop_test_accuracy", "early_stop_val_loss", "trajectory_length",
                  "instability", "rewind_step", "status", "criterion", "mask1", "mask0", "mask_source",
-                 "supermask_test_accuracy", "updated_fraction", "backward_flops_saved"]
+                 "supermask_test_accuracy", "updated_fraction", "backward_flops_saved", "strategy", "retrain",
+                 "mask_shuffle", "invert_scores"]
 # hessian.csv: the point (step, or rewind_step and alpha), lambda_1..lambda_k, then these
 HESSIAN_COLUMNS = ["lambda_1", "lambda_min", "trace", "trace_stderr", "n_hvp", "seconds"]
 DENSITY_COLUMNS = ["x", "density"]

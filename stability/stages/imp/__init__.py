@@ -8,10 +8,16 @@ and the network is trained to the end. ``rewind = auto`` rewinds to the dense
 network's first stable step, found by an instability sweep (the stabilized
 lottery ticket hypothesis).
 
+``retrain`` (Renda et al. 2020): ``rewind`` (above), ``lr_rewind`` (the previous level's final weights,
+the schedule replayed from the rewind step) or ``finetune`` (those weights at the schedule's final
+learning rate), each for T - k steps. Strategies ``snip``, ``grasp`` and ``synflow`` prune at the rewind
+point instead (one-shot to each level's density; ``maths.saliency``). The sanity checks of Frankle et
+al. 2021: ``mask_shuffle = layer`` and ``invert_scores``.
+
 Baselines trained alongside each level, batched as extra members: ``reinit``
 (the same mask, weights from a fresh initialization with another init seed,
 trained over the same steps) and ``random`` (a random mask with the same
-per-layer densities, the same rewound weights).
+per-layer densities, the same start weights as the ticket).
 
 Each finished level is stored before the next starts, and a level in progress
 saves a resumable state, so a killed run rerun with the same command resumes.
@@ -27,8 +33,8 @@ from __future__ import annotations
 from .levels import IMP_STAGE, resolve_rewind_step, run_imp
 from .masks import MaskSource, mask_source
 from .naming import imp_dir, imp_key
-from .settings import BASELINES, ImpSettings, check_method, imp_settings
+from .settings import BASELINES, IMP_STRATEGIES, RETRAINS, ImpSettings, check_method, imp_settings
 from .summary import ImpResult
 
-__all__ = ["BASELINES", "IMP_STAGE", "ImpResult", "ImpSettings", "MaskSource", "check_method", "imp_dir", "imp_key",
+__all__ = ["BASELINES", "IMP_STAGE", "IMP_STRATEGIES", "RETRAINS", "ImpResult", "ImpSettings", "MaskSource", "check_method", "imp_dir", "imp_key",
            "imp_settings", "mask_source", "resolve_rewind_step", "run_imp"]

@@ -22,7 +22,7 @@ import torch
 
 from ...config import Config
 from ...config.nested import flat_settings
-from ...engine import Members
+from ...engine import Members, Schedule
 from ...errors import CheckpointError, ConfigError, RecordError, TrainingDiverged
 from ...maths.flops import backward_macs, layer_costs, weight_gradient_saved
 from ...maths.health import chance_error
@@ -235,7 +235,9 @@ def _replicate(cfg: Config, ctx: Context, settings: ImpSettings, sweep: Instabil
     dense = trunk_checkpoint(rctx, ctx.total_steps).member_state_dict(0)
     design = {"criterion": settings.criterion if source is None else "",
               "mask1": settings.mask1, "mask0": settings.mask0,
-              "mask_source": "own" if source is None else Path(source.run_dir).name}
+              "mask_source": "own" if source is None else Path(source.run_dir).name,
+              "strategy": settings.strategy if source is None else "", "retrain": settings.retrain,
+              "mask_shuffle": settings.mask_shuffle, "invert_scores": settings.invert_scores}
     return _Replicate(rcfg, rctx, settings, sweep, run, head, trunk, rewind,
                       basis(rctx, settings, r, dense, rewind.member_state_dict(0), source), design,
                       layer_costs(rctx.model, ctx.data.input_shape))
@@ -304,7 +306,7 @@ class _Trained:
 
 def _train_level(rep: _Replicate, files: _LevelFiles, start: LevelStart, level: int) -> _Trained:
     """Train the level's members, stacked, from the rewind step to the end (resumable)."""
-    ctx, freeze, r = rep.ctx, rep.settings.mask0 != "zero", rep.head.replicate
+    ctx, freeze, r = retrain_context(rep.ctx, rep.settings), rep.settings.mask0 != "zero", rep.head.replicate
     stacked_masks = {n: torch.stack([start.masks[k][n] for k in start.kinds]).to(ctx.device) for n in rep.basis.names}
     n = len(start.kinds)
     members = Members.from_model_states([start.states[k] for k in start.kinds], list(rep.rewind.params),
@@ -342,13 +344,25 @@ def _level_rows(rep: _Replicate, files: _LevelFiles, start: LevelStart, trained:
                     "backward_flops_saved": weight_gradient_saved(rep.costs, masks) / backward_macs(rep.costs)}
         if kind == "imp" and trained.supermask is not None:
             measured["supermask_test_accuracy"] = trained.supermask
-        if kind == "imp" and rep.settings.instability:
+        if kind == "imp" and rep.settings.instability:  # siblings of the start, trained as the level is
+            tctx = retrain_context(rep.ctx, rep.settings)
             measured["instability"] = sparse_instability(
-                rep.cfg, rep.ctx, rep.sweep, trained.rewound, masks, rep.head.rewind_step,
+                tctx.cfg, tctx, rep.sweep, trained.rewound, masks, rep.head.rewind_step,
                 f"r{rep.head.replicate}-level{level}-{files.dir.hash}", rep.settings.mask0 != "zero")
         rows.append(level_row(rep.head, level, kind, mask_density(masks), measured))
     write_json(files.record, {"rows": rows, "layer_densities": layer_densities(start.masks["imp"])})
     return rows
+
+
+def retrain_context(ctx: Context, settings: ImpSettings) -> Context:
+    """The context a level trains in: ``finetune`` holds the schedule's final learning rate (that of the last
+    step, warmup included) for all T - k steps; otherwise the run's own."""
+    if settings.retrain != "finetune":
+        return ctx
+    final_lr = Schedule(ctx.cfg, ctx.ipe).lr(ctx.total_steps - 1)
+    cfg = ctx.cfg.with_overrides({"optimizer.lr": repr(final_lr), "schedule.kind": "constant",
+                                  "schedule.warmup": "0it"})
+    return Context(cfg, ctx.device, ctx.data, ctx.model, ctx.ipe, ctx.total_steps)
 
 
 def _single(members: Members, i: int) -> Members:
@@ -358,4 +372,4 @@ def _single(members: Members, i: int) -> Members:
                    [members.aug_seeds[i]])
 
 
-__all__ = ["IMP_STAGE", "ImpStage", "resolve_rewind_step", "run_imp"]
+__all__ = ["IMP_STAGE", "ImpStage", "resolve_rewind_step", "retrain_context", "run_imp"]

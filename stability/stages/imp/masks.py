@@ -29,6 +29,7 @@ from ...maths.pruning import (
     prune,
     random_masks_like,
 )
+from ...maths.saliency import DATA_DRIVEN, PAI_STRATEGIES, pai_masks, shuffle_within_layers
 from ...models.build import output_layer_name
 from ...store.files import load_tensors, read_json, tensors_digest
 from ...store.schema import MANIFEST, MASKS, mask_name
@@ -50,7 +51,7 @@ def prunable(ctx: Context, settings: ImpSettings) -> list[str]:
 
 def rate_overrides(ctx: Context, settings: ImpSettings, names: list[str]) -> dict[str, float] | None:
     """Layerwise per-tensor rates (``conv_fraction``, ``rate_overrides``), or a ConfigError naming the layers."""
-    if settings.strategy != "layerwise":
+    if settings.strategy not in ("layerwise", *PAI_STRATEGIES):
         return None
     rates: dict[str, float] = {}
     if settings.conv_fraction:
@@ -151,6 +152,9 @@ class Basis:
     mask1_fresh: State | None  # mask1 = reinit: the fresh draw the ticket's kept weights start from
     reinit: State | None  # the reinit baseline's start: a fresh initialization with another seed
     source: MaskSource | None  # mask_from: the transferred masks, instead of pruning
+    model: torch.nn.Module | None = None  # snip, grasp, synflow: the network the scores are computed through
+    batch: tuple[Tensor, Tensor] | None = None  # snip, grasp: the seeded batch of training data
+    input_shape: tuple[int, ...] = ()  # synflow: the shape of the all-ones input
 
 
 def basis(ctx: Context, settings: ImpSettings, replicate: int, dense: State, rewind: State,
@@ -162,7 +166,13 @@ def basis(ctx: Context, settings: ImpSettings, replicate: int, dense: State, rew
              if settings.mask1 == "reinit" else None)
     reinit = (ctx.new_model(seed=derive_seed(seed, "reinit", replicate)).state_dict()
               if "reinit" in settings.baselines else None)
-    return Basis(replicate, names, rate_overrides(ctx, settings, names), dense, rewind, fresh, reinit, source)
+    batch = None
+    if settings.strategy in DATA_DRIVEN:  # drawn once per replicate, the same at every level
+        gen = torch.Generator().manual_seed(derive_seed(settings.pruning_seed, "score-batch", replicate))
+        pick = torch.randperm(ctx.data.n_train, generator=gen)[:settings.score_batch].to(ctx.data.x_train.device)
+        batch = (ctx.data.x_train.index_select(0, pick), ctx.data.y_train.index_select(0, pick))
+    return Basis(replicate, names, rate_overrides(ctx, settings, names), dense, rewind, fresh, reinit, source,
+                 ctx.model, batch, tuple(ctx.data.input_shape))
 
 
 @dataclass
@@ -196,16 +206,33 @@ class Lineage:
 def choose_masks(lineage: Lineage, level: int, device: torch.device) -> Masks:
     """Level ``level``'s mask: transferred, pruned one-shot from the dense network, or pruned from the latest level."""
     settings, basis = lineage.settings, lineage.basis
+    masks = _chosen(lineage, level, device)
+    if settings.mask_shuffle == "layer":  # the sanity check: each layer's mask permuted, its density kept
+        masks = shuffle_within_layers(masks, torch.Generator().manual_seed(
+            derive_seed(settings.pruning_seed, "mask-shuffle", basis.replicate, level)))
+    return masks
+
+
+def _chosen(lineage: Lineage, level: int, device: torch.device) -> Masks:
+    settings, basis = lineage.settings, lineage.basis
     if basis.source is not None:  # checked to fit the model when the source was read
         return basis.source.masks(basis.replicate, level, device)
+    if settings.strategy in PAI_STRATEGIES:  # one-shot from the rewind point to the level's density
+        density = (1 - settings.prune_fraction) ** level
+        layer = {n: (1 - r) ** level for n, r in (basis.rates or {}).items()}
+        assert basis.model is not None
+        return pai_masks(settings.strategy, basis.model, basis.rewind, dense_masks(basis.rewind, basis.names),
+                         density, batch=basis.batch, input_shape=basis.input_shape, rounds=settings.synflow_rounds,
+                         layer_density=layer, invert=settings.invert_scores)
     gen = torch.Generator().manual_seed(derive_seed(settings.pruning_seed, "prune", basis.replicate, level))
     if settings.one_shot:
         fraction = 1 - (1 - settings.prune_fraction) ** level
         return prune(basis.dense, dense_masks(basis.dense, basis.names), fraction, settings.strategy,
                      rate_overrides=_scaled_rates(basis.rates, level), generator=gen, criterion=settings.criterion,
-                     initial=basis.rewind)
+                     initial=basis.rewind, invert=settings.invert_scores)
     return prune(lineage.final, lineage.masks, settings.prune_fraction, settings.strategy,
-                 rate_overrides=basis.rates, generator=gen, criterion=settings.criterion, initial=basis.rewind)
+                 rate_overrides=basis.rates, generator=gen, criterion=settings.criterion, initial=basis.rewind,
+                 invert=settings.invert_scores)
 
 
 @dataclass(frozen=True)
@@ -221,14 +248,16 @@ def level_starts(lineage: Lineage, level: int) -> LevelStart:
     """The ticket (the lineage's latest mask, started as mask-1 and mask-0 say) and its baselines at ``level``."""
     settings, basis = lineage.settings, lineage.basis
     r, masks = basis.replicate, lineage.masks
+    # rewind: the weights at the rewind step; lr_rewind and finetune: the previous level's final weights
+    begin = basis.rewind if settings.retrain == "rewind" else lineage.final
     member_masks = {"imp": masks}
-    states = {"imp": mask1_start(settings.mask1, basis.rewind, masks, fresh=basis.mask1_fresh,
+    states = {"imp": mask1_start(settings.mask1, begin, masks, fresh=basis.mask1_fresh,
                                  generator=torch.Generator().manual_seed(
                                      derive_seed(settings.pruning_seed, "mask1", r, level)))}
     if "random" in settings.baselines:
         member_masks["random"] = random_masks_like(masks, torch.Generator().manual_seed(
             derive_seed(settings.pruning_seed, "random-baseline", r, level)))
-        states["random"] = basis.rewind
+        states["random"] = begin
     if "reinit" in settings.baselines:
         member_masks["reinit"] = masks
         states["reinit"] = basis.reinit

@@ -9,10 +9,16 @@ from ...config import Config, settings_from_table
 from ...errors import ConfigError
 from ...maths.health import DEFAULT_CHANCE_MARGIN, check_margin
 from ...maths.pruning import CRITERIA, MASK0_ACTIONS, MASK1_ACTIONS, STRATEGIES
+from ...maths.saliency import DATA_DRIVEN, MASK_SHUFFLES, PAI_STRATEGIES
 from ...methods import method_of
 from ...steps import Step
 
 BASELINES = ("reinit", "random")
+IMP_STRATEGIES = (*STRATEGIES, *PAI_STRATEGIES)  # magnitude-style strategies, then pruning at initialization
+# How a pruned network is retrained (Renda et al. 2020): weights and schedule back to the rewind step; the
+# previous level's final weights with the schedule replayed from the rewind step; or those weights at the
+# schedule's final learning rate. Every one trains T - k steps.
+RETRAINS = ("rewind", "lr_rewind", "finetune")
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,7 @@ class ImpSettings:
 
     levels: int = 5
     prune_fraction: float = 0.2  # of the surviving weights, per level
-    strategy: str = "global"  # global | layerwise | lamp | random
+    strategy: str = "global"  # global | layerwise | lamp | random | snip | grasp | synflow (IMP_STRATEGIES)
     rewind: str = "0"  # "0" | a step like "500it" | "auto" (first stable step of the dense network)
     one_shot: bool = False  # prune the dense network's final weights straight to each level's density
     baselines: tuple[str, ...] = ()  # reinit, random
@@ -37,6 +43,11 @@ class ImpSettings:
     mask0: str = "zero"  # what the removed weights do (pruning.MASK0_ACTIONS): zero, freeze, freeze_if_moving_away
     mask_from: str = ""  # an IMP run directory whose masks this run trains (ticket transfer) instead of pruning
     chance_margin: float = DEFAULT_CHANCE_MARGIN  # networks this close to chance error are flagged untrained
+    retrain: str = "rewind"  # RETRAINS: rewind | lr_rewind | finetune (Renda et al. 2020)
+    score_batch: int = 256  # snip, grasp: training examples (drawn with pruning_seed) the scores are computed on
+    synflow_rounds: int = 100  # synflow: pruning rounds, exponential schedule
+    mask_shuffle: str = "none"  # none | layer: each level's mask permuted within each layer (Frankle et al. 2021)
+    invert_scores: bool = False  # keep the lowest-scored weights instead of the highest (Frankle et al. 2021)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -48,8 +59,25 @@ class ImpSettings:
             raise ConfigError(f"imp.levels: must be at least 1, got {self.levels}")
         if not 0 < self.prune_fraction < 1:
             raise ConfigError(f"imp.prune_fraction: must be in (0, 1), got {self.prune_fraction}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"imp.strategy: unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.strategy not in IMP_STRATEGIES:
+            raise ConfigError(f"imp.strategy: unknown strategy {self.strategy!r}; choose one of "
+                              f"{', '.join(IMP_STRATEGIES)}")
+        if self.retrain not in RETRAINS:
+            raise ConfigError(f"imp.retrain: unknown retraining {self.retrain!r}; choose one of {', '.join(RETRAINS)}")
+        if self.retrain != "rewind" and self.strategy in PAI_STRATEGIES:
+            raise ConfigError(f"imp.retrain: {self.retrain!r} retrains trained weights; strategy {self.strategy!r} "
+                              "prunes at the rewind point, so use imp.retrain = rewind")
+        if self.strategy in DATA_DRIVEN and (isinstance(self.score_batch, bool) or self.score_batch < 1):
+            raise ConfigError(f"imp.score_batch: strategy {self.strategy!r} scores weights on a batch of training "
+                              f"data; must be at least 1 example, got {self.score_batch}")
+        if isinstance(self.synflow_rounds, bool) or self.synflow_rounds < 1:
+            raise ConfigError(f"imp.synflow_rounds: must be at least 1, got {self.synflow_rounds}")
+        if self.mask_shuffle not in MASK_SHUFFLES:
+            raise ConfigError(f"imp.mask_shuffle: unknown shuffle {self.mask_shuffle!r}; choose one of "
+                              f"{', '.join(MASK_SHUFFLES)}")
+        if self.invert_scores and self.strategy == "random":
+            raise ConfigError("imp.invert_scores: strategy 'random' has no scores to invert; choose one of "
+                              f"{', '.join(s for s in IMP_STRATEGIES if s != 'random')}")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ConfigError(f"imp.baselines: unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
@@ -91,4 +119,4 @@ def check_method(cfg: Config) -> None:
                           "run IMP with training.method = standard")
 
 
-__all__ = ["BASELINES", "ImpSettings", "check_method", "imp_settings"]
+__all__ = ["BASELINES", "IMP_STRATEGIES", "RETRAINS", "ImpSettings", "check_method", "imp_settings"]
