@@ -201,3 +201,22 @@ def test_export_sends_each_finished_run_once(logged, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == sorted(finished)
     assert all(len(list((tmp_path / "tb" / name).glob("events.out.tfevents.*"))) == 1 for name in finished)
     assert main(["export", str(root), "--to", "neptune"]) == 2
+
+
+def test_a_grid_logs_each_unit_grouped_by_the_grid_name(tmp_path):
+    """Every unit of a grid logs to its own tracker run under the grid's name (the file's stem), with the axis values
+    among the logged settings; the group names no run."""
+    grid = tmp_path / "tiny_widths.toml"
+    grid.write_text('preset = "lenet300_mnist5k"\nstages = ["instability"]\n\n[set]\n"model.width" = 0.1\n'
+                    '"training.steps" = "20it"\n"training.batch_size" = 32\n"training.eval_every" = "10it"\n'
+                    f'"runtime.trackers" = ["tensorboard:{tmp_path / "tb"}"]\n\n[axes]\n"training.noise_seed" = [0, 1]\n\n'
+                    '[instability]\nrewind_points = ["0it"]\nsiblings = 2\nalphas = 3\n')
+    root = tmp_path / "runs"
+    assert main(["grid", str(grid), "--out", str(root)]) == 0
+    finished = sorted(p.name for p in trackers.finished_runs(root))
+    assert finished and sorted(p.name for p in (tmp_path / "tb" / "tiny_widths").iterdir()) == finished
+    # the same settings without the group name the same runs
+    from stability.grid.plan import load_grid
+
+    assert load_grid(grid).base.runtime.tracker_group == "tiny_widths"
+    assert load_grid(grid, {"runtime.tracker_group": "other"}).base.runtime.tracker_group == "other"

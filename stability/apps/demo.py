@@ -4,7 +4,7 @@ Instability sweeps of ``lenet300_mnist5k`` and ``lenet5_mnist5k`` (a small conv 
 MNIST digits), loss planes through the LeNet-5 trunk and two siblings (unstable at step 0, stable at the first
 stable step) and Bezier curves between siblings and between independent networks, a Hessian track over the LeNet trunk and along one interpolation
 path, IMP of LeNet-5 rewinding to step 0 and to its first stable step with both baselines,
-every figure, and ``summary.md``. About 6 minutes on 2 quiet CPU cores; ``--full``
+every figure, and ``summary.md``. About 8 minutes on 2 quiet CPU cores; ``--full``
 runs the larger settings kept in ``results/reference/``.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .demo_landscape import landscape_jobs, landscape_lines
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo's jobs: the default takes about 6 minutes on 2 quiet CPU cores."""
+    """Sizes of the demo's jobs: the default takes about 8 minutes on 2 quiet CPU cores."""
 
     siblings: int = 3
     lenet_rewind: tuple[str, ...] = ("independent", "0it", "5it", "10it", "25it", "50it", "100it", "200it")

@@ -172,9 +172,11 @@ class RuntimeConfig:
     # Where finished runs are also sent (stability.trackers): "tensorboard", "wandb", "mlflow", each optionally
     # "NAME:TARGET" (a log root, a W&B project, an MLflow tracking URI). Never names a run.
     trackers: tuple[str, ...] = ()
+    # The tracker group of the run (a W&B group, an MLflow experiment, a TensorBoard subfolder); a grid sets its name.
+    tracker_group: str = ""
 
     UNHASHED = ("device", "threads", "results_root", "quiet", "eval_batch_size", "accept_other_versions", "plugins",
-                "compile", "channels_last", "trackers")
+                "compile", "channels_last", "trackers", "tracker_group")
 
 
 SECTIONS: dict[str, type] = {

@@ -150,6 +150,8 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
         raise ConfigError(f"grid.stages: a list drawn from {', '.join(STAGES)}, got {stages!r}")
     fixed = dict(data.get("set", {}))
     base = base.with_overrides(fixed).with_overrides(dict(overrides or {}))
+    if not base.runtime.tracker_group:  # each unit logs to its own tracker run, grouped by the grid's name
+        base = base.with_overrides({"runtime.tracker_group": Path(path).stem})
     # workers (Ray, Slurm) may start in other directories: the shared results root is an absolute path
     base = base.with_overrides({"runtime.results_root": os.path.abspath(base.runtime.results_root)})
     axes = data.get("axes", {})

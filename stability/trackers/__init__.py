@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..store.files import RunDir
 from ..store.schema import MANIFEST
-from .records import Report, read_report, trackers_of
+from .records import Report, read_report, tracker_group_of, trackers_of
 from .sinks import SINKS, Sink
 
 __all__ = ["TRACKERS", "Report", "export", "log_finished", "log_report", "read_report", "require", "sinks_for"]
@@ -71,11 +71,12 @@ def log_report(report: Report, sinks: Sequence[Sink]) -> list[str]:
 def log_finished(run: RunDir) -> None:
     """Log a run just marked complete to the trackers its settings name (nothing when they name none)."""
     try:
-        specs = trackers_of(run.manifest().get("config") or {})
+        config = run.manifest().get("config") or {}
+        specs = trackers_of(config)
         if not specs:
             return
         require(specs)
-        log_report(read_report(run.path), sinks_for(specs, run.root))
+        log_report(read_report(run.path, tracker_group_of(config)), sinks_for(specs, run.root))
     except Exception as exc:  # noqa: BLE001 - nor does reading what to log
         _warn_once("trackers", f"trackers could not log {run.path.name} ({type(exc).__name__}: {exc})")
 

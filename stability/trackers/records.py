@@ -108,6 +108,14 @@ def trackers_of(config: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def tracker_group_of(config: Mapping[str, Any]) -> str | None:
+    """The ``runtime.tracker_group`` a run was started with (a grid's name; None when not set)."""
+    for section in (config, config.get("training")):
+        if isinstance(section, Mapping) and isinstance(section.get("runtime"), Mapping):
+            return section["runtime"].get("tracker_group") or None
+    return None
+
+
 def _number(value: Any) -> float | None:
     try:
         x = float(value)
