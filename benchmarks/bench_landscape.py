@@ -19,6 +19,10 @@ Rates: ``nominal`` counts every grid point's full forward (2·MACs per example p
 FLOP/s and as a fraction of the 2048x2048 float32 ``torch.mm`` rate measured in the same process. Agreement: lmc
 against the loop on the same points, and lmc on loss-landscapes' own points (``directions=(b − a, c − a)``, its
 snake-ordered grid mapped back) against loss-landscapes. Nothing here asserts anything about time.
+
+Curves. Fitting a Bezier curve between two of the networks (``lmc.fit_curve``, ``--fit-steps`` iterations of batch
+128, then measured at 21 t with BatchNorm statistics recomputed) against training one network for the same
+iterations and batch by a plain PyTorch loop (SGD, momentum 0.9): the fit's cost as a ratio of a sibling's.
 """
 from __future__ import annotations
 
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--train-steps", type=int, default=None, help="training iterations (default 300; 30 quick)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats, best taken (default 3; 1 quick)")
+    ap.add_argument("--fit-steps", type=int, default=None, help="curve fitting iterations (default 1000; 100 quick)")
     args = ap.parse_args(argv)
     steps = args.train_steps or (30 if args.quick else 300)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -129,8 +134,36 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as root:
-        for label, preset, overrides in CASES:
-            case(label, context(preset, overrides, root, args.threads), args, steps, repeats, mm)
+        contexts = [(label, context(preset, overrides, root, args.threads)) for label, preset, overrides in CASES]
+        for label, ctx in contexts:
+            case(label, ctx, args, steps, repeats, mm)
+        fit_steps = args.fit_steps or (100 if args.quick else 1000)
+        print(f"\nBezier curve fit ({fit_steps} iterations, batch 128, then 21 t measured on the test split, BatchNorm "
+              f"reset) vs training one network for {fit_steps} iterations of batch 128:")
+        print(f"{'model':<14} {'fit s':>7} {'sibling (plain loop) s':>23} {'fit / sibling':>14}")
+        for label, ctx in contexts:
+            curve_case(label, ctx, steps, fit_steps)
+
+
+def curve_case(label: str, ctx: Context, steps: int, fit_steps: int) -> None:
+    """The time of lmc.fit_curve against a plain loop training one network for the same iterations and batch."""
+    x, y = ctx.data.x_train, ctx.data.y_train
+    xt, yt = ctx.data.split("test")
+    a, b = (train(ctx.new_model(s), x, y, s, steps) for s in (1, 2))
+    t0 = time.perf_counter()
+    lmc.fit_curve(a, b, (x, y), steps=fit_steps, batch_size=128, eval_data=(xt, yt), points=21)
+    fit = time.perf_counter() - t0
+    net = copy.deepcopy(a).train()
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    t0 = time.perf_counter()
+    for _ in range(fit_steps):
+        idx = torch.randint(len(x), (128,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    sibling = time.perf_counter() - t0
+    print(f"{label:<14} {fit:>7.2f} {sibling:>23.2f} {fit / sibling:>13.2f}x")
 
 
 def case(label: str, ctx: Context, args: argparse.Namespace, steps: int, repeats: int, mm: float) -> None:

@@ -30,3 +30,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def registries_as_they_were():
+    """Models and datasets a test registers (a plugin, register_model) do not outlive it: later tests see the
+    documented registries, and a plugin imported again registers again."""
+    from stability import plugins
+    from stability.data.sources import DATASETS
+    from stability.models.build import MODELS
+
+    saved = [(r, dict(r._entries)) for r in (MODELS, DATASETS)]
+    loaded = set(plugins._loaded)
+    yield
+    for registry, entries in saved:
+        registry._entries.clear()
+        registry._entries.update(entries)
+    plugins._loaded.clear()
+    plugins._loaded.update(loaded)
