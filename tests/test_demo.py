@@ -66,6 +66,8 @@ def test_demo_leaves_summary_figures_and_records(tmp_path):
                if row["kind"] == "imp")
     assert "## Does the stabilized lottery ticket hypothesis show here?" in summary
     assert "results/lth_search/README.md" in summary
+    # one line of the committed warmup control, read from its table
+    assert "Their warmup control at CPU scale" in summary and "results/warmup_control/README.md" in summary
     assert re.search(r"Total time \d+ s", summary)
 
     # a rerun reuses every record: nothing is trained again, the same numbers come back

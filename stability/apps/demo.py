@@ -310,11 +310,29 @@ def stabilized_lth_lines(imps: dict[str, ImpResult], threshold: float = 0.02) ->
               "`*_frankle2020` (their Table 1 settings, with their published figures) and "
               "`examples/grids/frankle2020_*.toml` run it on a GPU or a cluster. The figure "
               "`matching_vs_instability_*` plots each level's accuracy against the instability of its sparse "
-              "network (their Figure 5)."), "",
-              ("Their warmup control at CPU scale (Conv-4 on mnist5k, SGD 0.03, 3 replicates): instability at step 0 "
-               "falls from 54.5 +- 7.4% without warmup to 0.4 +- 0.3% with a 200-iteration linear warmup: "
-               "`results/warmup_control/README.md`."), ""]
-    return lines
+              "network (their Figure 5)."), ""]
+    warmup = _warmup_line()
+    return lines + ([warmup, ""] if warmup else [])
+
+
+WARMUP_TABLE = Path(__file__).resolve().parents[2] / "results" / "warmup_control" / "summary_k0.csv"
+
+
+def _warmup_line() -> str | None:
+    """One line of the committed warmup control (``results/warmup_control``), read from its table (None: absent)."""
+    import csv
+
+    if not WARMUP_TABLE.is_file():
+        return None
+    rows = list(csv.DictReader(WARMUP_TABLE.open()))
+    if len(rows) < 2:
+        return None
+    first, last = rows[0], rows[-1]
+    return (f"Their warmup control at CPU scale (Conv-4 on mnist5k, SGD 0.03, {first['replicates']} replicates, "
+            f"committed in `results/warmup_control/README.md`): instability at step 0 is "
+            f"{float(first['instability_mean_pct']):.1f} +- {float(first['instability_std_pct']):.1f}% with "
+            f"{first['warmup_it']} warmup iterations and {float(last['instability_mean_pct']):.1f} +- "
+            f"{float(last['instability_std_pct']):.1f}% with {last['warmup_it']}.")
 
 
 def _sparse_stability_lines(*results: ImpResult, threshold: float = 0.02) -> list[str]:
