@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import train_plain
 
 from stability import lmc
 from stability.apps.cli import main
@@ -22,15 +22,7 @@ MODEL = ["--model", "lenet_300_100", "--set", "model.width=0.1", "--dataset", "m
 
 
 def _train(net, x, y, seed: int, steps: int = 40):
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    net.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(net(x[idx]), y[idx]).backward()
-        opt.step()
-    return net.eval()
+    return train_plain(net, x, y, seed, steps, lr=0.1)
 
 
 @pytest.fixture(scope="module")

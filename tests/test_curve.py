@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import tiny_config
+from helpers import fresh_model, tiny_config, train_plain
 from torch import nn
 
 from stability import lmc
@@ -25,25 +24,10 @@ FILE_ARGS = ["--model", "lenet_300_100", "--dataset", "mnist5k", "--set", f"mode
 
 
 def _train(net: nn.Module, x, y, seed: int, steps: int = 150, lr: float = 0.05) -> nn.Module:
-    """A plain PyTorch loop: SGD with momentum, batches drawn by ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    net.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(net(x[idx]), y[idx]).backward()
-        opt.step()
-    return net.eval()
+    return train_plain(net, x, y, seed, steps, lr)
 
 
-def _fresh(ctx, seed: int) -> nn.Module:
-    net = ctx.new_model()
-    torch.manual_seed(seed)
-    for m in net.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return net
+_fresh = fresh_model
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config
+from helpers import fresh_model, tiny_config, train_plain
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,26 +23,10 @@ from stability.store.files import read_csv
 
 
 def _train(net: nn.Module, x, y, seed: int, steps: int = 150, lr: float = 0.05) -> nn.Module:
-    """A plain PyTorch loop: SGD with momentum, batches drawn by ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    net.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(net(x[idx]), y[idx]).backward()
-        opt.step()
-    return net.eval()
+    return train_plain(net, x, y, seed, steps, lr)
 
 
-def _fresh(ctx, seed: int) -> nn.Module:
-    """The context's architecture, initialized from ``seed`` (independent networks start apart)."""
-    net = ctx.new_model()
-    torch.manual_seed(seed)
-    for m in net.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return net
+_fresh = fresh_model
 
 
 def _hand_curve(a: nn.Module, b: nn.Module, alphas, x, y):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -211,9 +212,10 @@ class _CombinedOutputs:
     """The input layer's output at every member m: Σ_k c_mk·out_k from each base's output (exact: the layer's output
     is linear in its weight and bias jointly)."""
 
-    def __init__(self, layer: InputLayer, outs: Sequence[Tensor], coeffs: Tensor):
+    def __init__(self, layer: InputLayer, outs: Tensor, coeffs: Tensor):
+        """``outs``: the bases' outputs stacked ``[K, B, ...]``; ``coeffs``: ``[M, K]``."""
         self.name, self.prefix, self.count = layer.name, layer.prefix, coeffs.shape[0]
-        self.outs, self.coeffs = torch.stack(list(outs)), coeffs.to(outs[0].dtype)
+        self.outs, self.coeffs = outs, coeffs.to(outs.dtype)
 
     def member(self, i: int) -> Tensor:
         return torch.tensordot(self.coeffs[i], self.outs, dims=1)
@@ -333,8 +335,8 @@ def evaluate_stream(sm: StackedModel, params: Mapping[str, Tensor], buffers: Map
 
 def _stream(sm: StackedModel, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batches: Iterable[Batch],
             loss_fn: LossFn | None, max_members: int, tally: list[Tensor] | None, loss: Tensor, wrong: Tensor,
-            outputs: Callable[[Tensor], list[Tensor]] | None,
-            given: Callable[[list[Tensor], slice], object] | None) -> tuple[list[float], list[float]]:
+            outputs: Callable[[Tensor], Any] | None,
+            given: Callable[[Any, slice], object] | None) -> tuple[list[float], list[float]]:
     """The batch loop of ``evaluate_stream`` and ``evaluate_combinations``: ``outputs(x)`` the bases' input-layer
     outputs of a batch, ``given(outs, part)`` the members' (None: every member computes its own)."""
     n = loss.shape[0]
@@ -369,6 +371,29 @@ def _stream(sm: StackedModel, params: Mapping[str, Tensor], buffers: Mapping[str
     return (loss / seen).tolist(), errors
 
 
+def _members(sm: StackedModel, batches: Batches | list, device: torch.device, input_layer_outputs: bool, bn: str,
+             bn_batches: Iterable[Batch] | None, bn_limit: int | None, max_members: int,
+             build: Callable[[Sequence[str]], dict[str, Tensor]]) -> tuple[InputLayer | None, dict, dict]:
+    """The input layer whose output is formed from the bases' (None: every member computes it), and the members'
+    stacked parameters and buffers (``build(names)``), BatchNorm statistics recomputed when ``bn`` is ``reset``."""
+    layer = None
+    if input_layer_outputs:
+        for x, _ in batches:
+            layer = input_layer(sm.model, x.to(device))
+            break
+        if layer is not None and sm._fc is not None and layer.name != "fc.0":
+            layer = None
+    reset = bn == "reset" and bool(sm.buffer_names)
+    # the input layer's own parameters are not needed at every member when its output is formed from the bases'
+    names = [k for k in sm.param_names if reset or layer is None or not k.startswith(layer.prefix)]
+    params, buffers = build(names), build(sm.buffer_names)
+    if reset:
+        if bn_batches is None:
+            raise ConfigError("bn: 'reset' needs data to recompute BatchNorm statistics on")
+        reset_bn(sm, params, buffers, bn_batches, max_members=max_members, limit=bn_limit)
+    return layer, params, buffers
+
+
 def evaluate_pairs(sm: StackedModel, ends: Sequence[Mapping[str, Tensor]], members: Sequence[tuple[int, int, float]],
                    batches: Iterable[Batch], *, bn: str = "interpolate", bn_batches: Iterable[Batch] | None = None,
                    bn_limit: int | None = None, loss_fn: LossFn | None = None, max_members: int = 64,
@@ -381,22 +406,8 @@ def evaluate_pairs(sm: StackedModel, ends: Sequence[Mapping[str, Tensor]], membe
     """
     batches = batches if isinstance(batches, (Batches, list)) else Batches(batches)
     device = next(iter(ends[0].values())).device
-    layer = None
-    if input_layer_outputs:
-        for x, _ in batches:
-            layer = input_layer(sm.model, x.to(device))
-            break
-        if layer is not None and sm._fc is not None and layer.name != "fc.0":
-            layer = None
-    reset = bn == "reset" and bool(sm.buffer_names)
-    # the input layer's own parameters are not needed at every member when its output is formed from the ends'
-    names = [k for k in sm.param_names if reset or layer is None or not k.startswith(layer.prefix)]
-    params = stack_members(ends, members, names)
-    buffers = stack_members(ends, members, sm.buffer_names)
-    if reset:
-        if bn_batches is None:
-            raise ConfigError("bn: 'reset' needs data to recompute BatchNorm statistics on")
-        reset_bn(sm, params, buffers, bn_batches, max_members=max_members, limit=bn_limit)
+    layer, params, buffers = _members(sm, batches, device, input_layer_outputs, bn, bn_batches, bn_limit, max_members,
+                                      lambda names: stack_members(ends, members, names))
     return evaluate_stream(sm, params, buffers, batches, loss_fn=loss_fn, max_members=max_members, ends=ends,
                            members=members, layer=layer, tally=tally)
 
@@ -419,26 +430,13 @@ def evaluate_combinations(sm: StackedModel, bases: Sequence[Mapping[str, Tensor]
     if coeffs.dim() != 2 or coeffs.shape[1] != len(bases):
         raise ConfigError(f"coeffs: expected [members, {len(bases)}] (one coefficient per base), got "
                           f"{list(coeffs.shape)}")
-    layer = None
-    if input_layer_outputs:
-        for x, _ in batches:
-            layer = input_layer(sm.model, x.to(device))
-            break
-        if layer is not None and sm._fc is not None and layer.name != "fc.0":
-            layer = None
-    reset = bn == "reset" and bool(sm.buffer_names)
-    names = [k for k in sm.param_names if reset or layer is None or not k.startswith(layer.prefix)]
-    params = combine_members(bases, coeffs, names)
-    buffers = combine_members(bases, coeffs, sm.buffer_names)
-    if reset:
-        if bn_batches is None:
-            raise ConfigError("bn: 'reset' needs data to recompute BatchNorm statistics on")
-        reset_bn(sm, params, buffers, bn_batches, max_members=max_members, limit=bn_limit)
+    layer, params, buffers = _members(sm, batches, device, input_layer_outputs, bn, bn_batches, bn_limit, max_members,
+                                      lambda names: combine_members(bases, coeffs, names))
     n = coeffs.shape[0]
     loss = torch.zeros(n, dtype=torch.float64, device=device)
     wrong = torch.zeros(n, dtype=torch.float64, device=device)
     return _stream(sm, params, buffers, batches, loss_fn, max_members, tally, loss, wrong,
-                   (lambda x: _input_outputs(sm, layer, bases, x)) if layer is not None else None,
+                   (lambda x: torch.stack(_input_outputs(sm, layer, bases, x))) if layer is not None else None,
                    (lambda outs, part: _CombinedOutputs(layer, outs, coeffs[part])) if layer is not None else None)
 
 

@@ -16,6 +16,7 @@ Each imports its package only when used. What goes where:
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def _hparam(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool)) else str(value)
 
 
-class Sink:
+class Sink(ABC):
     """A tracker: ``log(report)`` sends one finished run; ``target``: what ``NAME:TARGET`` named."""
 
     name = ""
@@ -38,8 +39,9 @@ class Sink:
         self.target = target or None
         self.results_root = Path(results_root)
 
+    @abstractmethod
     def log(self, report: Report) -> None:
-        raise NotImplementedError
+        """Send one finished run's report."""
 
 
 class TensorBoardSink(Sink):
