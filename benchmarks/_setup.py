@@ -2,7 +2,8 @@
 
 Thread settings that must be in place before torch is imported (one OpenBLAS thread, so torch's own
 threads are the only ones: with 2 cores, oversubscription halves speed), the suite on the path when it
-is not installed, and the lines that say which machine and threads a benchmark ran with.
+is not installed, the lines that say which machine and threads a benchmark ran with, the matmul rate they
+compare against, and the plain training loop that stands for a user's own script.
 """
 from __future__ import annotations
 
@@ -28,3 +29,37 @@ def machine_lines() -> list[str]:
              f"cpu: {platform.processor() or platform.machine()}  cores: {os.cpu_count()}"),
             (f"torch.get_num_threads() = {torch.get_num_threads()}  OPENBLAS_NUM_THREADS = "
              f"{os.environ['OPENBLAS_NUM_THREADS']}  OMP_NUM_THREADS = {os.environ.get('OMP_NUM_THREADS')}")]
+
+
+def matmul_rate(size: int = 2048, repeats: int = 7, dtype=None) -> float:
+    """Best ``torch.mm`` rate (FLOP/s) for size x size matrices of ``dtype`` (default float32)."""
+    import time
+
+    import torch
+
+    dtype = dtype or torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+def plain_train(net, x, y, seed: int, steps: int, lr: float = 0.05, batch: int = 64):
+    """A user's own training: a plain PyTorch loop, SGD with momentum 0.9, batches of ``batch`` drawn with
+    replacement from a generator seeded by ``seed``; the network comes back in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    net.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    return net.eval()

@@ -52,18 +52,6 @@ def context(preset: str, overrides: dict[str, str], root: str, threads: int) -> 
         "runtime.results_root": root}))
 
 
-def train(net: nn.Module, x, y, seed: int, steps: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    net.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(net(x[idx]), y[idx]).backward()
-        opt.step()
-    return net.eval()
-
-
 def per_point_loop(nets: list[nn.Module], u: list[float], v: list[float], x, y) -> list[float]:
     """The reference way: one network per grid point, its state loaded, evaluated."""
     states = [n.state_dict() for n in nets]
@@ -101,17 +89,6 @@ def landscapes_agreement(nets: list[nn.Module], theirs, steps: int, x, y) -> flo
                for i in range(steps) for j in range(steps))
 
 
-def matmul_rate(size: int = 2048, repeats: int = 7) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter training and one repeat (a smoke run)")
@@ -126,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     print("\n".join(_setup.machine_lines()))
-    mm = matmul_rate()
+    mm = _setup.matmul_rate()
     print(f"matmul 2048x2048 float32: {mm / 1e9:.1f} GFLOP/s. {args.grid}x{args.grid} plane ({args.grid ** 2} points) on "
           f"{args.examples} test examples; networks trained {steps} iterations; best of {repeats}, interleaved.\n")
     header = (f"{'model':<14} {'lmc s':>7} {'l-l s':>7} {'loop s':>7} {'l-l/lmc':>8} {'loop/lmc':>9}  "
@@ -149,19 +126,13 @@ def curve_case(label: str, ctx: Context, steps: int, fit_steps: int) -> None:
     """The time of lmc.fit_curve against a plain loop training one network for the same iterations and batch."""
     x, y = ctx.data.x_train, ctx.data.y_train
     xt, yt = ctx.data.split("test")
-    a, b = (train(ctx.new_model(s), x, y, s, steps) for s in (1, 2))
+    a, b = (_setup.plain_train(ctx.new_model(s), x, y, s, steps) for s in (1, 2))
     t0 = time.perf_counter()
     lmc.fit_curve(a, b, (x, y), steps=fit_steps, batch_size=128, eval_data=(xt, yt), points=21)
     fit = time.perf_counter() - t0
-    net = copy.deepcopy(a).train()
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    net = copy.deepcopy(a)
     t0 = time.perf_counter()
-    for _ in range(fit_steps):
-        idx = torch.randint(len(x), (128,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(net(x[idx]), y[idx]).backward()
-        opt.step()
+    _setup.plain_train(net, x, y, 0, fit_steps, batch=128)
     sibling = time.perf_counter() - t0
     print(f"{label:<14} {fit:>7.2f} {sibling:>23.2f} {fit / sibling:>13.2f}x")
 
@@ -170,7 +141,7 @@ def case(label: str, ctx: Context, args: argparse.Namespace, steps: int, repeats
     """Train three networks, time the three ways on one plane, print the row."""
     x, y = ctx.data.x_train, ctx.data.y_train
     xt, yt = (t[:args.examples] for t in ctx.data.split("test"))
-    nets = [train(ctx.new_model(seed), x, y, seed, steps) for seed in (1, 2, 3)]
+    nets = [_setup.plain_train(ctx.new_model(seed), x, y, seed, steps) for seed in (1, 2, 3)]
     points = args.grid * args.grid
     lmc.plane(*nets, (xt, yt), grid=2, batch_size=len(xt))  # warm-up
     landscapes(nets, 2, xt, yt)

@@ -59,29 +59,17 @@ def fresh(ctx: Context, seed: int) -> nn.Module:
     return net
 
 
-def train(net: nn.Module, x, y, seed: int, steps: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    net.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(net(x[idx]), y[idx]).backward()
-        opt.step()
-    return net.eval()
-
-
 def hand_loop(a: nn.Module, b: nn.Module, alphas: list[float], x, y) -> list[float]:
     m = copy.deepcopy(a).eval()
     sa, sb = a.state_dict(), b.state_dict()
-    losses = []
+    losses, errors = [], []
     for alpha in alphas:
         m.load_state_dict({k: (1 - alpha) * sa[k] + alpha * sb[k] if sa[k].is_floating_point() else sa[k]
                            for k in sa})
         with torch.no_grad():
             out = m(x)
         losses.append(float(F.cross_entropy(out, y)))
-        float((out.argmax(1) != y).float().mean())
+        errors.append(float((out.argmax(1) != y).float().mean()))  # the error too, as lmc measures it
     return losses
 
 
@@ -94,17 +82,6 @@ def landscapes(a: nn.Module, b: nn.Module, alphas: list[float], x, y) -> list[fl
     first = metric(loss_landscapes.model_interface.model_wrapper.wrap_model(start))
     rest = loss_landscapes.linear_interpolation(start, copy.deepcopy(b).eval(), metric, steps=len(alphas) - 1)
     return [first, *rest.tolist()]
-
-
-def matmul_rate(size: int = 2048, repeats: int = 7) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -127,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(THREADS)
     print("\n".join(_setup.machine_lines()))
-    mm = matmul_rate()
+    mm = _setup.matmul_rate()
     print(f"matmul 2048x2048 float32: {mm / 1e9:.1f} GFLOP/s. {args.alphas} α on the test split; networks trained "
           f"{steps} iterations; best of {repeats}, interleaved.\n")
     header = (f"{'model':<15} {'lmc s':>7} {'l-l s':>7} {'hand s':>7} {'l-l/lmc':>8} {'hand/lmc':>9}  "
@@ -139,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             ctx = context(preset, overrides, root)
             x, y = ctx.data.x_train, ctx.data.y_train
             xt, yt = ctx.data.split("test")
-            a, b = train(fresh(ctx, 1), x, y, 1, steps), train(fresh(ctx, 2), x, y, 2, steps)
+            a, b = _setup.plain_train(fresh(ctx, 1), x, y, 1, steps), _setup.plain_train(fresh(ctx, 2), x, y, 2, steps)
             alphas = lmc.alpha_grid(args.alphas)
             case = (a, b, alphas, xt, yt)
             ours = lambda c=case: lmc.interpolate(c[0], c[1], (c[3], c[4]), alphas=c[2], batch_size=len(c[3]))
@@ -174,7 +151,7 @@ def hessian_case(root: str, repeats: int) -> None:
 
     ctx = context("lenet300_mnist5k", {}, root)
     x, y = ctx.data.x_train[:1000], ctx.data.y_train[:1000]
-    net = train(fresh(ctx, 1), ctx.data.x_train, ctx.data.y_train, 1, 200)
+    net = _setup.plain_train(fresh(ctx, 1), ctx.data.x_train, ctx.data.y_train, 1, 200)
     loader = DataLoader(TensorDataset(x, y), batch_size=250)
     t_ours, ours = timed(lambda: lmc.hessian(net, loader, top_k=1, tol=1e-4), repeats)
     t_py, (theirs, n_py) = timed(lambda: pyhessian_top_eigenvalues(net, x, y, 1, tol=1e-4, max_iter=1000,

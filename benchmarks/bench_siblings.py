@@ -133,18 +133,6 @@ def reference_run(ctx: Context, n: int, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def matmul_rate(size: int = 2048, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
-    """Best ``torch.mm`` rate (FLOP/s) for size x size matrices of ``dtype``."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best
-
-
 # ---------------------------------------------------------------- driver
 def context(preset: str, steps: int, root: str) -> Context:
     cfg = get_preset(preset).with_overrides({
@@ -187,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{n} siblings x {steps} iterations each; times are best of {repeats}, suite and reference "
           f"interleaved.\n")
 
-    mm_rates = [matmul_rate()]
-    bf16_rates = [matmul_rate(dtype=torch.bfloat16)] if "bf16" in variants else []
+    mm_rates = [_setup.matmul_rate()]
+    bf16_rates = [_setup.matmul_rate(dtype=torch.bfloat16)] if "bf16" in variants else []
     results = []
     with tempfile.TemporaryDirectory() as root:
         for preset in args.presets.split(","):
@@ -213,9 +201,9 @@ def main(argv: list[str] | None = None) -> None:
                 for v in variants:
                     results.append((preset, members, v, min(times[v]), min(r_times), conv, req,
                                     min(times["fp32"]), compile_s[(v, members)] if "compile" in v else 0.0))
-            mm_rates.append(matmul_rate())
+            mm_rates.append(_setup.matmul_rate())
             if bf16_rates:
-                bf16_rates.append(matmul_rate(dtype=torch.bfloat16))
+                bf16_rates.append(_setup.matmul_rate(dtype=torch.bfloat16))
             print(f"{preset}: per-model step {conv / 1e6:.1f} MFLOP (req {req / 1e6:.1f}), "
                   f"batch {ctx.cfg.training.batch_size}, optimizer {ctx.cfg.optimizer.name}")
     mm = max(mm_rates)
