@@ -14,14 +14,13 @@ from typing import Any
 
 from ..errors import ConfigError
 from . import report
-from .files import file_arguments, file_config, is_file, no_file_flags
+from .files import file_config, is_file, no_file_flags, pair_arguments_tail
 from .overrides import (
     RUNTIME_FLAGS,
     Flag,
     add_overrides,
     command_line,
     load_config,
-    settings_epilog,
 )
 
 __all__ = ["CURVE_DESCRIPTION", "CURVE_HELP", "cmd_curve", "curve_arguments"]
@@ -65,14 +64,8 @@ def curve_arguments(p: argparse.ArgumentParser) -> None:
              empty="training.rewind_points"),
         *(f for f in RUNTIME_FLAGS if f.key != "runtime.results_root"),
     ], {"curve": CurveFitSettings, "instability": InstabilitySettings})
-    p.add_argument("--out", metavar="DIR", help="results root for the record (default: A's results root; for files "
-                                                "and --sweep runtime.results_root)")
-    file_arguments(p)
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.epilog = settings_epilog({"curve": CurveFitSettings}, run=False) + (
-        "\n\ncheckpoint files: --set model.KEY=VALUE, dataset.KEY=VALUE and runtime.KEY=VALUE set the rest of the "
-        "architecture, the data and the runtime (see `stability train --help` for their defaults)")
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    pair_arguments_tail(p, {"curve": CurveFitSettings}, "results root for the record (default: A's results root; "
+                        "for files and --sweep runtime.results_root)", "print the result as JSON")
 
 
 def cmd_curve(args: argparse.Namespace) -> int:

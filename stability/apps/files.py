@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError
-from .overrides import command_line
+from .overrides import command_line, settings_epilog
 
 FILE_FLAGS = ("--model", "--stem", "--dataset")
 
@@ -21,6 +21,21 @@ def file_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stem", help="checkpoint files of torchvision/* models: default | cifar [model.stem]")
     p.add_argument("--dataset", metavar="NAME", help="checkpoint files: the data to measure on, e.g. mnist5k "
                                                      "[dataset.name]")
+
+
+FILE_SETTINGS_NOTE = ("\n\ncheckpoint files: --set model.KEY=VALUE, dataset.KEY=VALUE and runtime.KEY=VALUE set the rest "
+                      "of the architecture, the data and the runtime (see `stability train --help` for their defaults)")
+
+
+def pair_arguments_tail(p: argparse.ArgumentParser, stages: Mapping[str, type], out_help: str,
+                        json_help: str | None = None) -> None:
+    """What every command over two networks (runs or state-dict files) ends with: ``--out``, the file flags,
+    ``--json`` and the epilog of its settings plus how files take the run sections."""
+    p.add_argument("--out", metavar="DIR", help=out_help)
+    file_arguments(p)
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.epilog = settings_epilog(stages, run=False) + FILE_SETTINGS_NOTE
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def is_file(path: str | None) -> bool:

@@ -8,14 +8,20 @@ from typing import Any
 from ..errors import ConfigError
 from . import report
 from .common import csv_list, path_flags, run_arguments
-from .files import connect_of_files, file_arguments, hessian_of_file, is_file, no_file_flags
+from .files import (
+    connect_of_files,
+    file_arguments,
+    hessian_of_file,
+    is_file,
+    no_file_flags,
+    pair_arguments_tail,
+)
 from .overrides import (
     RUNTIME_FLAGS,
     Flag,
     add_overrides,
     command_line,
     load_config,
-    settings_epilog,
 )
 
 __all__ = ["TRACE_PROBES", "cmd_connect", "cmd_hessian", "connect_arguments", "hessian_arguments"]
@@ -134,14 +140,8 @@ def connect_arguments(p: argparse.ArgumentParser) -> None:
         Flag("connect.layer_groups", "what --layers interpolates at a time: layers | blocks"),
         *(f for f in RUNTIME_FLAGS if f.key != "runtime.results_root"),
     ], {"connect": ConnectSettings})
-    p.add_argument("--out", metavar="DIR", help="results root for the record (default: A's results root; for files "
-                                                "runtime.results_root)")
-    file_arguments(p)
-    p.add_argument("--json", action="store_true")
-    p.epilog = settings_epilog({"connect": ConnectSettings}, run=False) + (
-        "\n\ncheckpoint files: --set model.KEY=VALUE, dataset.KEY=VALUE and runtime.KEY=VALUE set the rest of the "
-        "architecture, the data and the runtime (see `stability train --help` for their defaults)")
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    pair_arguments_tail(p, {"connect": ConnectSettings}, "results root for the record (default: A's results root; "
+                        "for files runtime.results_root)")
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
