@@ -299,13 +299,7 @@ class StackedModel:
             if i < last:
                 h.clamp_min_(0)
             acts.append(h)
-        logp = torch.log_softmax(acts.pop(), -1)  # [N, B, classes]
-        target = y.unsqueeze(-1)
-        loss = logp.gather(-1, target).squeeze(-1).mean(1).neg_()
-        # d(mean CE)/d logits = (softmax - onehot) / B
-        g = logp.exp_()
-        g.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=g.dtype, device=g.device))
-        g.mul_(1.0 / y.shape[1])
+        loss, g = _ce_loss_and_grad(acts.pop(), y)
         for i in range(last, -1, -1):
             wn, bn = self._fc[i]
             w, b = params[wn], params[bn]
@@ -329,12 +323,7 @@ class StackedModel:
             if i < last:
                 h.clamp_min_(0)
             acts.append(h)
-        logp = torch.log_softmax(acts.pop().float(), -1)
-        target = y.unsqueeze(-1)
-        loss = logp.gather(-1, target).squeeze(-1).mean(1).neg_()
-        g = logp.exp_()
-        g.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=g.dtype, device=g.device))
-        g.mul_(1.0 / y.shape[1])
+        loss, g = _ce_loss_and_grad(acts.pop().float(), y)
         for i in range(last, -1, -1):
             wn, bn = self._fc[i]
             w, b = params[wn], params[bn]
@@ -437,3 +426,15 @@ def stack_states(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
 def unstack(stacked: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
     """Member i's tensors from a stacked dict."""
     return {k: v[i].clone() for k, v in stacked.items()}
+
+
+def _ce_loss_and_grad(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Each member's mean cross-entropy over its batch (``logits`` [N, B, classes], ``y`` [N, B]) and its gradient
+    with respect to the logits, (softmax − onehot) / B, computed in place of the log-softmax."""
+    logp = torch.log_softmax(logits, -1)
+    target = y.unsqueeze(-1)
+    loss = logp.gather(-1, target).squeeze(-1).mean(1).neg_()
+    g = logp.exp_()
+    g.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=g.dtype, device=g.device))
+    g.mul_(1.0 / y.shape[1])
+    return loss, g
