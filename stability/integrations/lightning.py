@@ -13,7 +13,6 @@ Lightning itself is imported when this module is (``pip install stability[lightn
 """
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterable
 from os import PathLike
@@ -24,11 +23,11 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..store.files import save_tensors
+from ..store.schema import CHECKPOINT_GLOB, checkpoint_step, step_file
 
 __all__ = ["RewindCheckpoints", "file_name", "rewind_checkpoints"]
 
 INSTALL = "RewindCheckpoints needs Lightning: pip install stability[lightning] (or pip install lightning)"
-_FILE = re.compile(r"^step_(\d+)\.safetensors$")
 
 try:
     from lightning.pytorch import Callback
@@ -43,8 +42,8 @@ else:
 
 
 def file_name(step: int) -> str:
-    """The file of rewind step ``step``: ``step_<step>.safetensors``."""
-    return f"step_{int(step)}.safetensors"
+    """The file of rewind step ``step``: ``step_<step>.safetensors`` (the run store's name for a step's weights)."""
+    return step_file(step)
 
 
 def rewind_checkpoints(dirpath: str | PathLike) -> dict[int, Path]:
@@ -56,7 +55,8 @@ def rewind_checkpoints(dirpath: str | PathLike) -> dict[int, Path]:
     folder = Path(dirpath)
     if not folder.is_dir():
         raise ConfigError(f"dirpath: {str(folder)!r} is not a folder of rewind checkpoints")
-    found = {int(m.group(1)): p for p in folder.iterdir() if (m := _FILE.match(p.name)) and p.is_file()}
+    found = {checkpoint_step(p.name): p for p in folder.glob(CHECKPOINT_GLOB)
+             if p.is_file() and p.name.removeprefix("step_").removesuffix(".safetensors").isdigit()}
     if not found:
         raise ConfigError(f"dirpath: {str(folder)!r} holds no step_<k>.safetensors files (RewindCheckpoints "
                           "writes them when training reaches its steps)")

@@ -48,9 +48,14 @@ NEQ_COLUMNS = ["step", "member", "layer", "neurons", "frozen", "frozen_fraction"
 STRONG_METHODS = ("edgepopup", "supermask")
 
 
+def step_file(step: int) -> str:
+    """``step_<k>.safetensors``: the file of the weights at step k (a run's checkpoint, a Lightning rewind point)."""
+    return f"step_{int(step)}.safetensors"
+
+
 def checkpoint_name(step: int) -> str:
     """``checkpoints/step_<k>.safetensors``, relative to the run directory."""
-    return f"{CHECKPOINTS}/step_{step}.safetensors"
+    return f"{CHECKPOINTS}/{step_file(step)}"
 
 
 CHECKPOINT_GLOB = "step_*.safetensors"  # in CHECKPOINTS
