@@ -249,13 +249,14 @@ PRESETS["lenet_mnist_frankle2020"] = {
     "imp": {"strategy": "global", "prune_fraction": 0.2, "levels": 15, "exclude": ["output"]},
     "published": _published(98.3, 0.1, 3.5, "iterative", "0it", "0it", (98.3, 98.2, 96.7, 97.5, 0.1, True)),
 }
-# ImageNet: plan-only. The data cannot be downloaded and the suite cannot stream it yet, so the dataset
-# refuses these presets when they are planned (without dataset.data_root: the setting is named).
+# ImageNet: the data cannot be downloaded; it streams from a local root (dataset.data_root with train/ and val/
+# class folders), and without one the presets are refused when planned, with the setting named.
 PRESETS["resnet50_imagenet_frankle2020"] = {
     "description": f"ResNet-50 (25.5M) on ImageNet, {PAPER} Table 1: SGD 0.4 m0.9 wd1e-4 (open_lth's momentum and "
                    "weight decay), batch 1024, 90 epochs, lr x0.1 at epochs 30, 60, 80, linear warmup over 5 epochs, "
                    "BatchNorm; one-shot global magnitude pruning to 30% density. Needs a local ImageNet root "
-                   "(dataset.data_root) and streaming: refused when planned until the suite streams data. ",
+                   "(dataset.data_root with train/ and val/ class folders), streamed from disk; data-parallel with "
+                   "runtime.distributed under torchrun or a Slurm grid. ",
     "dataset": {"name": "imagenet", "val_size": 0},
     "model": {"name": "torchvision/resnet50"},
     "optimizer": {"name": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4},
@@ -269,7 +270,8 @@ PRESETS["inception_v3_imagenet_frankle2020"] = {
     "description": f"Inception-v3 (27.1M) on ImageNet, {PAPER} Table 1: SGD 0.03 m0.9 wd1e-4 (open_lth's momentum "
                    "and weight decay), batch 1024, 171 epochs, lr decayed linearly to 0.005, no warmup, BatchNorm; "
                    "one-shot global magnitude pruning to 30% density. Needs a local ImageNet root "
-                   "(dataset.data_root) and streaming: refused when planned until the suite streams data. ",
+                   "(dataset.data_root with train/ and val/ class folders), streamed from disk; data-parallel with "
+                   "runtime.distributed under torchrun or a Slurm grid. ",
     "dataset": {"name": "imagenet", "val_size": 0},
     "model": {"name": "torchvision/inception_v3"},
     "optimizer": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4},

@@ -68,7 +68,7 @@ def test_registry_keys():
         "fashion_mnist",
         "cifar10",
         "cifar100",
-        "imagenet",  # named by the Frankle et al. 2020 presets; refused when loaded (no streaming yet)
+        "imagenet",  # named by the Frankle et al. 2020 presets; streamed from a local root
     }
     assert DATASETS["cifar100"].num_classes == 100
     assert DATASETS["cifar10"].augmentation == "cifar"

@@ -314,11 +314,26 @@ def test_the_imagenet_grids_are_refused_when_planned(file, tmp_path, capsys):
     assert main(["grid", str(GRIDS / file), "--dry-run", "--out", out]) == 2
     err = capsys.readouterr().err
     assert "dataset.data_root is not set" in err and "imagenet" in err
-    # with a root, still refused at planning (no streaming yet), not mid-run
+    # a root without ImageNet's train/ and val/ class folders: refused at planning, not mid-run
     assert main(["grid", str(GRIDS / file), "--dry-run", "--out", out,
                  "--set", f"dataset.data_root={tmp_path}"]) == 2
-    assert "stream" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dataset.data_root" in err and "train" in err and "val" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_imagenet_grid_plans_where_the_data_exists(tmp_path, capsys):
+    """A (tiny) ImageNet root with its class folders: the grid plans, streaming the data from disk."""
+    from PIL import Image
+
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (root / split / "n01440764").mkdir(parents=True)
+        Image.new("RGB", (256, 256)).save(root / split / "n01440764" / "a.JPEG")
+    out = tmp_path / "runs"
+    assert main(["grid", str(GRIDS / "frankle2020_resnet50.toml"), "--dry-run", "--out", str(out),
+                 "--set", f"dataset.data_root={root}", "--set", "training.batch_size=1"]) == 0
+    assert "GPU-hours" in capsys.readouterr().out and not out.exists()
 
 
 # ---------------------------------------------------------------- published beside measured

@@ -30,6 +30,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+STREAM = ("auto", "on", "off")
 CHANNELS_LAST = ("auto", "on", "off")
 # Tables of a TOML config besides the run's SECTIONS: the later stages' settings.
 STAGE_TABLES = ("instability", "imp", "hessian")
@@ -47,8 +48,13 @@ class DatasetConfig:
     augment: bool = True  # only datasets with augmentation (CIFAR) use it
     data_root: str = ""
     download: bool = False
+    # Read the training data from disk through a DataLoader instead of holding it as tensors: "auto" streams
+    # what cannot be held (imagenet, a registered Dataset over MAX_REGISTERED_BYTES), "on" streams any dataset
+    # given as a torch Dataset, "off" never streams. The batches are the same either way, so it names no run.
+    stream: str = "auto"
+    workers: int = 2  # DataLoader worker processes of a streamed dataset (results do not depend on it)
 
-    UNHASHED = ("data_root", "download")
+    UNHASHED = ("data_root", "download", "stream", "workers")
 
 
 @dataclass(frozen=True)
@@ -172,11 +178,15 @@ class RuntimeConfig:
     # Where finished runs are also sent (stability.trackers): "tensorboard", "wandb", "mlflow", each optionally
     # "NAME:TARGET" (a log root, a W&B project, an MLflow tracking URI). Never names a run.
     trackers: tuple[str, ...] = ()
+    # Train data-parallel across the processes of a launcher (torchrun, or Slurm through the grid): the global
+    # batch is split across ranks, the data order is the same whatever the world size, and rank 0 writes the
+    # run store. Equal to a one-process run to float tolerance, so it names no run.
+    distributed: bool = False
     # The tracker group of the run (a W&B group, an MLflow experiment, a TensorBoard subfolder); a grid sets its name.
     tracker_group: str = ""
 
     UNHASHED = ("device", "threads", "results_root", "quiet", "eval_batch_size", "accept_other_versions", "plugins",
-                "compile", "channels_last", "trackers", "tracker_group")
+                "compile", "channels_last", "trackers", "tracker_group", "distributed")
 
 
 SECTIONS: dict[str, type] = {
@@ -383,6 +393,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"training.batch_size: must be >= 1, got {cfg.training.batch_size}")
     if cfg.dataset.val_size < 0:
         raise ConfigError(f"dataset.val_size: must be >= 0, got {cfg.dataset.val_size}")
+    if cfg.dataset.stream not in STREAM:
+        raise ConfigError(f"dataset.stream: unknown value {cfg.dataset.stream!r}; choose one of {', '.join(STREAM)}")
+    if cfg.dataset.workers < 0:
+        raise ConfigError(f"dataset.workers: must be >= 0, got {cfg.dataset.workers}")
     if cfg.runtime.device not in DEVICES:
         raise ConfigError(f"runtime.device: unknown device {cfg.runtime.device!r}; choose one of {', '.join(DEVICES)}")
     for key in ("precision", "eval_precision"):

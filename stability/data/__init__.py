@@ -1,9 +1,11 @@
-"""Datasets as in-memory tensors: packaged, torchvision and registered sources, seeded splits, augmentation.
+"""Datasets as in-memory tensors or streamed from disk: packaged, torchvision and registered sources, seeded splits,
+augmentation.
 
 - ``splits``: ``DataSplits`` (the train / validation / test tensors a run trains on), the seeded
   stratified splits that make them, and ``augment_batch``;
 - ``sources``: ``DATASETS`` (one ``DatasetSpec`` per name, carrying its loader), ``load_dataset`` and
-  ``register_dataset``.
+  ``register_dataset``;
+- ``streaming``: ``StreamedInputs`` (a split's inputs read through a DataLoader on access) and ``image_folder``.
 
 Import from this package, not its modules; the modules import each other, never this face.
 """
@@ -19,6 +21,8 @@ from .sources import (
     register_dataset,
 )
 from .splits import CIFAR_PAD, DataSplits, augment_batch
+from .streaming import EpochReader, StreamedInputs, image_folder, is_streamed
 
-__all__ = ["CIFAR_PAD", "DATASETS", "MAX_REGISTERED_BYTES", "DataSplits", "DatasetSpec", "augment_batch",
-           "load_dataset", "permuted_pixels", "register_dataset"]
+__all__ = ["CIFAR_PAD", "DATASETS", "MAX_REGISTERED_BYTES", "DataSplits", "DatasetSpec", "EpochReader",
+           "StreamedInputs", "augment_batch", "image_folder", "is_streamed", "load_dataset", "permuted_pixels",
+           "register_dataset"]

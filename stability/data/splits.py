@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from .streaming import StreamedInputs
 
 __all__ = ["CIFAR_PAD", "DataSplits", "augment_batch", "packaged_split", "validation_split"]
 
@@ -26,14 +27,17 @@ CIFAR_PAD = 4  # pixels of zero padding a CIFAR crop is taken from
 
 @dataclass
 class DataSplits:
-    """Train / validation / test tensors of one dataset, normalized, on one device."""
+    """Train / validation / test tensors of one dataset, normalized, on one device.
+
+    The inputs of a streamed dataset (``dataset.stream``) are ``StreamedInputs`` read from disk on access;
+    the labels are always tensors."""
 
     name: str
-    x_train: Tensor
+    x_train: Tensor | StreamedInputs
     y_train: Tensor
-    x_val: Tensor
+    x_val: Tensor | StreamedInputs
     y_val: Tensor
-    x_test: Tensor
+    x_test: Tensor | StreamedInputs
     y_test: Tensor
     num_classes: int
     input_shape: tuple[int, ...]
@@ -44,7 +48,7 @@ class DataSplits:
         moved = {
             f.name: getattr(self, f.name).to(device)
             for f in fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
+            if isinstance(getattr(self, f.name), (Tensor, StreamedInputs))
         }
         return replace(self, **moved)
 
@@ -112,8 +116,12 @@ def _stratified_take(
     return np.flatnonzero(mask), np.flatnonzero(~mask)
 
 
-def augment_batch(x: Tensor, kind: str | None, generator: torch.Generator) -> Tensor:
-    """Augment images (N, C, H, W); ``"cifar"``: crop from 4-pixel zero padding, random h-flip."""
+def augment_batch(x: Tensor, kind: str | None, generator: torch.Generator, *, total: int | None = None,
+                  rows: slice = slice(None)) -> Tensor:
+    """Augment images (N, C, H, W); ``"cifar"``: crop from 4-pixel zero padding, random h-flip.
+
+    ``total``/``rows``: ``x`` is rows ``rows`` of a batch of ``total`` images (a data-parallel rank's share);
+    the random draws are those of the whole batch, so each image is augmented as in a one-process run."""
     if kind is None:
         return x
     if kind != "cifar":
@@ -124,11 +132,12 @@ def augment_batch(x: Tensor, kind: str | None, generator: torch.Generator) -> Te
         )
     n, _, h, w = x.shape
     p = CIFAR_PAD
+    drawn = n if total is None else total
     # Draw on the CPU from the caller's generator, then move: the same generator state
     # gives the same augmentation on every device.
-    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
+    dy = torch.randint(0, 2 * p + 1, (drawn,), generator=generator)[rows]
+    dx = torch.randint(0, 2 * p + 1, (drawn,), generator=generator)[rows]
+    flip = (torch.rand(drawn, generator=generator) < 0.5)[rows]
     rows = dy[:, None] + torch.arange(h)  # (N, H) rows of the padded image
     cols_ar = torch.arange(w)
     cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols_ar, cols_ar)  # (N, W)

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..config import Config
-from ..data import DataSplits, augment_batch
+from ..data import DataSplits, EpochReader, augment_batch, is_streamed
+from . import distributed
 from ..errors import ConfigError, TrainingDiverged
 from .members import Members, first_nonfinite
 from .optim import Schedule, _MemberwiseFusedAdam, _stacked_optimizer
@@ -44,21 +46,33 @@ class TrainSpec:
     # coordinates are held at their values at that step) or None to keep the masks in force.
     update_masks: Callable[[Members], Mapping[str, Tensor] | None] | None = None
     augmentation: str | None = None
+    # A streamed dataset's read-ahead of the current epoch (rebuilt when the order or position changes).
+    reader: Any = field(default=None, repr=False)
 
 
 def draw_batch(members: Members, spec: TrainSpec) -> tuple[Tensor, Tensor]:
-    """Member batches ``[N, B, ...]`` for iteration ``members.step``, advancing their data streams."""
+    """Member batches ``[N, B, ...]`` for iteration ``members.step``, advancing their data streams.
+
+    In a data-parallel run each rank gets its share of every member's batch, ``[N, B / world, ...]``, cut
+    from the same global batch (and augmentation) whatever the world size."""
     data, B = spec.data, spec.cfg.training.batch_size
     pos = members.step % spec.ipe
     if pos == 0 or members.perms is None:
         # A fresh epoch (or a member starting mid-epoch with no order yet): new permutation per member.
-        members.perms = torch.stack([torch.randperm(data.n_train, generator=g) for g in members.order_gens]).to(data.x_train.device)
-    idx = members.perms[:, pos * B : (pos + 1) * B]
+        members.perms = torch.stack([torch.randperm(data.n_train, generator=g) for g in members.order_gens]).to(data.y_train.device)
+    columns = distributed.share(B) if distributed.active() else slice(None)
+    idx = members.perms[:, pos * B : (pos + 1) * B][:, columns]
     flat = idx.reshape(-1)  # index_select on the flat index: same values as x_train[idx], ~3x faster
-    x = data.x_train.index_select(0, flat).view(*idx.shape, *data.x_train.shape[1:])
+    if is_streamed(data.x_train):
+        if spec.reader is None or not spec.reader.matches(members.perms, pos):
+            spec.reader = EpochReader(data.x_train, members.perms, pos, B, spec.ipe, columns)
+        x = spec.reader.next()
+    else:
+        x = data.x_train.index_select(0, flat).view(*idx.shape, *data.x_train.shape[1:])
     y = data.y_train.index_select(0, flat).view(idx.shape)
     if spec.augmentation:
-        x = torch.stack([augment_batch(x[i], spec.augmentation, g) for i, g in enumerate(members.aug_gens)])
+        x = torch.stack([augment_batch(x[i], spec.augmentation, g, total=B, rows=columns)
+                         for i, g in enumerate(members.aug_gens)])
     return x, y
 
 
@@ -78,7 +92,14 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
     masked = any(m is not None for m in masks)
     members.optimizer = opt
     fast_update = opt.update if isinstance(opt, _MemberwiseFusedAdam) else None
-    dropout_gens = members.dropout_generators(spec.data.x_train.device) if model.dropout else None
+    dropout_gens = members.dropout_generators(spec.data.y_train.device) if model.dropout else None
+    parallel = distributed.active()
+    if parallel:
+        # Every rank must start from rank 0's state: the run store is shared, so they read the same one.
+        if not distributed.all_equal(members.step):
+            raise TrainingStateMismatch(members.step)
+        distributed.broadcast(members.params)
+        distributed.broadcast(members.buffers)
     while members.step < end_step:
         if spec.update_masks is not None:
             new_masks = spec.update_masks(members)
@@ -100,6 +121,9 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
             opt.zero_grad(set_to_none=True)
             loss = model.train_loss(members.params, members.buffers, x, y, dropout_gens)
             loss.sum().backward()
+        if parallel:  # each rank's share of the batch: the global batch's gradient is their mean
+            distributed.average_gradients(plist)
+            loss = distributed.average(loss.detach())
         # One host sync a step (the progress hook needs the value anyway): the mean is finite only when
         # every member's loss is. A non-finite loss stops training before it touches the weights.
         loss_mean = float(loss.detach().mean())
@@ -131,6 +155,8 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
                 for p, m in zip(plist, masks):
                     if m is not None:
                         p.mul_(m)
+        if parallel and members.buffers:
+            distributed.broadcast(members.buffers)  # BatchNorm's running statistics: rank 0's, as DDP keeps them
         members.step += 1
         if spec.after_step is not None:
             spec.after_step(members, loss_mean)
@@ -145,6 +171,13 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
     for p in plist:
         p.requires_grad_(False)
     return members
+
+
+class TrainingStateMismatch(ConfigError):
+    def __init__(self, step: int) -> None:
+        super().__init__(f"runtime.distributed: the ranks start training from different steps (this rank from "
+                         f"{step}); every rank must read the same run store (runtime.results_root on a shared "
+                         "file system)")
 
 
 def _held_values(plist: Sequence[Tensor], masks: Sequence[Tensor | None]) -> list[tuple[Tensor, Tensor] | None]:

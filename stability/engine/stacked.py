@@ -397,8 +397,10 @@ class StackedModel:
         wrong = torch.zeros(n_members, dtype=torch.float64, device=x.device)
         if len(x) == 0:
             return torch.full((n_members,), float("nan")), torch.full((n_members,), float("nan"))
-        for start in range(0, len(x), batch_size):
-            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        # a streamed split (read from disk) comes in chunks read ahead by its DataLoader's workers
+        chunks = x.chunks(batch_size) if hasattr(x, "chunks") else (x[s:s + batch_size] for s in range(0, len(x), batch_size))
+        for start, xb in zip(range(0, len(x), batch_size), chunks):
+            yb = y[start : start + batch_size]
             if self.compile:
                 ev = self._maybe_compiled("the stacked evaluation", self._eval_batch)
                 ce, wr = ev(dict(params), dict(buffers), xb, yb, signature=(tuple(xb.shape), xb.dtype))

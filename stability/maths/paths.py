@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..data import StreamedInputs
 from ..engine import StackedModel
 from ..errors import ConfigError
 
@@ -59,7 +60,10 @@ class Batches:
                 raise ConfigError(f"{what}: x has {len(x)} examples but y has {len(y)}")
             if batch_size < 1:
                 raise ConfigError(f"{what}: batch size must be at least 1, got {batch_size}")
-            self._cache = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+            if hasattr(x, "chunks"):  # a streamed split: read batch by batch on every pass, never held
+                self._source = lambda: zip(x.chunks(batch_size), y.split(batch_size))
+            else:
+                self._cache = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         elif callable(source) and not hasattr(source, "__iter__"):
             pass
         elif isinstance(source, Iterator):
@@ -107,7 +111,7 @@ class Batches:
 
 
 def _is_pair(source: object) -> bool:
-    return (isinstance(source, (tuple, list)) and len(source) == 2 and isinstance(source[0], Tensor)
+    return (isinstance(source, (tuple, list)) and len(source) == 2 and isinstance(source[0], (Tensor, StreamedInputs))
             and isinstance(source[1], Tensor) and source[0].dim() >= 1 and source[1].dim() >= 1)
 
 

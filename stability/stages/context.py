@@ -13,6 +13,7 @@ from torch import nn
 from ..config import Config
 from ..data import DataSplits, load_dataset
 from ..engine import configure_threads, iterations_per_epoch, resolve_device
+from ..engine import distributed
 from ..errors import ConfigError
 from ..methods import method_of, validate_run
 from ..methods.base import Method
@@ -80,6 +81,7 @@ def prepare(cfg: Config) -> Context:
     validate_run(cfg)
     require_trackers(cfg.runtime.trackers)  # an unknown or missing tracker stops here, before anything is written
     device = resolve_device(cfg.runtime.device)
+    distributed.start(cfg.runtime.distributed, cfg.training.batch_size, device, dropout=cfg.model.dropout > 0)
     configure_threads(cfg.runtime.threads)
     data = _cached_dataset(cfg.dataset, str(device))
     ipe = iterations_per_epoch(data.n_train, cfg.training.batch_size)

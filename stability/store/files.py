@@ -36,8 +36,26 @@ _ORDER_KEY = "__tensor_order__"
 _DIGEST_KEY = "__sha256__"  # of every tensor's name, dtype, shape and bytes, recorded when the file is written
 
 
+def is_writer() -> bool:
+    """Whether this process writes the run store: always, except ranks > 0 of a data-parallel run
+    (``runtime.distributed``), which read it and write nothing."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def sync_ranks() -> None:
+    """Wait for every rank of a data-parallel run (a no-op otherwise): what rank 0 wrote is then there to read."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    """Write ``data`` to ``path`` through a temporary file and a rename (on rank 0 only of a data-parallel run)."""
+    if not is_writer():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -211,6 +229,8 @@ def quarantine(path: str | Path, reason: str) -> Path:
     """Move a damaged file aside (``<name>.corrupt``) so it is never used again, and say so on stderr."""
     path = Path(path)
     target = path.with_name(path.name + ".corrupt")
+    if not is_writer():
+        return target
     os.replace(path, target)
     print(f"warning: {reason}; moved it to {target.name} and will recompute it", file=sys.stderr)
     return target
@@ -348,15 +368,19 @@ class RunDir:
             }
         if extra:
             manifest.update(extra)
-        self.path.mkdir(parents=True, exist_ok=True)
-        remove_orphans(self.path)
+        if is_writer():
+            self.path.mkdir(parents=True, exist_ok=True)
+            remove_orphans(self.path)
         write_json(self.manifest_path, manifest)
 
     def update(self, **fields: Any) -> None:
         """Set fields of the manifest (e.g. status='complete')."""
-        manifest = self.manifest()
-        manifest.update(fields)
-        write_json(self.manifest_path, manifest)
+        if is_writer():
+            manifest = self.manifest()
+            manifest.update(fields)
+            write_json(self.manifest_path, manifest)
+        if "status" in fields:
+            sync_ranks()  # a data-parallel run's other ranks read the status rank 0 wrote
 
     def check_reuse(self, accept_other_versions: bool = True) -> None:
         """Before reusing a finished result: say so when other code made it, or refuse when asked to."""

@@ -138,6 +138,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _writes() -> bool:
+    from .files import is_writer
+
+    return is_writer()
+
+
 def _is_stale(seen: _Seen, stale_after: float) -> bool:
     info = seen.info
     if info is None or not isinstance(info.get("pid"), int):
@@ -229,6 +235,9 @@ def claim(run_path: Path, *, wait: float | None = None, poll: float = 0.2,
     start waiting.
     """
     run_path = Path(run_path)
+    if not _writes():
+        yield {}  # a data-parallel run's ranks > 0 follow rank 0, which holds the lock; they write nothing
+        return
     run_path.mkdir(parents=True, exist_ok=True)
     key = run_path.resolve()
     lock = key / LOCK_NAME
