@@ -12,8 +12,9 @@ from torch import nn
 from torch.func import functional_call
 
 from stability.apps.cli import main
-from stability.engine import Schedule
-from stability.maths.pruning import dense_masks, layer_densities, prune
+from stability.engine import Schedule, derive_seed
+from stability.maths.pruning import dense_masks, layer_densities, prune, random_masks_like
+from stability.maths.pruning import density as mask_density
 from stability.maths.saliency import (
     grasp_scores,
     keep_to_density,
@@ -140,6 +141,73 @@ def test_layer_shuffle_keeps_every_layer_density_and_changes_the_mask():
     shuffled = shuffle_within_layers(masks, torch.Generator().manual_seed(1))
     assert layer_densities(shuffled) == layer_densities(masks)
     assert all(not torch.equal(shuffled[n], masks[n]) for n in masks)
+
+
+def test_layer_shuffle_is_the_random_mask_draw_and_depends_only_on_the_layer_counts():
+    g = torch.Generator().manual_seed(2)
+    masks = {"a": (torch.rand(7, 9, generator=g) < 0.2).float(), "b": (torch.rand(40, generator=g) < 0.7).float()}
+    shuffled = shuffle_within_layers(masks, torch.Generator().manual_seed(5))
+    drawn = random_masks_like(masks, torch.Generator().manual_seed(5))
+    assert all(torch.equal(shuffled[n], drawn[n]) for n in masks)
+    assert not all(torch.equal(shuffled[n], shuffle_within_layers(masks, torch.Generator().manual_seed(6))[n])
+                   for n in masks)
+    # a layer-shuffled mask keeps nothing of the mask but its layer counts: any mask with those counts gives it
+    others = {n: m.reshape(-1).flip(0).reshape(m.shape) for n, m in masks.items()}
+    assert all(torch.equal(shuffle_within_layers(others, torch.Generator().manual_seed(5))[n], shuffled[n])
+               for n in masks)
+    values = {"w": torch.arange(12.0).reshape(3, 4)}  # a permutation of the values, whatever they are
+    moved = shuffle_within_layers(values, torch.Generator().manual_seed(0))["w"]
+    assert sorted(moved.reshape(-1).tolist()) == list(range(12)) and not torch.equal(moved, values["w"])
+
+
+def test_the_random_baseline_is_each_levels_own_mask_shuffled_while_mask_shuffle_compounds(results_root):
+    """Frankle et al. 2021 shuffle each density's unshuffled IMP mask: that is the ``random`` baseline (the level's
+    own mask through shuffle_within_layers, from the ticket's start weights). ``mask_shuffle = layer`` instead prunes
+    each next level from the shuffled network: with global pruning the layer densities drift from IMP's."""
+    import stability.stages.imp.levels as imp_module
+    import stability.stages.imp.masks as masks_module
+
+    cfg = tiny_config(results_root, training__steps="20it")
+    seen: dict[tuple[str, str], tuple[dict, dict]] = {}
+    pruned_from: list[dict] = []  # the mask each level is pruned from, in call order
+    real_branch, real_prune = imp_module.train_branch, masks_module.prune
+
+    def branch(ctx, run, start, end_step, **kw):
+        seen[run.path.parts[-3], run.path.parts[-1]] = ({k: v.clone() for k, v in kw["masks"].items()},
+                                                        {k: v.clone() for k, v in start.params.items()})
+        return real_branch(ctx, run, start, end_step, **kw)
+
+    def prune(weights, masks, *a, **kw):
+        pruned_from.append({k: v.clone() for k, v in masks.items()})
+        return real_prune(weights, masks, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(imp_module, "train_branch", branch)
+        mp.setattr(masks_module, "prune", prune)
+        per_level = run_imp(cfg, imp_settings(levels=2, rewind="0", strategy="global", baselines=["random"]))
+        in_lineage = run_imp(cfg, imp_settings(levels=2, rewind="0", strategy="global", mask_shuffle="layer"))
+
+    def stored(result, level):
+        return load_tensors(result.run_dir / "masks" / f"replicate_0_level_{level}.safetensors")[0]
+
+    own = {level: stored(per_level, level) for level in (1, 2)}
+    names = list(own[1])
+    assert len(pruned_from) == 4 and all(torch.equal(pruned_from[1][n], own[1][n]) for n in names)
+    assert all(bool((own[2][n] <= own[1][n]).all()) for n in names)  # the ticket's lineage is unshuffled
+    for level in (1, 2):
+        masks, params = seen[per_level.run_dir.name, f"level_{level}"]
+        expected = shuffle_within_layers(own[level], torch.Generator().manual_seed(
+            derive_seed(0, "random-baseline", 0, level)))
+        assert all(torch.equal(masks[n][0], own[level][n]) and torch.equal(masks[n][1], expected[n]) for n in names)
+        assert layer_densities(expected) == layer_densities(own[level])
+        assert all(torch.equal(p[1], p[0]) for p in params.values())  # the ticket's start weights
+    shuffled = {level: stored(in_lineage, level) for level in (1, 2)}
+    assert all(torch.equal(shuffled[1][n], shuffle_within_layers(own[1], torch.Generator().manual_seed(
+        derive_seed(0, "mask-shuffle", 0, 1)))[n]) for n in names)  # level 1: the same shuffle of the same mask
+    # level 2 in the lineage is pruned from the shuffled level 1, whose trained weights set its layer densities
+    assert all(torch.equal(pruned_from[3][n], shuffled[1][n]) for n in names)
+    assert layer_densities(shuffled[2]) != layer_densities(own[2])
+    assert mask_density(shuffled[2]) == pytest.approx(mask_density(own[2]))
 
 
 # ---------------------------------------------------------------- retraining: LR rewinding and fine-tuning
@@ -281,6 +349,8 @@ def test_imp_help_shows_the_baseline_options(capsys):
     for flag in ("--retrain", "lr_rewind", "--score-batch", "--synflow-rounds", "--mask-shuffle", "--invert-scores",
                  "synflow"):
         assert flag in out
+    text = " ".join(out.split())  # the per-level (non-compounding) layer shuffle is the random baseline
+    assert "the layer shuffle of Frankle et al. 2021 without compounding" in text and "the loss compounds" in text
 
 
 def test_the_baselines_figure_draws_one_line_per_retraining_and_the_layer_densities(retrained, tmp_path):
@@ -293,6 +363,7 @@ def test_the_baselines_figure_draws_one_line_per_retraining_and_the_layer_densit
     written = plot_all(root, tmp_path, formats="png", kinds="baselines")
     assert sorted(p.name for p in written) == ["pruning_baselines.png", "pruning_baselines_layer_densities.png"]
     levels = imp_levels(root)
-    assert {"IMP (LR rewinding)", "IMP (fine-tuning)"} <= set(labelled(levels)["method"])
+    assert {"IMP (LR rewinding)", "IMP (fine-tuning)", "IMP (LR rewinding) + layer shuffle (per level)",
+            "IMP (fine-tuning) + layer shuffle (per level)"} <= set(labelled(levels)["method"])
     frame = layer_density_frame(levels, find_runs(root, "imp"))
     assert set(frame["layer"]) == {"fc.0.weight", "fc.1.weight", "fc.2.weight"}

@@ -1,7 +1,12 @@
 """The pruning baselines lottery tickets are compared with (Renda et al. 2020; Frankle et al. 2021): test accuracy vs
 weights remaining, one line per strategy and retraining (IMP with weight rewinding, LR rewinding, fine-tuning;
 SNIP, GraSP, SynFlow; random pruning), the sanity checks (layer shuffle, inverted scores) dashed and dotted; and
-the layer-wise densities each strategy leaves.
+the layer-wise densities each strategy leaves. A method and its sanity checks share a colour.
+
+The ``random`` baseline of a run is that run's own mask shuffled within each layer at every level (Frankle et al.
+2021's protocol), labelled '<method> + layer shuffle (per level)'; ``mask_shuffle = layer`` on a magnitude
+strategy keeps the shuffled mask in the lineage, labelled '+ layer shuffle (in lineage)' (the loss compounds
+from level to level). Pruning at initialization prunes each level afresh, so its '+ layer shuffle' is per level.
 
 ``draw_baselines`` is plot_all's kind ``baselines``: drawn when the IMP runs under a root differ in strategy,
 retraining or sanity check.
@@ -22,6 +27,7 @@ from ..load.frames import read_json
 _STRATEGY_NAMES = {"snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow", "random": "random pruning",
                    "lamp": "LAMP", "global": "IMP", "layerwise": "IMP layerwise"}
 _RETRAIN_NAMES = {"rewind": "weight rewinding", "lr_rewind": "LR rewinding", "finetune": "fine-tuning"}
+_PAI = ("snip", "grasp", "synflow")
 
 
 def _flag(value: Any) -> bool:
@@ -29,10 +35,11 @@ def _flag(value: Any) -> bool:
 
 
 def method_label(row: Mapping[str, Any]) -> str:
-    """'IMP (LR rewinding)', 'SynFlow + layer shuffle', ... from a sparse row of levels.csv."""
+    """'IMP (LR rewinding)', 'SynFlow + layer shuffle', ... from a sparse row of levels.csv; a ``random`` row is
+    its run's method with its mask shuffled per level ('... + layer shuffle (per level)')."""
     strategy = str(row.get("strategy") or "global")
     if row.get("kind") == "random":
-        return "random pruning (same layer densities)"
+        return method_label({**row, "kind": "imp"}) + " + layer shuffle (per level)"
     if row.get("kind") == "reinit":
         return "random reinitialization"
     name = _STRATEGY_NAMES.get(strategy, strategy)
@@ -40,7 +47,7 @@ def method_label(row: Mapping[str, Any]) -> str:
     if strategy in ("global", "layerwise", "lamp"):
         name = f"{name} ({_RETRAIN_NAMES.get(retrain, retrain)})"
     if str(row.get("mask_shuffle") or "none") == "layer":
-        name += " + layer shuffle"
+        name += " + layer shuffle" if strategy in _PAI else " + layer shuffle (in lineage)"
     if _flag(row.get("invert_scores")):
         name += " + inverted scores"
     return name
@@ -53,14 +60,30 @@ def labelled(levels: pd.DataFrame) -> pd.DataFrame:
     return sparse
 
 
-def _style(method: str) -> dict[str, Any]:
-    if "layer shuffle" in method:
-        return {"linestyle": "--"}
+def _style(method: str, colours: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Dashed: a layer shuffle in the lineage or of pruning at initialization; dash-dot: a per-level shuffle of IMP;
+    dotted: inverted scores. ``colours``: one colour per method before its sanity checks."""
+    style: dict[str, Any] = {"linestyle": "-"}
     if "inverted" in method:
-        return {"linestyle": ":"}
+        style["linestyle"] = ":"
+    elif "(per level)" in method and method.split(" ", 1)[0] not in ("SNIP", "GraSP", "SynFlow"):
+        style["linestyle"] = "-."
+    elif "layer shuffle" in method:
+        style["linestyle"] = "--"
     if method.startswith("random"):
-        return {"linestyle": "-.", "color": "0.4"}
-    return {"linestyle": "-"}
+        style["color"] = "0.4"
+    elif colours is not None:
+        style["color"] = colours[method.split(" + ", 1)[0]]
+    return style
+
+
+def _colours(methods: Sequence[str]) -> dict[str, Any]:
+    """One colour per method before its sanity checks (' + ...'), in order of first appearance."""
+    from matplotlib import colormaps
+
+    bases = list(dict.fromkeys(m.split(" + ", 1)[0] for m in methods))
+    cmap = colormaps["tab10" if len(bases) <= 10 else "tab20"]
+    return {b: cmap(i % cmap.N) for i, b in enumerate(bases)}
 
 
 def plot_pruning_baselines(levels: pd.DataFrame, value: str = "final_test_accuracy", *,
@@ -72,10 +95,12 @@ def plot_pruning_baselines(levels: pd.DataFrame, value: str = "final_test_accura
     sparse["density"] = pd.to_numeric(sparse["density"], errors="coerce")
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
-    for method, df in sorted(sparse.groupby("method"), key=lambda kv: kv[0]):
+    groups = sorted(sparse.groupby("method"), key=lambda kv: kv[0])
+    colours = _colours([m for m, _ in groups])
+    for method, df in groups:
         stats = df.groupby("level").agg(density=("density", "mean"), mean=(value, "mean"), std=(value, "std"))
         ax.errorbar(100 * stats["density"], 100 * stats["mean"], yerr=100 * stats["std"].fillna(0.0), label=method,
-                    marker="o", markersize=3, capsize=2, **_style(method))
+                    marker="o", markersize=3, capsize=2, **_style(method, colours))
     dense = pd.to_numeric(levels.loc[pd.to_numeric(levels["level"], errors="coerce") == 0, value], errors="coerce")
     if dense.notna().any():
         ax.axhline(100 * dense.mean(), color="k", linewidth=0.8, label="dense")
@@ -111,10 +136,12 @@ def plot_layer_densities(frame: pd.DataFrame, *, title: str | None = None) -> Fi
     fig = Figure(figsize=(7.5, 4.2))
     ax = fig.add_subplot()
     layers = list(dict.fromkeys(frame["layer"]))
-    for method, df in sorted(frame.groupby("method"), key=lambda kv: kv[0]):
+    groups = sorted(frame.groupby("method"), key=lambda kv: kv[0])
+    colours = _colours([m for m, _ in groups])
+    for method, df in groups:
         last = df[df["level"] == df["level"].max()]
         mean = last.groupby("layer")["layer_density"].mean().reindex(layers)
-        ax.plot(np.arange(len(layers)), 100 * mean.to_numpy(), marker="o", label=method, **_style(method))
+        ax.plot(np.arange(len(layers)), 100 * mean.to_numpy(), marker="o", label=method, **_style(method, colours))
     ax.set_yscale("log")
     ax.set_xticks(np.arange(len(layers)), layers, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("Weights remaining in the layer (%)")

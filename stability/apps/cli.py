@@ -126,7 +126,10 @@ def imp_arguments(p: argparse.ArgumentParser) -> None:
         Flag("imp.score_batch", "snip, grasp: training examples the scores are computed on (seeded by pruning_seed)"),
         Flag("imp.synflow_rounds", "synflow: pruning rounds (exponential schedule), at least 1"),
         Flag("imp.mask_shuffle", f"{' | '.join(MASK_SHUFFLES)}: layer permutes each level's mask within each layer, "
-                                 "densities kept (sanity check, Frankle et al. 2021)"),
+                                 "densities kept (sanity check, Frankle et al. 2021), and keeps it in the lineage: "
+                                 "iterative IMP prunes the next level from the shuffled network (with global "
+                                 "pruning the layer densities drift from IMP's and the loss compounds); for the "
+                                 "paper's per-level shuffle use --baselines random"),
         Flag("imp.invert_scores", "keep the lowest-scored weights instead (sanity check, Frankle et al. 2021)",
              switch=True),
         Flag("imp.criterion", f"which weights a level keeps (Zhou et al. 2019; large_final is magnitude): "
@@ -141,7 +144,9 @@ def imp_arguments(p: argparse.ArgumentParser) -> None:
              switch=True),
         Flag("imp.rewind", "0 | a step like 500it | auto (first stable step)"),
         Flag("imp.one_shot", "prune the dense network straight to each level's density", switch=True),
-        Flag("imp.baselines", f"comma-separated: {', '.join(BASELINES)}", empty="none"),
+        Flag("imp.baselines", f"comma-separated: {', '.join(BASELINES)} (random: each level's own mask shuffled "
+                              "within each layer, from the ticket's start weights, i.e. the layer shuffle of Frankle "
+                              "et al. 2021 without compounding, for any strategy)", empty="none"),
         Flag("imp.replicates", "replicates with init seeds init_seed + r"),
         Flag("imp.instability", "measure each sparse network's instability", switch=True),
     ], {"imp": ImpSettings, "instability": InstabilitySettings})

@@ -172,13 +172,22 @@ def pai_masks(strategy: str, model: nn.Module, state: Mapping[str, Tensor], mask
 
 # ---------------------------------------------------------------- sanity checks (Frankle et al. 2021)
 def shuffle_within_layers(masks: Masks, generator: torch.Generator | None = None) -> Masks:
-    """Each tensor's mask permuted at random within the tensor: every layer keeps its density."""
+    """Each tensor's mask permuted uniformly at random within the tensor: every layer keeps its density.
+
+    The values, survivors first, are placed at the positions of one ``randperm`` per tensor, in order: the draw
+    of ``pruning.random_masks_like``, so for 0/1 masks and generators in the same state the two give the same
+    mask. IMP's ``random`` baseline (a random mask with the ticket's per-layer counts, from the ticket's start)
+    is therefore each level's own mask shuffled within each layer: Frankle et al. 2021's non-compounding shuffle.
+    """
     gen_device = generator.device if generator is not None else torch.device("cpu")
     out: Masks = {}
     for name in masks:
         m = masks[name]
-        perm = torch.randperm(m.numel(), generator=generator, device=gen_device).to(m.device)
-        out[name] = m.reshape(-1)[perm].reshape(m.shape).clone()
+        flat = m.reshape(-1)
+        perm = torch.randperm(flat.numel(), generator=generator, device=gen_device).to(m.device)
+        new = torch.empty_like(flat)
+        new[perm] = flat.sort(descending=True, stable=True).values
+        out[name] = new.reshape(m.shape)
     return out
 
 

@@ -17,7 +17,13 @@ al. 2021: ``mask_shuffle = layer`` and ``invert_scores``.
 Baselines trained alongside each level, batched as extra members: ``reinit``
 (the same mask, weights from a fresh initialization with another init seed,
 trained over the same steps) and ``random`` (a random mask with the same
-per-layer densities, the same start weights as the ticket).
+per-layer densities, the same start weights as the ticket). ``random`` is each
+level's own mask shuffled within each layer (``saliency.shuffle_within_layers``
+draws the very same mask): Frankle et al. 2021's layer shuffle, per level and
+for any strategy, where ``mask_shuffle = layer`` keeps the shuffled mask in the
+lineage, so that iterative pruning prunes the next level from the shuffled
+network and the loss compounds. (With ``mask1`` other than ``rewind`` the random
+member still starts from the rewind weights, not from the ticket's mask-1 start.)
 
 Each finished level is stored before the next starts, and a level in progress
 saves a resumable state, so a killed run rerun with the same command resumes.

@@ -254,7 +254,8 @@ def level_starts(lineage: Lineage, level: int) -> LevelStart:
     states = {"imp": mask1_start(settings.mask1, begin, masks, fresh=basis.mask1_fresh,
                                  generator=torch.Generator().manual_seed(
                                      derive_seed(settings.pruning_seed, "mask1", r, level)))}
-    if "random" in settings.baselines:
+    if "random" in settings.baselines:  # this level's own mask shuffled within each layer (the same draw as
+        # saliency.shuffle_within_layers): Frankle et al. 2021's layer shuffle, outside the lineage
         member_masks["random"] = random_masks_like(masks, torch.Generator().manual_seed(
             derive_seed(settings.pruning_seed, "random-baseline", r, level)))
         states["random"] = begin

@@ -46,7 +46,8 @@ class ImpSettings:
     retrain: str = "rewind"  # RETRAINS: rewind | lr_rewind | finetune (Renda et al. 2020)
     score_batch: int = 256  # snip, grasp: training examples (drawn with pruning_seed) the scores are computed on
     synflow_rounds: int = 100  # synflow: pruning rounds, exponential schedule
-    mask_shuffle: str = "none"  # none | layer: each level's mask permuted within each layer (Frankle et al. 2021)
+    mask_shuffle: str = "none"  # none | layer: each level's mask permuted within each layer (Frankle et al. 2021),
+    # kept in the lineage (iterative IMP prunes the next level from it); per level, not compounding: baselines random
     invert_scores: bool = False  # keep the lowest-scored weights instead of the highest (Frankle et al. 2021)
 
     def __post_init__(self) -> None:
