@@ -119,3 +119,71 @@ def test_dropout_is_refused_under_distributed(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="model.dropout"):
         distributed.start(True, 32, torch.device("cpu"), dropout=True)
+
+
+@pytest.mark.slow
+def test_a_grid_trains_a_data_parallel_unit_as_a_two_task_submitit_job(reference, tmp_path, monkeypatch):
+    """submitit's LocalExecutor runs the trunk unit as a 2-task job; its ranks meet on 127.0.0.1."""
+    pytest.importorskip("submitit")
+    from stability.grid.plan import load_grid
+    from stability.grid.run import run_grid
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("STABILITY_DIST_TIMEOUT", "120")
+    grid = tmp_path / "g.toml"
+    grid.write_text("""stages = ["instability"]
+preset = "lenet300_mnist5k"
+
+[set]
+"model.width" = 0.1
+"training.steps" = "30it"
+"training.batch_size" = 32
+"training.eval_every" = "10it"
+"training.checkpoint_every" = "5it"
+"training.rewind_points" = ["10it"]
+"runtime.distributed" = true
+
+[instability]
+rewind_points = ["10it"]
+siblings = 2
+alphas = 3
+
+[resources]
+cpus = 1
+tasks_per_node = 2
+units_per_task = 1
+time = 5
+""")
+    root = tmp_path / "runs"
+    result = run_grid(load_grid(grid, {"runtime.results_root": str(root)}), executor="slurm", local=True)
+    assert not result.failed, result.outcomes
+    run = next(root.glob("train_*"))
+    assert run.name == reference.name
+    close(load_weights(reference, 30), load_weights(run, 30))
+    # the siblings (both members on each rank, each batch split across the ranks) and their curves equal the
+    # one-process grid's
+    alone, one = tmp_path / "alone", tmp_path / "one.toml"
+    one.write_text(grid.read_text().replace("tasks_per_node = 2", "tasks_per_node = 1"))
+    assert not run_grid(load_grid(one, {"runtime.results_root": str(alone), "runtime.distributed": "false"})).failed
+    for name in ("siblings_*/final.safetensors", "instability_*/curves.csv"):
+        ours, theirs = next(root.glob(name)), next(alone.glob(name))
+        assert ours.relative_to(root) == theirs.relative_to(alone)
+        if name.endswith(".csv"):
+            for a, b in zip(read_csv(ours), read_csv(theirs), strict=True):
+                assert all(abs(a[k] - b[k]) < 1e-5 for k in a if isinstance(a[k], float)), (a, b)
+        else:
+            close(load_tensors(theirs)[0], load_tensors(ours)[0])
+    logs = "".join(p.read_text() for p in root.rglob("*_1_log.err"))  # the second task ran and said nothing wrong
+    assert list(root.rglob("*_1_log.out")), "the job had no second task"
+    assert "Traceback" not in logs
+
+
+def test_a_data_parallel_grid_is_refused_when_its_ranks_do_not_divide_the_batch(tmp_path):
+    from stability.grid.plan import load_grid, make_plan
+
+    grid = tmp_path / "g.toml"
+    grid.write_text('stages = []\npreset = "lenet300_mnist5k"\n[set]\n"runtime.distributed" = true\n'
+                    '"training.batch_size" = 30\n[resources]\ngpus = 4\n')
+    with pytest.raises(ConfigError, match="training.batch_size: 30 does not divide among the 4 ranks"):
+        make_plan(load_grid(grid, {"runtime.results_root": str(tmp_path / "runs")}))
+    assert not (tmp_path / "runs").exists()

@@ -17,6 +17,8 @@ executor started. The plan never knows which engine runs it.
 """
 from __future__ import annotations
 
+import functools
+
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,7 +89,7 @@ class SlurmExecutor:
     """Each wave one submitit job array; ``units_per_task`` units run one after another in each array task."""
 
     def __init__(self, folder: Path, cpus: int = 1, gpus: int = 0, units_per_task: int = 4, partition: str = "",
-                 time: int = 60, local: bool = False):
+                 time: int = 60, local: bool = False, ranks: tuple[int, int] | None = None):
         try:
             import submitit
         except ImportError:
@@ -95,12 +97,18 @@ class SlurmExecutor:
         self.submitit = submitit
         self.folder = Path(folder) / SLURM_LOGS  # logs named by job id, on the shared results root
         self.units_per_task = units_per_task
+        # ``ranks``: (nodes, tasks per node) of a data-parallel unit (runtime.distributed); every task is one rank
+        self.ranks, self.local = ranks, local
+        nodes, tasks = ranks or (1, 1)
         if local:
+            if nodes > 1:
+                raise ConfigError(f"resources.nodes: submitit's local executor runs on one node, got {nodes}")
             self.executor = submitit.LocalExecutor(folder=str(self.folder))
-            self.executor.update_parameters(timeout_min=time)
+            self.executor.update_parameters(timeout_min=time, tasks_per_node=tasks)
         else:
             self.executor = submitit.AutoExecutor(folder=str(self.folder), cluster="slurm")
-            params: dict[str, Any] = {"timeout_min": time, "cpus_per_task": cpus, "tasks_per_node": 1, "nodes": 1}
+            params: dict[str, Any] = {"timeout_min": time, "cpus_per_task": cpus, "tasks_per_node": tasks,
+                                      "nodes": nodes}
             if gpus:
                 params["gpus_per_node"] = gpus
             if partition:
@@ -111,11 +119,14 @@ class SlurmExecutor:
         from .units import run_units
 
         chunks = [list(units[i : i + self.units_per_task]) for i in range(0, len(units), self.units_per_task)]
-        jobs = self.executor.map_array(run_units, chunks)
+        if self.ranks is None:
+            jobs = self.executor.map_array(run_units, chunks)
+        else:
+            jobs = self.executor.map_array(functools.partial(run_units_data_parallel, loopback=self.local), chunks)
         out = []
         for chunk, job in zip(chunks, jobs):
             try:
-                out.extend(job.result())
+                out.extend(job.results()[0])  # rank 0's outcomes (the only task, or every rank's same units)
             except Exception as exc:  # noqa: BLE001 - a dead job: its units that did not finish are failed
                 from .units import unit_complete
 
@@ -129,13 +140,34 @@ class SlurmExecutor:
         pass
 
 
-def make_executor(name: str, resources: Any, folder: Path, **options: Any) -> Executor:
-    """An executor by name, sized by the grid's ``Resources``."""
+def run_units_data_parallel(units: Sequence[dict[str, Any]], loopback: bool = False) -> list[dict[str, Any]]:
+    """One rank of a data-parallel job array task: torch.distributed's variables from submitit's job environment
+    (the first node is the master; ``loopback``: 127.0.0.1, for the local executor), then the units."""
+    import submitit
+
+    from .units import run_units
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if loopback:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+    return run_units(units)
+
+
+def make_executor(name: str, resources: Any, folder: Path, *, distributed: bool = False, **options: Any) -> Executor:
+    """An executor by name, sized by the grid's ``Resources``; ``distributed``: the units train data-parallel
+    (``runtime.distributed``), each one a multi-task job on Slurm."""
+    if not distributed and (resources.nodes > 1 or resources.tasks_per_node > 1):
+        raise ConfigError("resources.nodes / resources.tasks_per_node: more than one rank per unit needs "
+                          "runtime.distributed = true")
+    if distributed and name != "slurm":
+        raise ConfigError(f"runtime.distributed: a grid trains data-parallel units with --executor slurm (one "
+                          f"multi-task job per unit), not {name!r}; or launch a single run with torchrun")
     if name == "local":
         return LocalExecutor()
     if name == "ray":
         return RayExecutor(resources.cpus, resources.gpus, resources.retries, **options)
     if name == "slurm":
+        ranks = (resources.nodes, resources.ranks_per_node()) if distributed else None
         return SlurmExecutor(folder, resources.cpus, resources.gpus, resources.units_per_task, resources.partition,
-                             resources.time, **options)
+                             resources.time, ranks=ranks, **options)
     raise ConfigError(f"--executor: unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")

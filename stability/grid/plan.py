@@ -29,6 +29,8 @@ and the stages to run on every point::
     retries = 2                              # ray: retries of a unit whose worker died
     partition = ""                           # slurm
     time = 60                                # slurm: minutes per array task
+    nodes = 1                                # slurm, runtime.distributed: nodes per data-parallel unit
+    tasks_per_node = 0                       # slurm, runtime.distributed: ranks per node (0: one per GPU)
 
 The plan's units are the run store's own runs (``train_<hash>``, ``siblings_<hash>``
 per rewind point, ``instability_<hash>``, ``imp_<hash>``, ``hessian_<hash>``), with
@@ -82,12 +84,19 @@ class Resources:
     retries: int = 2
     partition: str = ""
     time: int = 60
+    # A data-parallel unit (runtime.distributed = true on Slurm): its nodes, and ranks per node (0: one per GPU,
+    # or one without GPUs). Every rank of the job runs the unit; rank 0 writes.
+    nodes: int = 1
+    tasks_per_node: int = 0
+
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or max(self.gpus, 1)
 
     def validate(self) -> Resources:
-        for name in ("cpus", "units_per_task"):
+        for name in ("cpus", "units_per_task", "nodes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"resources.{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("gpus", "retries"):
+        for name in ("gpus", "retries", "tasks_per_node"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"resources.{name}: must be >= 0, got {getattr(self, name)}")
         if self.time < 1:
@@ -251,6 +260,15 @@ def make_plan(grid: Grid) -> Plan:
 def _check_point(grid: Grid, cfg: Config, sweep: InstabilitySettings, imp: ImpSettings | None) -> None:
     """What the stages would refuse when their units run, refused when planning instead."""
     validate_run(cfg)
+    if cfg.runtime.distributed:
+        world = grid.resources.nodes * grid.resources.ranks_per_node()
+        if cfg.training.batch_size % world:
+            raise ConfigError(f"training.batch_size: {cfg.training.batch_size} does not divide among the {world} "
+                              "ranks of a data-parallel unit (resources.nodes x resources.tasks_per_node, or one "
+                              f"task per GPU); use a multiple of {world}")
+        if cfg.model.dropout:
+            raise ConfigError("model.dropout: dropout masks are drawn per rank, so a data-parallel run would depend "
+                              "on the world size; use model.dropout = 0 with runtime.distributed")
     if imp is not None:
         check_method(cfg)  # training methods IMP cannot train
     if "instability" in grid.stages or (imp is not None and (imp.rewind == "auto" or imp.instability)):
@@ -279,7 +297,8 @@ class _Walk:
         size the work), and its model's forward FLOPs per example."""
         name = cfg.run_hash()
         if name not in self.contexts:
-            ctx = prepare(cfg.with_overrides({"runtime.device": "cpu"}))
+            # planned in this one process: a data-parallel unit's ranks join their process group when it runs
+            ctx = prepare(cfg.with_overrides({"runtime.device": "cpu", "runtime.distributed": "false"}))
             self.contexts[name] = ctx, flops_per_example(ctx)
         return self.contexts[name]
 

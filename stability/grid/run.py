@@ -41,7 +41,8 @@ def run_grid(grid: Grid | str | Path, executor: Any = "local", **executor_option
     grid = grid if isinstance(grid, Grid) else load_grid(grid)
     plan = make_plan(grid)
     plan.save()
-    runner = make_executor(executor, grid.resources, plan.folder, **executor_options) \
+    runner = make_executor(executor, grid.resources, plan.folder, distributed=grid.base.runtime.distributed,
+                           **executor_options) \
         if isinstance(executor, str) else executor
     failures = plan.folder / FAILURES
     outcomes: dict[str, dict[str, Any]] = {}

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..config import Config, settings_hash
 from ..config.nested import flat_paths, flat_settings
 from ..errors import CheckpointError, RecordError, TrainingDiverged
-from ..store.files import RunDir
+from ..store.files import RunDir, is_writer, sync_ranks
 from ..trackers import log_finished
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ def run_once(run: RunDir, *, load: Callable[[RunDir], R | None], start: Callable
     """
     with run.claim():
         status = run.status()
+        # A data-parallel run's ranks all read the status before rank 0 may change it, so they take one branch.
+        sync_ranks()
         if status == "diverged":
             raise TrainingDiverged.from_info(run.manifest().get("divergence") or {"step": -1})
         if status == "complete":
@@ -80,7 +82,8 @@ def run_once(run: RunDir, *, load: Callable[[RunDir], R | None], start: Callable
             raise
         done: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 3)} if timed else {}
         run.update(status="complete", **done)
-        log_finished(run)  # runtime.trackers, once per computed run (a reused run logs nothing)
+        if is_writer():
+            log_finished(run)  # runtime.trackers, once per computed run (a reused run logs nothing), from rank 0
         return result
 
 
