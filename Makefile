@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_neq.py
 	$(PY) benchmarks/bench_lmc.py
 	$(PY) benchmarks/bench_landscape.py
+	$(PY) benchmarks/bench_streaming.py
 
 # Execute notebooks/*.ipynb in place (small settings, embedded data, ~2 minutes) so they are committed with their
 # figures; STABILITY_SMALL=0 runs the real settings (hours on a CPU).

@@ -42,7 +42,7 @@ def launch(root: Path, *extra: str, processes: int = 2, stop_after_states: int =
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}", "--nnodes=1",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(WORKER), str(root), *ARGS,
            "--out", str(root), "--set=runtime.distributed=true", *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False)
 
 
 def one_process(root: Path) -> Path:

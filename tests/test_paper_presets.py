@@ -329,10 +329,11 @@ def test_the_imagenet_grid_plans_where_the_data_exists(tmp_path, capsys):
     root = tmp_path / "imagenet"
     for split in ("train", "val"):
         (root / split / "n01440764").mkdir(parents=True)
-        Image.new("RGB", (256, 256)).save(root / split / "n01440764" / "a.JPEG")
+        for i in range(8):
+            Image.new("RGB", (64, 64)).save(root / split / "n01440764" / f"{i}.JPEG")
     out = tmp_path / "runs"
     assert main(["grid", str(GRIDS / "frankle2020_resnet50.toml"), "--dry-run", "--out", str(out),
-                 "--set", f"dataset.data_root={root}", "--set", "training.batch_size=1"]) == 0
+                 "--set", f"dataset.data_root={root}", "--set", "training.batch_size=8"]) == 0
     assert "GPU-hours" in capsys.readouterr().out and not out.exists()
 
 

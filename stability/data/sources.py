@@ -29,8 +29,14 @@ from torch import Tensor
 from ..config import DatasetConfig
 from ..errors import ConfigError, DatasetError
 from ..registry import Registry
+from .disk import (
+    datasets_to_stream,
+    gives_datasets,
+    imagenet_root,
+    stream_imagenet,
+    streamed_splits,
+)
 from .splits import DataSplits, packaged_split, validation_split
-from .streaming import StreamedInputs, image_folder
 
 __all__ = ["DATASETS", "MAX_REGISTERED_BYTES", "DatasetSpec", "load_dataset", "permuted_pixels", "register_dataset"]
 
@@ -78,9 +84,11 @@ def load_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> Data
     if cfg.split_seed < 0:
         raise ConfigError(f"dataset.split_seed: must be >= 0, got {cfg.split_seed}")
 
-    streamed = _stream_datasets(cfg, spec)
+    streamed = datasets_to_stream(cfg, spec.streamer, spec.streams_by_default)
     if streamed is not None:
-        return _load_streamed(cfg, spec, *streamed, device)
+        return streamed_splits(cfg, *streamed, device, num_classes=spec.num_classes,
+                               input_shape=tuple(spec.input_shape),
+                               augmentation=spec.augmentation if cfg.augment else None)
     x_tr, y_tr, x_te, y_te, prepare = spec.loader(cfg)
     if not spec.input_shape:  # a registered dataset: its shape and classes come from its data
         spec = replace(spec, input_shape=tuple(int(d) for d in x_tr.shape[1:]),
@@ -119,65 +127,6 @@ def load_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> Data
 
 def _as_is(x: np.ndarray) -> np.ndarray:
     return x
-
-
-# ---- streamed from disk ---------------------------------------------------------------
-
-
-def _stream_datasets(cfg: DatasetConfig, spec: DatasetSpec) -> tuple[Any, Any] | None:
-    """The (train, test) Datasets to stream when ``dataset.stream`` asks for it, else None (load into memory)."""
-    if cfg.stream == "off":
-        return None  # imagenet's in-memory loader refuses, naming the setting
-    if spec.streamer is None:
-        if cfg.stream == "on":
-            raise ConfigError(f"dataset.stream: {cfg.name} is held in memory as tensors and cannot stream; "
-                              "streaming needs a dataset given as torch Datasets (register_dataset with a loader "
-                              "returning (train, test) Datasets, or imagenet); use stream = auto or off")
-        return None
-    if cfg.stream == "auto" and not (spec.streams_by_default and spec.streams_by_default(cfg)):
-        return None
-    return spec.streamer(cfg)
-
-
-def _labels(dataset: Any, name: str, split: str) -> np.ndarray:
-    """A Dataset's labels: its ``targets`` (ImageFolder, torchvision) or, failing that, read example by example."""
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
-        targets = [int(dataset[i][1]) for i in range(len(dataset))]
-    y = np.asarray(targets.numpy() if isinstance(targets, Tensor) else targets)
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise DatasetError(f"dataset.name: {name!r} {split} split: labels must be non-negative integers, "
-                           f"got {y.dtype} of shape {y.shape}")
-    return y.astype(np.int64)
-
-
-def _load_streamed(cfg: DatasetConfig, spec: DatasetSpec, train: Any, test: Any,
-                   device: torch.device | str) -> DataSplits:
-    """DataSplits whose inputs stay on disk (``StreamedInputs``) and whose labels are tensors."""
-    y_tr, y_te = _labels(train, cfg.name, "train"), _labels(test, cfg.name, "test")
-    if len(y_tr) == 0:
-        raise DatasetError(f"dataset.name: {cfg.name!r} has no training examples")
-    if cfg.val_size >= len(y_tr):
-        raise ConfigError(f"dataset.val_size: {cfg.val_size} leaves no training examples; {cfg.name} has "
-                          f"{len(y_tr)} in its training split, so use at most {len(y_tr) - 1}")
-    val_idx, train_idx = validation_split(y_tr, cfg.val_size, cfg.split_seed)
-    device = torch.device(device)
-    first = StreamedInputs(train, np.arange(1), (), device).load([0])
-    shape = tuple(int(d) for d in first.shape[1:])
-    if spec.input_shape and shape != tuple(spec.input_shape):
-        raise DatasetError(f"dataset.name: {cfg.name!r} gives inputs of shape {shape}, expected {spec.input_shape}")
-
-    def inputs(ds: Any, idx: np.ndarray) -> StreamedInputs:
-        return StreamedInputs(ds, np.asarray(idx, dtype=np.int64), shape, device, cfg.workers)
-
-    def labels(y: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.array(y, dtype=np.int64)).to(device)
-
-    classes = spec.num_classes or int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
-    return DataSplits(name=cfg.name, x_train=inputs(train, train_idx), y_train=labels(y_tr[train_idx]),
-                      x_val=inputs(train, val_idx), y_val=labels(y_tr[val_idx]),
-                      x_test=inputs(test, np.arange(len(y_te))), y_test=labels(y_te), num_classes=classes,
-                      input_shape=shape, augmentation=spec.augmentation if cfg.augment else None)
 
 
 # ---- packaged datasets --------------------------------------------------------------
@@ -407,29 +356,9 @@ def _normalize_uint8(data: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def _imagenet_root(cfg: DatasetConfig) -> Path:
-    if not cfg.data_root:
-        raise DatasetError(
-            "dataset.data_root is not set: imagenet (ILSVRC-2012, 1,281,167 train / 50,000 val images) is read "
-            "from a local ImageNet root, which cannot be downloaded; set dataset.data_root to the folder holding "
-            "its train/ and val/ class folders")
-    root = Path(os.path.expanduser(cfg.data_root))
-    missing = [str(root / part) for part in ("train", "val") if not (root / part).is_dir()]
-    if missing:
-        raise DatasetError(f"dataset.data_root={cfg.data_root!r}: imagenet needs the class folders "
-                           f"{' and '.join(missing)}, which do not exist")
-    return root
-
-
-def _stream_imagenet(cfg: DatasetConfig) -> tuple[Any, Any]:
-    """ImageNet's train/ and val/ class folders, 224x224 centre crops (resized from 256), normalized."""
-    root = _imagenet_root(cfg)
-    return image_folder(str(root / "train"), size=224), image_folder(str(root / "val"), size=224)
-
-
 def _refuse_imagenet(cfg: DatasetConfig) -> _Raw:
     """ImageNet only streams (``dataset.stream`` auto or on)."""
-    _imagenet_root(cfg)
+    imagenet_root(cfg)
     raise ConfigError(f"dataset.stream: imagenet (dataset.data_root={cfg.data_root!r}) does not fit in memory as "
                       "tensors; use stream = auto or on")
 
@@ -474,7 +403,7 @@ DATASETS: Registry[DatasetSpec] = Registry("dataset", "dataset.name", {spec.name
     DatasetSpec(
         name="imagenet", num_classes=1000, input_shape=(3, 224, 224), packaged=False, augmentation=None,
         description="ImageNet (ILSVRC-2012) from a local root (train/ and val/ class folders), streamed from disk; "
-                    "224x224 centre crops, no augmentation", loader=_refuse_imagenet, streamer=_stream_imagenet,
+                    "224x224 centre crops, no augmentation", loader=_refuse_imagenet, streamer=stream_imagenet,
         streams_by_default=lambda cfg: True,
     ),
 )})
@@ -512,7 +441,7 @@ def register_dataset(name: str, loader: Callable[[], Any], *, num_classes: int |
 
     def datasets(cfg: DatasetConfig) -> tuple[Any, Any] | None:
         out = called()
-        if _gives_datasets(out):
+        if gives_datasets(out):
             return out[0], out[1]
         if cfg.stream == "on":
             raise ConfigError(f"dataset.stream: {name!r} is given as tensors or arrays and is held in memory; "
@@ -521,7 +450,7 @@ def register_dataset(name: str, loader: Callable[[], Any], *, num_classes: int |
 
     def too_large(cfg: DatasetConfig) -> bool:
         out = called()
-        if not _gives_datasets(out) or len(out[0]) == 0:
+        if not gives_datasets(out) or len(out[0]) == 0:
             return False
         first = out[0][0]
         x = first[0] if isinstance(first, (tuple, list)) else first
@@ -533,11 +462,6 @@ def register_dataset(name: str, loader: Callable[[], Any], *, num_classes: int |
                                         augmentation=None, description=description or f"registered: {name}",
                                         loader=raw, streamer=datasets, streams_by_default=too_large),
                        replace=replace)
-
-
-def _gives_datasets(out: Any) -> bool:
-    return isinstance(out, (tuple, list)) and len(out) == 2 and all(hasattr(d, "__getitem__") and hasattr(d, "__len__")
-                                                                    and not isinstance(d, (Tensor, np.ndarray)) for d in out)
 
 
 def _as_arrays(name: str, out: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 
-__all__ = ["active", "all_equal", "average_gradients", "average", "broadcast", "rank", "share", "start", "world"]
+__all__ = ["active", "all_equal", "average", "average_gradients", "broadcast", "rank", "share", "start", "world"]
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TIMEOUT_S = int(os.environ.get("STABILITY_DIST_TIMEOUT", "1800"))

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from ..config import Config
 from ..data import DataSplits, EpochReader, augment_batch, is_streamed
-from . import distributed
 from ..errors import ConfigError, TrainingDiverged
+from . import distributed
 from .members import Members, first_nonfinite
 from .optim import Schedule, _MemberwiseFusedAdam, _stacked_optimizer
 from .stacked import StackedModel

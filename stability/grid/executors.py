@@ -18,7 +18,6 @@ executor started. The plan never knows which engine runs it.
 from __future__ import annotations
 
 import functools
-
 import os
 from collections.abc import Sequence
 from pathlib import Path

@@ -23,7 +23,8 @@ from torch import Tensor
 from ..config import Config, settings_hash
 from ..config.nested import flat_paths, flat_settings
 from ..errors import CheckpointError, RecordError, TrainingDiverged
-from ..store.files import RunDir, is_writer, sync_ranks
+from ..store.files import RunDir
+from ..store.ranks import is_writer, sync_ranks
 from ..trackers import log_finished
 
 if TYPE_CHECKING:

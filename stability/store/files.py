@@ -28,28 +28,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import CheckpointError, RecordError, StabilityError
+from .ranks import is_writer, sync_ranks
 from .schema import MANIFEST
 
 # Bumped when the layout of a run directory changes incompatibly.
 FORMAT_VERSION = 1
 _ORDER_KEY = "__tensor_order__"
 _DIGEST_KEY = "__sha256__"  # of every tensor's name, dtype, shape and bytes, recorded when the file is written
-
-
-def is_writer() -> bool:
-    """Whether this process writes the run store: always, except ranks > 0 of a data-parallel run
-    (``runtime.distributed``), which read it and write nothing."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
-
-
-def sync_ranks() -> None:
-    """Wait for every rank of a data-parallel run (a no-op otherwise): what rank 0 wrote is then there to read."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import StabilityError
+from .ranks import is_writer
 from .schema import LOCK
 
 LOCK_NAME = LOCK
@@ -138,12 +139,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _writes() -> bool:
-    from .files import is_writer
-
-    return is_writer()
-
-
 def _is_stale(seen: _Seen, stale_after: float) -> bool:
     info = seen.info
     if info is None or not isinstance(info.get("pid"), int):
@@ -235,7 +230,7 @@ def claim(run_path: Path, *, wait: float | None = None, poll: float = 0.2,
     start waiting.
     """
     run_path = Path(run_path)
-    if not _writes():
+    if not is_writer():
         yield {}  # a data-parallel run's ranks > 0 follow rank 0, which holds the lock; they write nothing
         return
     run_path.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,6 @@ if rank == 0 and stop_after:
 
     store.atomic_write_bytes = write_then_die
 
-from stability.apps.cli import main  # noqa: E402
+from stability.apps.cli import main
 
 sys.exit(main(sys.argv[2:]))
