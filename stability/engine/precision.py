@@ -78,3 +78,10 @@ class Compiled:
             if not self.quiet:
                 print(f"note: compiled {self.what} in {self.seconds:.1f} s", file=sys.stderr)
         return out
+
+
+def eval_precision_key(runtime: Any) -> dict[str, str]:
+    """What ``runtime.eval_precision`` adds to the name of a record measured from given weights (connect, curve):
+    nothing for fp32 (names as before), ``{"eval_precision": "bf16"}`` otherwise. Runs whose name holds the
+    trunk's run hash (sweeps, IMP) are named by it already."""
+    return {} if runtime.eval_precision == "fp32" else {"eval_precision": runtime.eval_precision}

@@ -145,6 +145,12 @@ class StackedModel:
         self.channels_last_train, self.channels_last_eval = train_cl, eval_cl
         return self
 
+    def configure_evaluation(self, runtime: Any) -> StackedModel:
+        """Apply ``runtime.eval_precision`` alone (nothing compiled, training's settings left as they are): for the
+        measurements made outside training (interpolation curves, a supermask's accuracy); returns self."""
+        self.eval_dtype = compute_dtype(runtime.eval_precision)
+        return self
+
     @property
     def compile_seconds(self) -> float:
         """Wall time spent compiling (first calls of the compiled step and evaluation)."""

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..engine import StackedModel
+from ..engine.precision import compute_dtype
 from ..errors import ConfigError
 from ..maths.bezier import (
     check_kind,
@@ -283,9 +284,11 @@ def fit_middle(net: nn.Module, a: Mapping[str, Tensor], b: Mapping[str, Tensor],
 def measure_curve(net: nn.Module, a: Mapping[str, Tensor], middle: Mapping[str, Tensor], b: Mapping[str, Tensor],
                   kind: str, grid: Sequence[float], data: Any, *, bn: str = "reset", bn_data: Any = None,
                   bn_batches: int | None = None, loss_fn: LossFn | None = None, batch_size: int = 1000,
-                  max_members: int = 64, chance_margin: float = DEFAULT_CHANCE_MARGIN) -> tuple[Curve, Curve]:
+                  max_members: int = 64, chance_margin: float = DEFAULT_CHANCE_MARGIN,
+                  precision: str = "fp32") -> tuple[Curve, Curve]:
     """The curve through ``middle`` and the straight line from ``a`` to ``b``, on ``data`` at every t of ``grid``
-    (one pass: both paths stacked as members over the three bases)."""
+    (one pass: both paths stacked as members over the three bases). ``precision``: ``fp32`` or ``bf16`` (the
+    forward passes in bf16 autocast; BatchNorm statistics, losses and the combination of the bases stay float32)."""
     check_bn(bn)
     if bn == "repair":
         raise ConfigError("bn: 'repair' is not available along a curve; choose interpolate or reset")
@@ -293,7 +296,9 @@ def measure_curve(net: nn.Module, a: Mapping[str, Tensor], middle: Mapping[str, 
     bn_source = batches if bn_data is None else Batches(bn_data, batch_size, "bn_data")
     coeffs = torch.cat([curve_coefficients(kind, grid), line_coefficients(grid)])
     tally: list[Tensor] = []
-    losses, errors = evaluate_combinations(StackedModel(net), [a, middle, b], coeffs, batches, bn=bn,
+    sm = StackedModel(net)
+    sm.eval_dtype = compute_dtype(precision)
+    losses, errors = evaluate_combinations(sm, [a, middle, b], coeffs, batches, bn=bn,
                                            bn_batches=bn_source, bn_limit=bn_batches, loss_fn=loss_fn,
                                            max_members=max_members, tally=tally)
     n, chance = len(grid), chance_of(tally)

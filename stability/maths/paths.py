@@ -15,6 +15,10 @@ first layer is 88% of the multiply-adds. The results are those of evaluating eac
 or directions), for planes (θ_0 + u·d_1 + v·d_2), Bezier curves ((1 − t)²·θ_a + 2t(1 − t)·θ_m + t²·θ_b) and
 layer-wise paths; the input layer's output is Σ_k c_mk·(W_k·x + b_k), K products per batch for every member.
 
+Both evaluate in float32 unless the ``StackedModel`` was configured with ``runtime.eval_precision = "bf16"``
+(``StackedModel.configure_evaluation``): then the forward passes run in bf16 autocast, while the losses and the
+combination of the bases' input-layer outputs stay float32. ``reset_bn`` never autocasts.
+
 ``reset_bn`` recomputes BatchNorm running statistics of stacked members over batches (cumulative average:
 momentum 1/(j+1) at batch j, the same for every member).
 """
@@ -32,6 +36,7 @@ from torch.func import functional_call
 
 from ..data import StreamedInputs
 from ..engine import StackedModel
+from ..engine.precision import autocast
 from ..errors import ConfigError
 
 Batch = tuple[Tensor, Tensor]
@@ -347,16 +352,28 @@ def _stream(sm: StackedModel, params: Mapping[str, Tensor], buffers: Mapping[str
     device = loss.device
     classify = True
     seen = 0
+    # ``sm.eval_dtype`` (``runtime.eval_precision`` = bf16, set by ``StackedModel.configure``): the forward passes
+    # in bf16 autocast; the bases' input-layer outputs are combined, and the losses taken, in float32. None (the
+    # default): plain float32, no autocast at all.
+    low = sm.eval_dtype
     for x, y in batches:
         if tally is not None and not y.is_floating_point() and y.dim() == 1 and len(y):
             tally.append(torch.bincount(y.detach().to("cpu", torch.long)))
         x, y = x.to(device), y.to(device)
-        outs = outputs(x) if outputs is not None else None
+        outs = None
+        if outputs is not None:
+            with autocast(device, low):
+                outs = outputs(x)
+            if low is not None:
+                outs = [o.float() for o in outs] if isinstance(outs, list) else outs.float()
         for start in range(0, n, max_members):
             part = slice(start, start + max_members)
             first = given(outs, part) if given is not None and outs is not None else None
-            out = sm.logits({k: v[part] for k, v in params.items()}, {k: v[part] for k, v in buffers.items()}, x,
-                            train=False, shared_input=True, first=first)
+            with autocast(device, low):
+                out = sm.logits({k: v[part] for k, v in params.items()}, {k: v[part] for k, v in buffers.items()},
+                                x, train=False, shared_input=True, first=first)
+            if low is not None:
+                out = out.float()
             m = out.shape[0]
             if loss_fn is None:
                 ce = F.cross_entropy(out.flatten(0, 1), y.repeat(m), reduction="none").view(m, -1)

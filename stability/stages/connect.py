@@ -24,6 +24,7 @@ from torch import Tensor
 from ..config import Config, from_dict, settings_from_table, settings_hash
 from ..config.nested import flat_settings
 from ..engine import Members, StackedModel
+from ..engine.precision import eval_precision_key
 from ..errors import ConfigError
 from ..maths.health import DEFAULT_CHANCE_MARGIN, chance_error
 from ..maths.interpolation import CurveSettings, curve_rows
@@ -165,7 +166,7 @@ def connect_key(a: Network, b: Network, settings: ConnectSettings) -> dict[str, 
             "masks": [short_digest(a.masks), short_digest(b.masks)],
             "model": settings_key(a.cfg.model, legacy="connect.model"), "dataset": a.cfg.dataset.name,
             **settings_key(settings, drop=("allow_different_masks", *(() if settings.layers else ("layer_groups",))),
-                           legacy=CONNECT)}
+                           legacy=CONNECT), **eval_precision_key(a.cfg.runtime)}
 
 
 def connect(path_a: str | Path, path_b: str | Path, settings: ConnectSettings = ConnectSettings(), *,
@@ -215,7 +216,7 @@ def connect_networks(ctx: Context, settings: ConnectSettings, a: Network, b: Net
         return ConnectResult(run.path, summary["barrier"], summary["loss_barrier"], rows, summary, layers)
 
     def compute(run: RunDir, _: None) -> ConnectResult:
-        sm = StackedModel(ctx.model)
+        sm = StackedModel(ctx.model).configure_evaluation(ctx.cfg.runtime)  # runtime.eval_precision of the curves
         curve_settings = replace(settings.curve, eval_batch_size=ctx.cfg.runtime.eval_batch_size)
         # the two networks as the two members of a sweep point: measured as a sweep measures its siblings
         members = Members.from_model_states([a.state, b.state], sm.param_names, 0, [0, 0], [0, 0], ctx.device)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..config import Config, settings_from_table, settings_hash
 from ..config.nested import flat_settings
+from ..engine.precision import eval_precision_key
 from ..errors import ConfigError
 from ..lmc.curves import align as align_networks
 from ..lmc.fit import FitSettings, TrainBatches, fit_middle, measure_curve
@@ -126,7 +127,7 @@ def curve_key(cfg: Config, settings: CurveFitSettings, a: Network, b: Network) -
     ``cfg``, and the settings."""
     return {"a": short_digest(a.state), "b": short_digest(b.state),
             "model": settings_key(cfg.model, legacy="connect.model"), "dataset": cfg.dataset.name,
-            **data_key(cfg), "curve": settings_key(settings)}
+            **data_key(cfg), "curve": settings_key(settings), **eval_precision_key(cfg.runtime)}
 
 
 def _barriers(rows: Sequence[Mapping[str, Any]], path: str, column: str) -> dict[str, float]:
@@ -190,7 +191,8 @@ def fit_networks(ctx: Context, settings: CurveFitSettings, a: Network, b: Networ
         for split in settings.splits:
             curve, line = measure_curve(net, end_a, fit.middle, end_b, settings.fit.kind, grid,
                                         ctx.data.split(split), bn=settings.bn, bn_data=(x, y),
-                                        bn_batches=settings.bn_batches, batch_size=ctx.cfg.runtime.eval_batch_size)
+                                        bn_batches=settings.bn_batches, batch_size=ctx.cfg.runtime.eval_batch_size,
+                                        precision=ctx.cfg.runtime.eval_precision)
             chance[split] = curve.chance
             if line.untrained:
                 untrained.append(split)

@@ -291,7 +291,7 @@ class _Sweep:
     def compute(self, run: RunDir, _: None) -> SweepResult:
         """Measure the points not measured yet, then judge and record the whole sweep."""
         settings, ctx = self.settings, self.ctx
-        sm = StackedModel(ctx.model)
+        sm = StackedModel(ctx.model).configure_evaluation(self.cfg.runtime)  # runtime.eval_precision of the curves
         curve_settings = replace(settings.curve, eval_batch_size=self.cfg.runtime.eval_batch_size)
         stored = self.curves(run)
         chance = self.chance

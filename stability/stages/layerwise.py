@@ -130,7 +130,7 @@ def layer_sweep(cfg: Config, settings: InstabilitySettings | None = None, groups
     def compute(run: RunDir, _: None) -> LayerSweep:
         t0 = time.perf_counter()
         table = PointTable(run / LAYERS_TABLE, "rewind_step", LAYER_COLUMNS, required=LAYER_COLUMNS)
-        sm = StackedModel(ctx.model)
+        sm = StackedModel(ctx.model).configure_evaluation(cfg.runtime)  # named by the sweep: its eval_precision
         for k in steps:
             if table.done(k):
                 continue

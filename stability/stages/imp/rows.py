@@ -62,7 +62,7 @@ def untrained_accuracy(ctx: Context, start: Members, masks: Mapping[str, Tensor]
     """Test accuracy of the ticket's start state under its mask, before any training (a supermask's).
 
     ``masks`` None: the start state as it is (frozen removed weights: the network that is trained)."""
-    sm = StackedModel(ctx.model)
+    sm = StackedModel(ctx.model).configure_evaluation(ctx.cfg.runtime)  # runtime.eval_precision
     params = {k: v * masks[k].to(v) if masks and k in masks else v for k, v in start.params.items()}
     x, y = ctx.data.split("test")
     _, err = sm.evaluate(params, start.buffers, x, y, ctx.cfg.runtime.eval_batch_size)
