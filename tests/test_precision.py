@@ -23,7 +23,7 @@ from stability.stages.checkpoints import load_weights
 from stability.stages.context import prepare
 from stability.stages.trunk import initial_members, train_trunk
 from stability.store import files as store
-from stability.store.files import read_csv
+from stability.store.files import load_tensors, read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,6 +157,22 @@ def test_compiled_step_gives_the_uncompiled_losses(tmp_path, one_torch_thread):
     assert torch.allclose(a[0], b[0], rtol=1e-4) and torch.allclose(a[1], b[1], atol=2e-3)
 
 
+@pytest.mark.slow
+def test_compiled_conv4_step_gives_the_uncompiled_losses(tmp_path, one_torch_thread):
+    # Conv-4 (width 0.1, the member loop with channels-last off as auto picks it there): the compiled lockstep step
+    # and stacked evaluation against the eager ones; most of the time is torch.compile's first compilation
+    cfg = tiny_config(tmp_path, "conv4_mnist5k", training__steps="12it")
+    eager, _, m_eager, ctx = _losses(cfg, steps=6)
+    compiled, sm, m_comp, _ = _losses(cfg.with_overrides({"runtime.compile": "true"}), steps=6)
+    assert sm.compile_seconds > 0 and all(c.failed is None for c in sm._compiled.values())
+    assert torch.allclose(torch.tensor(eager), torch.tensor(compiled), rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(m_eager.params[k], m_comp.params[k], rtol=1e-4, atol=1e-6) for k in m_eager.params)
+    x, y = ctx.data.split("test")
+    a = StackedModel(ctx.model).evaluate(m_eager.params, m_eager.buffers, x, y)
+    b = sm.evaluate(m_comp.params, m_comp.buffers, x, y)
+    assert torch.allclose(a[0], b[0], rtol=1e-4) and torch.allclose(a[1], b[1], atol=2e-3)
+
+
 def test_compile_falls_back_with_a_note_when_compilation_fails(tmp_path, capsys, monkeypatch, one_torch_thread):
     def failing_backend(gm, example_inputs):
         raise RuntimeError("this backend cannot compile the model")
@@ -195,3 +211,142 @@ def test_device_check_runs_on_the_cpu_quick(tmp_path):
     for line in ("torch ", "bf16 supported", "ResNet-20", "instability sweep", "lambda_max"):
         assert line in proc.stdout, (line, proc.stdout)
     assert (tmp_path / "report.json").is_file()
+
+
+# ---------------------------------------------------------------- what never autocasts, and curves in bf16
+@pytest.fixture(scope="module")
+def two_files(tmp_path_factory):
+    """Two LeNet-300-100s (width 0.3) trained from different seeds by a plain loop, as safetensors files (~1 s)."""
+    from helpers import fresh_model, train_plain
+
+    from stability.store.files import save_tensors
+
+    folder = tmp_path_factory.mktemp("precision_files")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ctx = prepare(tiny_config(folder / "unused", model__width="0.3"))
+    x, y = ctx.data.x_train, ctx.data.y_train
+    for seed in (1, 2):
+        save_tensors(folder / f"{seed}.safetensors", train_plain(fresh_model(ctx, seed), x, y, seed, 150).state_dict())
+    torch.set_num_threads(threads)
+    return folder
+
+
+def _file_cfg(root, precision: str, eval_precision: str):
+    from stability.stages.external import file_config
+
+    return file_config({"model.name": "lenet_300_100", "model.width": "0.3", "dataset.name": "mnist5k",
+                        "runtime.results_root": str(root), "runtime.threads": "1", "runtime.quiet": "true",
+                        "runtime.precision": precision, "runtime.eval_precision": eval_precision})
+
+
+def test_hessian_alignment_and_repair_never_autocast(two_files, tmp_path, monkeypatch, one_torch_thread):
+    """The same two files measured under a runtime that says fp32 and one that says bf16 (training and evaluation):
+    λmax (``hessian_file``) and the weight-matching permutation and REPAIR's renormalized networks (inside
+    ``connect_files``, align = weights, repair) are bit for bit the same; only the curve's evaluation, asked for in
+    bf16, differs."""
+    from stability.hessian import hessian_settings
+    from stability.maths import interpolation
+    from stability.stages.connect import connect_settings
+    from stability.stages.external import connect_files, hessian_file
+
+    seen: dict[str, list] = {"align": [], "repair": []}
+    real_align, real_repair = interpolation.align_pair, interpolation.repaired_path
+
+    def align_pair(*args, **kwargs):
+        out = real_align(*args, **kwargs)
+        seen["align"].append(out)
+        return out
+
+    def repaired_path(*args, **kwargs):
+        out = real_repair(*args, **kwargs)
+        seen["repair"].append(out)
+        return out
+
+    monkeypatch.setattr(interpolation, "align_pair", align_pair)
+    monkeypatch.setattr(interpolation, "repaired_path", repaired_path)
+    settings = connect_settings(align="weights", repair=True, alphas=5, align_examples=500)
+    hessian, connected = {}, {}
+    for precision in ("fp32", "bf16"):
+        cfg = _file_cfg(tmp_path / precision, precision, precision)  # separate roots: nothing is reused
+        hessian[precision] = hessian_file(two_files / "1.safetensors", cfg,
+                                          hessian_settings(top_k=1, samples=256)).rows[0]
+        connected[precision] = connect_files(two_files / "1.safetensors", two_files / "2.safetensors", cfg, settings)
+    assert hessian["fp32"]["lambda_1"] == hessian["bf16"]["lambda_1"] > 0  # exactly: no autocast
+    (a32, a16), (r32, r16) = seen["align"], seen["repair"]
+    assert a32.keys() == a16.keys() and all(torch.equal(a32[k], a16[k]) for k in a32)
+    b, _ = load_tensors(two_files / "2.safetensors")
+    assert not torch.equal(a32["fc.0.weight"], b["fc.0.weight"])  # weight matching did permute network 2's units
+    for fp32_part, bf16_part in zip(r32, r16):
+        assert all(torch.equal(fp32_part[k], bf16_part[k]) for k in fp32_part)
+    # the curve of those same repaired networks, evaluated in bf16 as asked: close, not equal
+    e32 = [r["error"] for r in connected["fp32"].curves]
+    e16 = [r["error"] for r in connected["bf16"].curves]
+    l32 = torch.tensor([r["loss"] for r in connected["fp32"].curves])
+    l16 = torch.tensor([r["loss"] for r in connected["bf16"].curves])
+    assert not torch.equal(l32, l16) and torch.allclose(l32, l16, rtol=0.02)
+    assert max(abs(x - y) for x, y in zip(e32, e16)) <= 0.005
+    assert connected["fp32"].run_dir.name != connected["bf16"].run_dir.name  # eval_precision names the record
+
+
+def test_eval_precision_bf16_curves_are_close_to_fp32_and_computed_in_bf16(tmp_path, monkeypatch, one_torch_thread):
+    """``runtime.eval_precision = bf16``: the sweep's interpolation curves, a fitted curve's and a supermask's
+    accuracy are evaluated in bf16 autocast: close to fp32's, not equal; the networks themselves (trained in fp32)
+    are the same bit for bit, and fp32 (the default) evaluates as an unconfigured model does."""
+    from stability.maths.paths import evaluate_pairs
+    from stability.stages.connect import Network
+    from stability.stages.curve import curve_settings, fit_networks
+    from stability.stages.imp.rows import untrained_accuracy
+    from stability.stages.instability import instability_settings, instability_sweep
+    from stability.stages.siblings import train_siblings
+
+    settings = instability_settings(rewind_points=["5it"], siblings=2, alphas=5, splits=["test"])
+    curves, members = {}, {}
+    for ev in ("fp32", "bf16"):
+        cfg = tiny_config(tmp_path, model__width="0.3", runtime__eval_precision=ev)
+        sweep = instability_sweep(cfg, settings)
+        curves[ev] = sweep.curves
+        members[ev] = train_siblings(prepare(cfg), 5, settings.siblings).members  # reused: the sweep's siblings
+    m32, m16 = members["fp32"], members["bf16"]
+    assert all(torch.equal(m32.params[k], m16.params[k]) for k in m32.params)  # training was fp32 in both
+    l32 = torch.tensor([r["loss"] for r in curves["fp32"]])
+    l16 = torch.tensor([r["loss"] for r in curves["bf16"]])
+    assert not torch.equal(l32, l16) and torch.allclose(l32, l16, rtol=0.02)
+    assert max(abs(a["error"] - b["error"]) for a, b in zip(curves["fp32"], curves["bf16"])) <= 0.01
+
+    # fp32 configured: bit-identical to an unconfigured model (no autocast, no casts)
+    cfg = tiny_config(tmp_path, model__width="0.3")
+    ctx = prepare(cfg)
+    ends = [m32.member_state_dict(i) for i in range(2)]
+    pairs = [(0, 1, a) for a in (0.0, 0.3, 1.0)]
+    test = ctx.data.split("test")
+    plain = evaluate_pairs(StackedModel(ctx.model), ends, pairs, test)
+    assert evaluate_pairs(StackedModel(ctx.model).configure_evaluation(cfg.runtime), ends, pairs, test) == plain
+    low = StackedModel(ctx.model).configure_evaluation(cfg.with_overrides({"runtime.eval_precision": "bf16"}).runtime)
+    bf16 = evaluate_pairs(low, ends, pairs, test)
+    assert bf16 != plain and torch.allclose(torch.tensor(bf16[0]), torch.tensor(plain[0]), rtol=0.02)
+
+    # the curve stage (a fitted Bezier curve between the two siblings): its fit is the same, its measure bf16
+    fitted = {}
+    for ev in ("fp32", "bf16"):
+        ectx = prepare(cfg.with_overrides({"runtime.eval_precision": ev}))
+        a, b = (Network(ectx.cfg, m32.member_state_dict(i), None, f"sibling_{i}") for i in (0, 1))
+        fitted[ev] = fit_networks(ectx, curve_settings(steps=10, points=5, splits=["test"], bn="interpolate"), a, b)
+    assert fitted["fp32"].run_dir.name != fitted["bf16"].run_dir.name
+    assert all(torch.equal(fitted["fp32"].middle[k], fitted["bf16"].middle[k]) for k in fitted["fp32"].middle)
+    c32 = torch.tensor([r["loss"] for r in fitted["fp32"].rows])
+    c16 = torch.tensor([r["loss"] for r in fitted["bf16"].rows])
+    assert not torch.equal(c32, c16) and torch.allclose(c32, c16, rtol=0.02)
+
+    # IMP's supermask accuracy: evaluated under the run's eval precision
+    dtypes = []
+    real_evaluate = StackedModel.evaluate
+
+    def evaluate(self, *args, **kwargs):
+        dtypes.append(self.eval_dtype)
+        return real_evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(StackedModel, "evaluate", evaluate)
+    acc = {ev: untrained_accuracy(prepare(cfg.with_overrides({"runtime.eval_precision": ev})), m32, None)
+           for ev in ("fp32", "bf16")}
+    assert dtypes == [None, torch.bfloat16] and abs(acc["fp32"] - acc["bf16"]) <= 0.01 and acc["fp32"] > 0.5
