@@ -174,3 +174,28 @@ def test_prepare_refuses_distributed_outside_a_launcher(tmp_path, monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(ConfigError, match="runtime.distributed"):
         prepare(tiny_config(tmp_path, runtime__distributed="true"))
+
+
+def test_streamed_sweep_curves_and_hessian_equal_the_in_memory_ones(folder, tmp_path):
+    """Siblings, their interpolation curves (with BatchNorm reset from training batches) and a Hessian probe,
+    on a conv net with BatchNorm, from the streamed source and from the in-memory one."""
+    from stability.stages.instability import instability_settings, instability_sweep
+    from stability.stages.landscape import hessian_settings, hessian_track
+
+    sweep = instability_settings(rewind_points=["7it"], siblings=2, splits=["test"], alphas=3, bn="reset",
+                                 bn_batches=2)
+    probe = hessian_settings(top_k=1, samples=60)
+    out = {}
+    for stream in ("off", "on"):
+        cfg = config(tmp_path / stream, stream, workers=0, model__name="resnet", model__depth="8",
+                     model__width="0.25", optimizer__name="sgd", optimizer__lr="0.05")
+        curves = store.read_csv(instability_sweep(cfg, sweep).run_dir / "curves.csv")
+        hessian = store.read_csv(hessian_track(cfg, probe, at=["25it"]).run_dir / "hessian.csv")
+        out[stream] = curves, hessian
+    (curves_m, hessian_m), (curves_s, hessian_s) = out["off"], out["on"]
+    assert len(curves_m) == len(curves_s) > 0 and len(hessian_m) == len(hessian_s) == 1
+    for a, b in zip(curves_m + hessian_m, curves_s + hessian_s, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k != "seconds":
+                assert a[k] == b[k] or (isinstance(a[k], float) and abs(a[k] - b[k]) < 1e-6), (k, a[k], b[k])

@@ -104,12 +104,14 @@ class StreamedInputs:
         return (x.to(self.device, non_blocking=True) for x in self._loader(batches))
 
     def load(self, positions: Sequence[int]) -> Tensor:
-        """The examples at ``positions`` as one tensor on the device."""
+        """The examples at ``positions`` as one tensor on the device, read in this process: for the subsets
+        drawn at random (BatchNorm batches, alignment and Hessian subsets), where starting workers for each
+        read costs more than it saves. Whole splits stream through ``chunks``, training through ``EpochReader``."""
         positions = [int(p) for p in positions]
         if not positions:
             return torch.zeros((0, *self.input_shape), device=self.device)
-        chunks = [positions[i:i + self.batch_size] for i in range(0, len(positions), self.batch_size)]
-        return torch.cat(list(self.read(chunks)))
+        data = _Inputs(self.dataset, self.indices, self.transform)
+        return _stack([data[i] for i in positions]).to(self.device)
 
     def chunks(self, size: int) -> Iterator[Tensor]:
         """The split in order, ``size`` examples at a time (the evaluation stream)."""

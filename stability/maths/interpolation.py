@@ -127,7 +127,8 @@ def seeded_bn_batches(x_train: Tensor, settings: CurveSettings) -> list[tuple[Te
     out = []
     for _ in range(settings.bn_batches):
         idx = torch.randint(len(x_train), (min(settings.bn_batch_size, len(x_train)),), generator=g)
-        out.append((x_train[idx.to(x_train.device)], x_train.new_zeros(0)))
+        xb = x_train[idx.to(x_train.device)]  # a tensor, also when x_train is a streamed split
+        out.append((xb, xb.new_zeros(0)))
     return out
 
 
