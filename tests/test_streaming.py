@@ -44,9 +44,14 @@ def write_image_folder(root, per_class_train=40, per_class_test=10, size=14):
     return root
 
 
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("folder") / "images")
+
+
 @pytest.fixture
-def folder(tmp_path):
-    root = write_image_folder(tmp_path / "images")
+def folder(images):
+    root = images
     register_dataset(NAME, lambda: (image_folder(str(root / "train"), mean=(0.5,) * 3, std=(0.25,) * 3),
                                     image_folder(str(root / "test"), mean=(0.5,) * 3, std=(0.25,) * 3)))
     _cached_dataset.cache_clear()
