@@ -3,7 +3,8 @@ images, and of one run across 1 and 2 gloo processes (``runtime.distributed``).
 
 A ResNet-20 (width 1/4) trunk on mnist5k's 4,000 training digits written as 28x28 RGB PNG files in an
 ImageFolder (read back by torchvision), batch 128: the in-memory source holds the decoded images as tensors;
-the streamed source decodes each batch's PNG files through a DataLoader with 0 or 2 workers. The loop is the
+the streamed source decodes each batch's PNG files through a DataLoader with 0, 1 or 2 workers, beside training
+at 2 threads and at 1 (workers and training threads share the 2 cores). The loop is the
 suite's ``train_members`` (no evaluation); times are seconds per step after 3 warm-up steps.
 
 The gloo rows launch ``torch.distributed.run`` with 1 thread per process (2 processes on 2 cores) against
@@ -116,6 +117,12 @@ def main() -> None:
         for workers in (0, 2):
             sec = time_steps(config(root / "images", root / "runs", "on", workers, 2), args.steps)
             rows.append(("streamed (PNG files)", str(workers), "1 (2 threads)", sec))
+        # one training thread leaves a core to the workers (what dataset.workers = -1 does)
+        rows.append(("in memory", "-", "1 (1 thread)", time_steps(config(root / "images", root / "runs", "off", 0, 1),
+                                                                 args.steps)))
+        for workers in (1, 2):
+            sec = time_steps(config(root / "images", root / "runs", "on", workers, 1), args.steps)
+            rows.append(("streamed (PNG files)", str(workers), "1 (1 thread)", sec))
         for processes in (1, 2):
             rows.append(("in memory", "-", f"{processes} gloo (1 thread each)", gloo(root, args.steps, processes)))
     print("\n| source | workers | processes | s/step | images/s | in-memory / this |\n|---|---|---|---|---|---|")

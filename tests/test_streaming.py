@@ -151,7 +151,7 @@ def test_streaming_bad_input_exits_2_and_writes_nothing(folder, tmp_path, capsys
     assert "dataset.stream" in capsys.readouterr().err
     assert main([*base, "--set=dataset.name=imagenet", f"--set=dataset.data_root={tmp_path / 'no_imagenet'}"]) == 2
     assert "dataset.data_root" in capsys.readouterr().err
-    assert main([*base, "--set=dataset.workers=-1"]) == 2
+    assert main([*base, "--set=dataset.workers=-2"]) == 2
     assert not out.exists()
 
 

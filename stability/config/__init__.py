@@ -52,7 +52,9 @@ class DatasetConfig:
     # what cannot be held (imagenet, a registered Dataset over MAX_REGISTERED_BYTES), "on" streams any dataset
     # given as a torch Dataset, "off" never streams. The batches are the same either way, so it names no run.
     stream: str = "auto"
-    workers: int = 2  # DataLoader worker processes of a streamed dataset (results do not depend on it)
+    # DataLoader worker processes of a streamed dataset (results do not depend on it); -1: the cores left over by
+    # training's threads (none on a 2-core machine training at 2 threads, where workers would stall its kernels)
+    workers: int = -1
 
     UNHASHED = ("data_root", "download", "stream", "workers")
 
@@ -395,8 +397,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"dataset.val_size: must be >= 0, got {cfg.dataset.val_size}")
     if cfg.dataset.stream not in STREAM:
         raise ConfigError(f"dataset.stream: unknown value {cfg.dataset.stream!r}; choose one of {', '.join(STREAM)}")
-    if cfg.dataset.workers < 0:
-        raise ConfigError(f"dataset.workers: must be >= 0, got {cfg.dataset.workers}")
+    if cfg.dataset.workers < -1:
+        raise ConfigError(f"dataset.workers: must be >= 0, or -1 for the cores training leaves free; got "
+                          f"{cfg.dataset.workers}")
     if cfg.runtime.device not in DEVICES:
         raise ConfigError(f"runtime.device: unknown device {cfg.runtime.device!r}; choose one of {', '.join(DEVICES)}")
     for key in ("precision", "eval_precision"):

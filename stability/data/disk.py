@@ -17,7 +17,7 @@ from torch import Tensor
 from ..config import DatasetConfig
 from ..errors import ConfigError, DatasetError
 from .splits import DataSplits, validation_split
-from .streaming import StreamedInputs, image_folder
+from .streaming import StreamedInputs, image_folder, resolve_workers
 
 __all__ = ["datasets_to_stream", "gives_datasets", "imagenet_root", "labels_of", "stream_imagenet", "streamed_splits"]
 
@@ -72,7 +72,7 @@ def streamed_splits(cfg: DatasetConfig, train: Any, test: Any, device: torch.dev
         raise DatasetError(f"dataset.name: {cfg.name!r} gives inputs of shape {shape}, expected {input_shape}")
 
     def inputs(ds: Any, idx: np.ndarray) -> StreamedInputs:
-        return StreamedInputs(ds, np.asarray(idx, dtype=np.int64), shape, device, cfg.workers)
+        return StreamedInputs(ds, np.asarray(idx, dtype=np.int64), shape, device, resolve_workers(cfg.workers))
 
     def labels(y: np.ndarray) -> Tensor:
         return torch.from_numpy(np.array(y, dtype=np.int64)).to(device)
