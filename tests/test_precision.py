@@ -361,8 +361,8 @@ def test_bf16_conv4_trunk_matches_fp32_accuracy(tmp_path):
     One seed alone is not a fair test at any affordable length: bf16 and fp32 runs from one init drift apart as
     two runs with different noise do, and their accuracies differed by -1.0, -0.4 and +0.7 points for seeds 0, 1
     and 2 here (600 iterations at batch 32: -0.6 and +1.2 for seeds 0 and 1). Measured, averaged over seeds 0-2:
-    fp32 0.9607, bf16 0.9583 (-0.23 points; the margin to the 1-point bound is 0.77). ~43 s on the two shared
-    cores (six runs of 300 iterations, both threads used)."""
+    fp32 0.9607, bf16 0.9583 (-0.23 points; the margin to the 1-point bound is 0.77). ~20 s on two quiet cores
+    (six runs of 300 iterations, both threads used; ~43 s when the cores are shared)."""
     acc: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for seed in (0, 1, 2):
         for precision in ("fp32", "bf16"):
@@ -380,7 +380,7 @@ def test_bf16_conv4_trunk_matches_fp32_accuracy(tmp_path):
 def test_bf16_siblings_give_the_fp32_instability_of_the_demos_lenet5_sweep(tmp_path):
     """The demo's LeNet-5 sweep (``lenet5_mnist5k`` as ``stability demo`` runs it: 3 siblings per point, 30 α,
     BatchNorm mode interpolate), trained in fp32 and in bf16, at two of its rewind points: 0 (unstable) and 200
-    (stable), on the test split. The full sweep (8 points, test and train) takes ~10 minutes a precision here.
+    (stable), on the test split; ~25 s on two quiet cores (the full sweep, 8 points on both splits, is minutes).
 
     Measured (test error barrier, mean over the 3 pairs; the full fp32 sweep equals results/demo's):
     rewind 0: fp32 0.0653 (± 0.0458 over pairs), bf16 0.0557 (± 0.0436): |Δ| 0.0096, margin 0.0004;
