@@ -53,7 +53,7 @@ class DatasetConfig:
     # given as a torch Dataset, "off" never streams. The batches are the same either way, so it names no run.
     stream: str = "auto"
     # DataLoader worker processes of a streamed dataset (results do not depend on it); -1: the cores left over by
-    # training's threads (none on a 2-core machine training at 2 threads, where workers would stall its kernels)
+    # training's threads (none on a 2-core machine training at 2 threads, where workers would compete with it)
     workers: int = -1
 
     UNHASHED = ("data_root", "download", "stream", "workers")

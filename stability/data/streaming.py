@@ -141,8 +141,8 @@ class StreamedInputs:
 
 def resolve_workers(workers: int) -> int:
     """``dataset.workers``, with -1 resolved to the cores left over by training's threads (at most 8): worker
-    processes competing with training's threads for cores stall every parallel kernel (on 2 cores at 2 threads,
-    2 workers made ResNet-20 steps 8x slower)."""
+    processes competing with training's threads for cores stall its parallel kernels (on 2 cores at 2 threads,
+    ResNet-20 trained at 0.69x the in-memory rate with 2 workers against 0.78x with none)."""
     if workers >= 0:
         return workers
     return max(0, min(8, (os.cpu_count() or 1) - torch.get_num_threads()))
