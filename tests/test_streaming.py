@@ -16,7 +16,7 @@ from stability.engine import Members, TrainSpec
 from stability.engine.loop import draw_batch
 from stability.errors import ConfigError, DatasetError
 from stability.stages.checkpoints import load_weights
-from stability.stages.context import _cached_dataset, prepare
+from stability.stages.context import _cached_dataset
 from stability.stages.trunk import train_trunk
 from stability.store import files as store
 
@@ -172,13 +172,6 @@ def test_imagenet_streams_from_its_class_folders(tmp_path):
         load_dataset(cfg.with_overrides({"dataset.stream": "off"}).dataset)
     with pytest.raises(DatasetError, match="dataset.data_root"):
         load_dataset(cfg.with_overrides({"dataset.data_root": str(tmp_path / "missing")}).dataset)
-
-
-def test_prepare_refuses_distributed_outside_a_launcher(tmp_path, monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(key, raising=False)
-    with pytest.raises(ConfigError, match="runtime.distributed"):
-        prepare(tiny_config(tmp_path, runtime__distributed="true"))
 
 
 def test_streamed_sweep_curves_and_hessian_equal_the_in_memory_ones(folder, tmp_path):
