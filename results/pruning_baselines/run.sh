@@ -29,3 +29,4 @@ run --strategy snip --baselines random
 run --strategy grasp --baselines random
 run --strategy synflow --baselines random
 run --mask-shuffle layer                    # the shuffle kept in the lineage, for comparison
+run --strategy random                       # uniform random pruning at each level's density
