@@ -35,13 +35,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(root: Path, *extra: str, processes: int = 2, stop_after_states: int = 0) -> subprocess.CompletedProcess:
+def launch(root: Path, *extra: str, processes: int = 2, stop_after_states: int = 0,
+           own_group: bool = False) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node processes`` of the worker, on 127.0.0.1 only."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "STABILITY_DIST_TIMEOUT": "120", "STOP_AFTER_STATES": str(stop_after_states)}
+           "STABILITY_DIST_TIMEOUT": "120", "STOP_AFTER_STATES": str(stop_after_states),
+           "OWN_GROUP": "1" if own_group else "0"}
+    asked = [] if own_group else ["--set=runtime.distributed=true"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}", "--nnodes=1",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(WORKER), str(root), *ARGS,
-           "--out", str(root), "--set=runtime.distributed=true", *extra]
+           "--out", str(root), *asked, *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False)
 
 
@@ -91,6 +94,17 @@ def test_a_killed_distributed_run_resumes_under_one_process_and_under_two(refere
             assert done.returncode == 0, done.stderr[-3000:]
             run = next(root.glob("train_*"))
         close(load_weights(reference, 30), load_weights(run, 30))
+
+
+def test_a_users_own_process_group_leaves_a_suite_run_on_one_rank_alone(reference, tmp_path):
+    """A script that started its own process group (as Lightning's DDP does) and runs the suite on rank 1 only,
+    without runtime.distributed: the run is an ordinary one-process run that writes its records (no waiting for
+    the other rank, no rank-0-only writing)."""
+    done = launch(tmp_path, own_group=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = next(tmp_path.glob("train_*"))
+    assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+    assert all(torch.equal(a, b) for a, b in zip(load_weights(reference, 30).values(), load_weights(run, 30).values()))
 
 
 def test_world_size_that_does_not_divide_the_batch_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):

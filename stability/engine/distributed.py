@@ -23,16 +23,19 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..store.ranks import in_data_parallel_run, mark_data_parallel
 
-__all__ = ["active", "all_equal", "average", "average_gradients", "broadcast", "rank", "share", "start", "world"]
+__all__ = ["active", "all_equal", "average", "average_gradients", "broadcast", "rank", "share", "start",
+           "sum_across_ranks", "world"]
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TIMEOUT_S = int(os.environ.get("STABILITY_DIST_TIMEOUT", "1800"))
 
 
 def active() -> bool:
-    """Whether this process is one rank of a started data-parallel run."""
-    return dist.is_available() and dist.is_initialized()
+    """Whether this process is one rank of a started data-parallel run (``runtime.distributed``; a process group
+    the user's own script started does not count)."""
+    return in_data_parallel_run()
 
 
 def rank() -> int:
@@ -71,9 +74,11 @@ def start(distributed: bool, batch_size: int, device: torch.device, *, dropout: 
     if dropout:
         raise ConfigError("model.dropout: dropout masks are drawn per rank, so a data-parallel run would depend on "
                           "the world size; use model.dropout = 0 with runtime.distributed")
-    if active():
-        if world() != size:
-            raise ConfigError(f"runtime.distributed: a process group of {world()} ranks is running, not {size}")
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() != size:
+            raise ConfigError(f"runtime.distributed: a process group of {dist.get_world_size()} ranks is running, "
+                              f"not {size}")
+        mark_data_parallel()
         return
     for key, value in env.items():
         os.environ.setdefault(key, value)
@@ -84,6 +89,7 @@ def start(distributed: bool, batch_size: int, device: torch.device, *, dropout: 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=int(env["RANK"]), world_size=size, timeout=timedelta(seconds=TIMEOUT_S))
+    mark_data_parallel()
 
 
 def share(batch_size: int) -> slice:
@@ -104,6 +110,11 @@ def average_gradients(params: Sequence[Tensor]) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def sum_across_ranks(t: Tensor) -> None:
+    """``t`` summed over the ranks, in place."""
+    dist.all_reduce(t)
 
 
 def average(t: Tensor) -> Tensor:

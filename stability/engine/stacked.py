@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..models import FullyConnected, dropout_noise, has_dropout
+from . import distributed
 from .precision import Compiled, autocast, compute_dtype
 
 
@@ -403,9 +404,16 @@ class StackedModel:
         wrong = torch.zeros(n_members, dtype=torch.float64, device=x.device)
         if len(x) == 0:
             return torch.full((n_members,), float("nan")), torch.full((n_members,), float("nan"))
-        # a streamed split (read from disk) comes in chunks read ahead by its DataLoader's workers
-        chunks = x.chunks(batch_size) if hasattr(x, "chunks") else (x[s:s + batch_size] for s in range(0, len(x), batch_size))
-        for start, xb in zip(range(0, len(x), batch_size), chunks):
+        # A data-parallel run's ranks evaluate every world-th chunk each and add up; a streamed split (read from
+        # disk) comes in chunks read ahead by its DataLoader's workers.
+        parallel = distributed.active()
+        starts = range(0, len(x), batch_size)[distributed.rank()::distributed.world()] if parallel else \
+            range(0, len(x), batch_size)
+        if hasattr(x, "read"):
+            chunks = x.read([list(range(s, min(s + batch_size, len(x)))) for s in starts])
+        else:
+            chunks = (x[s:s + batch_size] for s in starts)
+        for start, xb in zip(starts, chunks):
             yb = y[start : start + batch_size]
             if self.compile:
                 ev = self._maybe_compiled("the stacked evaluation", self._eval_batch)
@@ -414,6 +422,9 @@ class StackedModel:
                 ce, wr = self._eval_batch(params, buffers, xb, yb)
             loss += ce.double()
             wrong += wr.double()
+        if parallel:
+            distributed.sum_across_ranks(loss)
+            distributed.sum_across_ranks(wrong)
         return (loss / len(x)).cpu(), (wrong / len(x)).cpu()
 
     def _eval_batch(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor,

@@ -2,7 +2,8 @@
 
 Ranks > 0 fail loudly if they write anything under the results root (rank 0 alone writes the run store).
 With ``STOP_AFTER_STATES=n``, rank 0 dies (``os._exit``) right after writing its n-th rolling state, as a
-killed job would.
+killed job would. With ``OWN_GROUP=1`` the script stands for a user's own DDP script instead: it starts the process
+group itself, only rank 1 runs the command (no guard), and both ranks meet at a barrier afterwards.
 """
 from __future__ import annotations
 
@@ -14,6 +15,17 @@ from pathlib import Path
 
 root = Path(sys.argv[1]).resolve()
 rank = int(os.environ["RANK"])
+
+if os.environ.get("OWN_GROUP") == "1":
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    from stability.apps.cli import main
+
+    code = main(sys.argv[2:]) if rank == 1 else 0
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(code)
 
 
 def _inside(path) -> bool:
