@@ -3,7 +3,7 @@
 Thread settings that must be in place before torch is imported (one OpenBLAS thread, so torch's own
 threads are the only ones: with 2 cores, oversubscription halves speed), the suite on the path when it
 is not installed, the lines that say which machine and threads a benchmark ran with, the matmul rate they
-compare against, and the plain training loop that stands for a user's own script.
+compare against (a user's own training loop is ``stability.testing.reference.train_plain``).
 """
 from __future__ import annotations
 
@@ -46,20 +46,3 @@ def matmul_rate(size: int = 2048, repeats: int = 7, dtype=None) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * size**3 / best
-
-
-def plain_train(net, x, y, seed: int, steps: int, lr: float = 0.05, batch: int = 64):
-    """A user's own training: a plain PyTorch loop, SGD with momentum 0.9, batches of ``batch`` drawn with
-    replacement from a generator seeded by ``seed``; the network comes back in eval mode."""
-    import torch
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    net.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (batch,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(net(x[idx]), y[idx]).backward()
-        opt.step()
-    return net.eval()

@@ -42,6 +42,7 @@ from stability.maths.directions import plane_basis
 from stability.maths.flops import layer_costs
 from stability.presets import get_preset
 from stability.stages.context import Context, prepare
+from stability.testing.reference import train_plain
 
 CASES = [("LeNet-300-100", "lenet300_mnist5k", {}), ("Conv-4 w1/4", "conv4_mnist5k", {})]
 
@@ -126,13 +127,13 @@ def curve_case(label: str, ctx: Context, steps: int, fit_steps: int) -> None:
     """The time of lmc.fit_curve against a plain loop training one network for the same iterations and batch."""
     x, y = ctx.data.x_train, ctx.data.y_train
     xt, yt = ctx.data.split("test")
-    a, b = (_setup.plain_train(ctx.new_model(s), x, y, s, steps) for s in (1, 2))
+    a, b = (train_plain(ctx.new_model(s), x, y, s, steps) for s in (1, 2))
     t0 = time.perf_counter()
     lmc.fit_curve(a, b, (x, y), steps=fit_steps, batch_size=128, eval_data=(xt, yt), points=21)
     fit = time.perf_counter() - t0
     net = copy.deepcopy(a)
     t0 = time.perf_counter()
-    _setup.plain_train(net, x, y, 0, fit_steps, batch=128)
+    train_plain(net, x, y, 0, fit_steps, batch=128)
     sibling = time.perf_counter() - t0
     print(f"{label:<14} {fit:>7.2f} {sibling:>23.2f} {fit / sibling:>13.2f}x")
 
@@ -141,7 +142,7 @@ def case(label: str, ctx: Context, args: argparse.Namespace, steps: int, repeats
     """Train three networks, time the three ways on one plane, print the row."""
     x, y = ctx.data.x_train, ctx.data.y_train
     xt, yt = (t[:args.examples] for t in ctx.data.split("test"))
-    nets = [_setup.plain_train(ctx.new_model(seed), x, y, seed, steps) for seed in (1, 2, 3)]
+    nets = [train_plain(ctx.new_model(seed), x, y, seed, steps) for seed in (1, 2, 3)]
     points = args.grid * args.grid
     lmc.plane(*nets, (xt, yt), grid=2, batch_size=len(xt))  # warm-up
     landscapes(nets, 2, xt, yt)

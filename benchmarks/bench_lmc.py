@@ -38,6 +38,7 @@ from stability import lmc
 from stability.maths.flops import layer_costs
 from stability.presets import get_preset
 from stability.stages.context import Context, prepare
+from stability.testing.reference import fresh_model, train_plain
 
 THREADS = 2
 CASES = [("LeNet-300-100", "lenet300_mnist5k", {}), ("ResNet-20 w1/4", "resnet8_mnist5k",
@@ -48,15 +49,6 @@ def context(preset: str, overrides: dict[str, str], root: str) -> Context:
     return prepare(get_preset(preset).with_overrides({
         **overrides, "runtime.threads": str(THREADS), "runtime.quiet": "true", "runtime.device": "cpu",
         "runtime.results_root": root}))
-
-
-def fresh(ctx: Context, seed: int) -> nn.Module:
-    net = ctx.new_model()
-    torch.manual_seed(seed)
-    for m in net.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return net
 
 
 def hand_loop(a: nn.Module, b: nn.Module, alphas: list[float], x, y) -> list[float]:
@@ -116,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             ctx = context(preset, overrides, root)
             x, y = ctx.data.x_train, ctx.data.y_train
             xt, yt = ctx.data.split("test")
-            a, b = _setup.plain_train(fresh(ctx, 1), x, y, 1, steps), _setup.plain_train(fresh(ctx, 2), x, y, 2, steps)
+            a, b = train_plain(fresh_model(ctx, 1), x, y, 1, steps), train_plain(fresh_model(ctx, 2), x, y, 2, steps)
             alphas = lmc.alpha_grid(args.alphas)
             case = (a, b, alphas, xt, yt)
             ours = lambda c=case: lmc.interpolate(c[0], c[1], (c[3], c[4]), alphas=c[2], batch_size=len(c[3]))
@@ -151,7 +143,7 @@ def hessian_case(root: str, repeats: int) -> None:
 
     ctx = context("lenet300_mnist5k", {}, root)
     x, y = ctx.data.x_train[:1000], ctx.data.y_train[:1000]
-    net = _setup.plain_train(fresh(ctx, 1), ctx.data.x_train, ctx.data.y_train, 1, 200)
+    net = train_plain(fresh_model(ctx, 1), ctx.data.x_train, ctx.data.y_train, 1, 200)
     loader = DataLoader(TensorDataset(x, y), batch_size=250)
     t_ours, ours = timed(lambda: lmc.hessian(net, loader, top_k=1, tol=1e-4), repeats)
     t_py, (theirs, n_py) = timed(lambda: pyhessian_top_eigenvalues(net, x, y, 1, tol=1e-4, max_iter=1000,

@@ -468,6 +468,23 @@ def test_curve_names_never_change():
     assert got == GOLDEN_CURVE
 
 
+def test_eval_precision_bf16_names_connect_and_curve_records_and_fp32_names_nothing():
+    """``runtime.eval_precision`` names the records measured from given weights (connect, curve) when it is not
+    fp32 (``engine.precision.eval_precision_key``); fp32 keeps the names above. Pinned: they must never change."""
+    from stability.stages.connect import Network, connect_key, connect_settings
+    from stability.stages.curve import curve_key, curve_settings
+
+    names = {}
+    for precision in ("fp32", "bf16"):
+        cfg = _tiny(runtime__eval_precision=precision)
+        a = Network(cfg, _members(1, 30).member_state_dict(0), None, "a")
+        b = Network(cfg, _members(2, 30).member_state_dict(0), None, "b")
+        names[precision] = ("connect_" + settings_hash(connect_key(a, b, connect_settings(alphas=3))),
+                            "curve_" + settings_hash(curve_key(cfg, curve_settings(), a, b)))
+    assert names["fp32"] == (GOLDEN_CONNECT["dense_alphas3"], GOLDEN_CURVE["default"])
+    assert names["bf16"] == ("connect_080db5b91c81", "curve_153e83a5fb61")
+
+
 # ----------------------------------------------------------------------------- layer-wise barriers and sharpness
 GOLDEN_LAYERS = {
     "connect_alphas3": "connect_7c7eb4979933",  # = GOLDEN_CONNECT["dense_alphas3"]: connect.layers off names nothing

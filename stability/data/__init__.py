@@ -21,8 +21,8 @@ from .sources import (
     register_dataset,
 )
 from .splits import CIFAR_PAD, DataSplits, augment_batch
-from .streaming import EpochReader, StreamedInputs, image_folder, is_streamed
+from .streaming import EpochReader, StreamedInputs, image_folder, in_chunks, is_streamed
 
 __all__ = ["CIFAR_PAD", "DATASETS", "MAX_REGISTERED_BYTES", "DataSplits", "DatasetSpec", "EpochReader",
-           "StreamedInputs", "augment_batch", "image_folder", "is_streamed", "load_dataset", "permuted_pixels",
+           "StreamedInputs", "augment_batch", "image_folder", "in_chunks", "is_streamed", "load_dataset", "permuted_pixels",
            "register_dataset"]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["EpochReader", "StreamedInputs", "image_folder", "is_streamed", "resolve_workers"]
+__all__ = ["EpochReader", "StreamedInputs", "image_folder", "in_chunks", "is_streamed", "resolve_workers"]
 
 
 class _Inputs(Dataset):
@@ -107,17 +107,12 @@ class StreamedInputs:
     def load(self, positions: Sequence[int]) -> Tensor:
         """The examples at ``positions`` as one tensor on the device, read in this process: for the subsets
         drawn at random (BatchNorm batches, alignment and Hessian subsets), where starting workers for each
-        read costs more than it saves. Whole splits stream through ``chunks``, training through ``EpochReader``."""
+        read costs more than it saves. Whole splits stream through ``in_chunks``, training through ``EpochReader``."""
         positions = [int(p) for p in positions]
         if not positions:
             return torch.zeros((0, *self.input_shape), device=self.device)
         data = _Inputs(self.dataset, self.indices, self.transform)
         return _stack([data[i] for i in positions]).to(self.device)
-
-    def chunks(self, size: int) -> Iterator[Tensor]:
-        """The split in order, ``size`` examples at a time (the evaluation stream)."""
-        n = len(self)
-        return self.read([list(range(i, min(i + size, n))) for i in range(0, n, size)])
 
     def __getitem__(self, key: Any) -> Tensor:
         if isinstance(key, slice):
@@ -146,6 +141,15 @@ def resolve_workers(workers: int) -> int:
     if workers >= 0:
         return workers
     return max(0, min(8, (os.cpu_count() or 1) - torch.get_num_threads()))
+
+
+def in_chunks(x: Tensor | StreamedInputs, size: int, starts: Sequence[int] | None = None) -> Iterator[Tensor]:
+    """``x[s:s + size]`` for every start in ``starts`` (default: the whole split, in order), from a tensor or a
+    streamed split (read ahead by its DataLoader's workers)."""
+    starts = range(0, len(x), size) if starts is None else starts
+    if isinstance(x, StreamedInputs):
+        return x.read([list(range(s, min(s + size, len(x)))) for s in starts])
+    return (x[s:s + size] for s in starts)
 
 
 def is_streamed(x: object) -> bool:

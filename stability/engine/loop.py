@@ -97,7 +97,9 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
     if parallel:
         # Every rank must start from rank 0's state: the run store is shared, so they read the same one.
         if not distributed.all_equal(members.step):
-            raise TrainingStateMismatch(members.step)
+            raise ConfigError(f"runtime.distributed: the ranks start training from different steps (this rank from "
+                              f"{members.step}); every rank must read the same run store (runtime.results_root on "
+                              "a shared file system)")
         distributed.broadcast(members.params)
         distributed.broadcast(members.buffers)
     while members.step < end_step:
@@ -171,13 +173,6 @@ def train_members(model: StackedModel, members: Members, spec: TrainSpec, end_st
     for p in plist:
         p.requires_grad_(False)
     return members
-
-
-class TrainingStateMismatch(ConfigError):
-    def __init__(self, step: int) -> None:
-        super().__init__(f"runtime.distributed: the ranks start training from different steps (this rank from "
-                         f"{step}); every rank must read the same run store (runtime.results_root on a shared "
-                         "file system)")
 
 
 def _held_values(plist: Sequence[Tensor], masks: Sequence[Tensor | None]) -> list[tuple[Tensor, Tensor] | None]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ..data import in_chunks
 from ..models import FullyConnected, dropout_noise, has_dropout
 from . import distributed
 from .precision import Compiled, autocast, compute_dtype
@@ -404,16 +405,12 @@ class StackedModel:
         wrong = torch.zeros(n_members, dtype=torch.float64, device=x.device)
         if len(x) == 0:
             return torch.full((n_members,), float("nan")), torch.full((n_members,), float("nan"))
-        # A data-parallel run's ranks evaluate every world-th chunk each and add up; a streamed split (read from
-        # disk) comes in chunks read ahead by its DataLoader's workers.
+        # A data-parallel run's ranks evaluate every world-th chunk each and add up.
         parallel = distributed.active()
-        starts = range(0, len(x), batch_size)[distributed.rank()::distributed.world()] if parallel else \
-            range(0, len(x), batch_size)
-        if hasattr(x, "read"):
-            chunks = x.read([list(range(s, min(s + batch_size, len(x)))) for s in starts])
-        else:
-            chunks = (x[s:s + batch_size] for s in starts)
-        for start, xb in zip(starts, chunks):
+        starts = range(0, len(x), batch_size)
+        if parallel:
+            starts = starts[distributed.rank()::distributed.world()]
+        for start, xb in zip(starts, in_chunks(x, batch_size, starts)):
             yb = y[start : start + batch_size]
             if self.compile:
                 ev = self._maybe_compiled("the stacked evaluation", self._eval_batch)

@@ -19,8 +19,32 @@ BN_OPTIONS = ("interpolate", "reset", "repair")
 ALIGN_OPTIONS = ("weights", "activations")
 
 
+class EndpointBarriers:
+    """``barrier``, ``loss_barrier`` and ``untrained`` of a path with ``error`` and ``loss`` along it from network A
+    (first) to network B (last), ``chance`` and ``margin`` (``Curve``, ``FittedCurve``)."""
+
+    error: list[float]
+    loss: list[float]
+    chance: float | None
+    margin: float
+
+    @property
+    def barrier(self) -> float:
+        return error_barrier(self.error)
+
+    @property
+    def loss_barrier(self) -> float:
+        return error_barrier(self.loss)
+
+    @property
+    def untrained(self) -> bool:
+        """An endpoint is within the chance margin of chance error: its barriers mean nothing."""
+        return self.chance is not None and any(is_untrained(e, self.chance, self.margin)
+                                               for e in (self.error[0], self.error[-1]))
+
+
 @dataclass
-class Curve:
+class Curve(EndpointBarriers):
     """Error and loss along θ(α) = (1 − α)·θ_a + α·θ_b.
 
     ``error`` is the fraction misclassified (NaN when the targets are not class labels), ``loss`` the mean
@@ -36,20 +60,6 @@ class Curve:
     margin: float = DEFAULT_CHANCE_MARGIN
     bn: str = "interpolate"
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def barrier(self) -> float:
-        return error_barrier(self.error)
-
-    @property
-    def loss_barrier(self) -> float:
-        return error_barrier(self.loss)
-
-    @property
-    def untrained(self) -> bool:
-        if self.chance is None:
-            return False
-        return any(is_untrained(e, self.chance, self.margin) for e in (self.error[0], self.error[-1]))
 
     def dataframe(self):
         """Columns alpha, error, loss (pandas)."""

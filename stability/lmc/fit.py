@@ -40,12 +40,11 @@ from ..maths.bezier import (
     point_on_curve,
     t_grid,
 )
-from ..maths.health import DEFAULT_CHANCE_MARGIN, is_untrained
-from ..maths.interpolation import error_barrier
+from ..maths.health import DEFAULT_CHANCE_MARGIN
 from ..maths.paths import Batches, LossFn, chance_of, evaluate_combinations
 from ..steps import Step, format_step
 from ..store.files import load_tensors, save_tensors, short_digest
-from .curves import ALIGN_OPTIONS, Curve, check_bn
+from .curves import ALIGN_OPTIONS, Curve, EndpointBarriers, check_bn
 from .curves import align as align_networks
 from .networks import Network, device_of, private, resolve_pair
 
@@ -308,7 +307,7 @@ def measure_curve(net: nn.Module, a: Mapping[str, Tensor], middle: Mapping[str, 
 
 
 @dataclass
-class FittedCurve:
+class FittedCurve(EndpointBarriers):
     """A fitted curve from A to B and the straight line beside it, on the same t grid, data and BatchNorm mode.
 
     ``error`` (fraction misclassified) and ``loss`` along the curve at ``t``; ``line``: the straight line's
@@ -331,26 +330,12 @@ class FittedCurve:
     trace: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
     @property
-    def barrier(self) -> float:
-        return error_barrier(self.error)
-
-    @property
-    def loss_barrier(self) -> float:
-        return error_barrier(self.loss)
-
-    @property
     def line_barrier(self) -> float:
         return self.line.barrier
 
     @property
     def line_loss_barrier(self) -> float:
         return self.line.loss_barrier
-
-    @property
-    def untrained(self) -> bool:
-        """An endpoint is within the chance margin of chance error: its barriers mean nothing."""
-        return self.chance is not None and any(is_untrained(e, self.chance, self.margin)
-                                               for e in (self.error[0], self.error[-1]))
 
     def state_at(self, t: float) -> dict[str, Tensor]:
         """θ(t) as a state dict (BatchNorm buffers combined like the parameters, not recomputed)."""

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..data import StreamedInputs
+from ..data import StreamedInputs, in_chunks
 from ..engine import StackedModel
 from ..engine.precision import autocast
 from ..errors import ConfigError
@@ -65,8 +65,8 @@ class Batches:
                 raise ConfigError(f"{what}: x has {len(x)} examples but y has {len(y)}")
             if batch_size < 1:
                 raise ConfigError(f"{what}: batch size must be at least 1, got {batch_size}")
-            if hasattr(x, "chunks"):  # a streamed split: read batch by batch on every pass, never held
-                self._source = lambda: zip(x.chunks(batch_size), y.split(batch_size))
+            if isinstance(x, StreamedInputs):  # a streamed split: read batch by batch on every pass, never held
+                self._source = lambda: zip(in_chunks(x, batch_size), y.split(batch_size))
             else:
                 self._cache = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         elif callable(source) and not hasattr(source, "__iter__"):

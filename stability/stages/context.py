@@ -12,8 +12,7 @@ from torch import nn
 
 from ..config import Config
 from ..data import DataSplits, load_dataset
-from ..engine import configure_threads, iterations_per_epoch, resolve_device
-from ..engine import distributed
+from ..engine import configure_threads, distributed, iterations_per_epoch, resolve_device
 from ..errors import ConfigError
 from ..methods import method_of, validate_run
 from ..methods.base import Method

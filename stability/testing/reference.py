@@ -4,7 +4,9 @@
   (against ``engine.train_members``);
 - ``train_siblings_reference``: a sibling set trained that way (against ``siblings.train_siblings``);
 - ``evaluate_path_naive``: one model per α with ``load_state_dict`` (against
-  ``interpolation.evaluate_path``).
+  ``interpolation.evaluate_path``);
+- ``train_plain`` and ``fresh_model``: a user's own training script and independently initialized networks
+  (the networks ``stability.lmc`` measures in tests and benchmarks).
 
 Nothing in the library calls these.
 """
@@ -99,3 +101,28 @@ def evaluate_path_naive(model: nn.Module, a: Mapping[str, Tensor], b: Mapping[st
             losses.append(float(torch.nn.functional.cross_entropy(out, y)))
             errors.append(float((out.argmax(1) != y).double().mean()))
     return errors, losses
+
+
+def train_plain(net: nn.Module, x: Tensor, y: Tensor, seed: int, steps: int, lr: float = 0.05,
+                batch: int = 64) -> nn.Module:
+    """Training as a user's own script does it: a plain PyTorch loop, SGD with momentum 0.9, batches of ``batch``
+    drawn with replacement from a generator seeded by ``seed``; returns the network in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    net.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    return net.eval()
+
+
+def fresh_model(ctx: Context, seed: int) -> nn.Module:
+    """The context's architecture with every layer re-initialized from ``seed`` (independent networks start apart)."""
+    net = ctx.new_model()
+    torch.manual_seed(seed)
+    for m in net.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return net
